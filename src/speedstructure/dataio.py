@@ -1,0 +1,253 @@
+"""Reading and writing samples in the challenge's zip layout.
+
+Layout of every zip (train, extended, test)::
+
+    <sample_id>/receiver_data_src_1.npy      float32 (10001, 31)
+    <sample_id>/receiver_data_src_75.npy
+    <sample_id>/receiver_data_src_150.npy
+    <sample_id>/receiver_data_src_225.npy
+    <sample_id>/receiver_data_src_300.npy
+    <sample_id>/vp_model.npy                 float32 (300, 1259), km/s (not in test zips)
+
+Members may sit below one common top folder (``train/<sample_id>/...``), as
+zips made by hand often do; they are read straight from the archive, with no
+unzip step.  Every array is checked (shape, dtype, finiteness, positive
+velocities) and anything wrong raises :class:`DataError` naming the zip and the
+member.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from speedstructure.errors import DataError
+
+SOURCES: tuple[int, ...] = (1, 75, 150, 225, 300)
+N_TIME = 10001
+N_RECEIVERS = 31
+GATHER_SHAPE = (N_TIME, N_RECEIVERS)
+NX, NZ = 300, 1259
+VP_SHAPE = (NX, NZ)
+TARGET_NAME = "vp_model.npy"
+SAMPLE_ID_RE = re.compile(r"^[A-Za-z0-9]{18}$")
+
+
+def gather_name(source: int) -> str:
+    return f"receiver_data_src_{source}.npy"
+
+
+GATHER_NAMES: tuple[str, ...] = tuple(gather_name(s) for s in SOURCES)
+
+
+def _load_npy(raw: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for bad headers
+        raise DataError(f"{where}: not a readable .npy array ({exc})") from exc
+
+
+def check_gather(arr: np.ndarray, where: str) -> np.ndarray:
+    """Validate one shot gather; returns it as float32."""
+    if arr.shape != GATHER_SHAPE:
+        raise DataError(f"{where}: shape {arr.shape}, expected {GATHER_SHAPE}")
+    if arr.dtype != np.float32:
+        raise DataError(f"{where}: dtype {arr.dtype}, expected float32")
+    if not np.isfinite(arr).all():
+        raise DataError(f"{where}: contains {int((~np.isfinite(arr)).sum())} non-finite values")
+    return arr
+
+
+def check_velocity(arr: np.ndarray, where: str) -> np.ndarray:
+    """Validate one velocity model; returns it as float32."""
+    if arr.shape != VP_SHAPE:
+        raise DataError(f"{where}: shape {arr.shape}, expected {VP_SHAPE}")
+    if arr.dtype not in (np.float32, np.float64):
+        raise DataError(f"{where}: dtype {arr.dtype}, expected float32")
+    if not np.isfinite(arr).all():
+        raise DataError(f"{where}: contains {int((~np.isfinite(arr)).sum())} non-finite values")
+    if (arr <= 0).any():
+        raise DataError(f"{where}: velocities must be positive (min {float(arr.min()):.4g})")
+    return arr.astype(np.float32, copy=False)
+
+
+class ZipSamples:
+    """Random access to the samples of one challenge zip.
+
+    >>> with ZipSamples("data/train.zip") as z:
+    ...     x, y = z.read("01BOBpFpr5YkZhAs32")   # (5, 10001, 31), (300, 1259)
+
+    The archive's layout is checked on opening: every sample folder must hold
+    all five gathers, and either every sample has a ``vp_model.npy`` or none has.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: zip file not found")
+        try:
+            self._zf = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DataError(f"{self.path}: not a valid zip archive ({exc})") from exc
+        self._members: dict[str, dict[str, str]] = {}
+        try:
+            self._index()
+        except BaseException:
+            self._zf.close()
+            raise
+
+    def _index(self) -> None:
+        names = [n for n in self._zf.namelist() if not n.endswith("/")]
+        names = [n for n in names if not n.startswith("__MACOSX/") and Path(n).name != ".DS_Store"]
+        if not names:
+            raise DataError(f"{self.path}: archive holds no files")
+        for name in names:
+            parts = name.split("/")
+            if len(parts) < 2:
+                raise DataError(f"{self.path}: member '{name}' is not inside a sample folder")
+            sid, fname = parts[-2], parts[-1]
+            if not SAMPLE_ID_RE.match(sid):
+                raise DataError(f"{self.path}: member '{name}': folder '{sid}' is not an 18-character sample id")
+            if fname not in GATHER_NAMES and fname != TARGET_NAME:
+                raise DataError(f"{self.path}: unexpected member '{name}'")
+            files = self._members.setdefault(sid, {})
+            if fname in files:
+                raise DataError(f"{self.path}: sample '{sid}' has '{fname}' twice")
+            files[fname] = name
+        with_target = 0
+        for sid, files in self._members.items():
+            missing = [g for g in GATHER_NAMES if g not in files]
+            if missing:
+                raise DataError(f"{self.path}: sample '{sid}' lacks {', '.join(missing)}")
+            with_target += TARGET_NAME in files
+        if with_target not in (0, len(self._members)):
+            raise DataError(
+                f"{self.path}: {len(self._members) - with_target} of {len(self._members)} samples lack {TARGET_NAME}"
+            )
+        self.has_targets = with_target > 0
+        self.sample_ids: list[str] = sorted(self._members)
+
+    def __enter__(self) -> "ZipSamples":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._zf.close()
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self._members
+
+    def _read_member(self, sample_id: str, fname: str) -> np.ndarray:
+        member = self._members[sample_id][fname]
+        where = f"{self.path}: member '{member}'"
+        try:
+            raw = self._zf.read(member)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise DataError(f"{where}: cannot be read ({exc})") from exc
+        return _load_npy(raw, where)
+
+    def read_gathers(self, sample_id: str) -> np.ndarray:
+        """The five gathers, stacked in source order: float32 (5, 10001, 31)."""
+        if sample_id not in self._members:
+            raise DataError(f"{self.path}: no sample '{sample_id}'")
+        out = np.empty((len(SOURCES), *GATHER_SHAPE), dtype=np.float32)
+        for i, g in enumerate(GATHER_NAMES):
+            where = f"{self.path}: member '{self._members[sample_id][g]}'"
+            out[i] = check_gather(self._read_member(sample_id, g), where)
+        return out
+
+    def read_target(self, sample_id: str) -> np.ndarray:
+        """The velocity model: float32 (300, 1259) in km/s."""
+        if sample_id not in self._members:
+            raise DataError(f"{self.path}: no sample '{sample_id}'")
+        if TARGET_NAME not in self._members[sample_id]:
+            raise DataError(f"{self.path}: sample '{sample_id}' has no {TARGET_NAME}")
+        where = f"{self.path}: member '{self._members[sample_id][TARGET_NAME]}'"
+        return check_velocity(self._read_member(sample_id, TARGET_NAME), where)
+
+    def read(self, sample_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(gathers, target)``; target is ``None`` for a zip without targets."""
+        x = self.read_gathers(sample_id)
+        y = self.read_target(sample_id) if self.has_targets else None
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+        for sid in self.sample_ids:
+            x, y = self.read(sid)
+            yield sid, x, y
+
+
+def list_sample_ids(path: str | os.PathLike) -> list[str]:
+    with ZipSamples(path) as z:
+        return list(z.sample_ids)
+
+
+def read_sample(path: str | os.PathLike, sample_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+    with ZipSamples(path) as z:
+        return z.read(sample_id)
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+# Fixed member timestamp: the same data gives byte-identical zips.
+ZIP_EPOCH = (2025, 1, 1, 0, 0, 0)
+
+
+class ZipWriter:
+    """Writes a challenge-layout zip atomically (temp file, then rename).
+
+    Members are stored uncompressed with a fixed timestamp, so equal inputs
+    give byte-identical archives.  Use as a context manager; on an exception
+    the partial file is removed and ``path`` is left untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._zf = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._ids: set[str] = set()
+
+    def add(self, sample_id: str, gathers: np.ndarray, target: np.ndarray | None) -> None:
+        if not SAMPLE_ID_RE.match(sample_id):
+            raise ValueError(f"bad sample id {sample_id!r}")
+        if sample_id in self._ids:
+            raise ValueError(f"duplicate sample id {sample_id!r}")
+        self._ids.add(sample_id)
+        if gathers.shape != (len(SOURCES), *GATHER_SHAPE):
+            raise ValueError(f"gathers shape {gathers.shape}")
+        for s, g in zip(SOURCES, gathers):
+            self._write(f"{sample_id}/{gather_name(s)}", np.ascontiguousarray(g, dtype=np.float32))
+        if target is not None:
+            self._write(f"{sample_id}/{TARGET_NAME}", np.ascontiguousarray(target, dtype=np.float32))
+
+    def _write(self, name: str, arr: np.ndarray) -> None:
+        info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+        info.compress_type = zipfile.ZIP_STORED
+        info.external_attr = 0o644 << 16
+        self._zf.writestr(info, npy_bytes(arr))
+
+    def __enter__(self) -> "ZipWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._zf.close()
+        if exc_type is None:
+            os.replace(self._tmp, self.path)
+        else:
+            self._tmp.unlink(missing_ok=True)

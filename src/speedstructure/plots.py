@@ -1,0 +1,178 @@
+"""Figures: one sample's shot gathers beside its velocity model, and grids of models.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas
+(no pyplot, no global backend state) and written atomically: to a temporary
+file in the target's folder, then ``os.replace``.
+
+Subcommand::
+
+    speedstructure plot-sample --zip data/train.zip [--sample-id ID] [--output FILE.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from speedstructure.dataio import SOURCES, ZipSamples
+from speedstructure.errors import UserError
+
+DT = 1e-4  # s per time sample
+RECEIVER_SPACING = 10.0  # m
+V_RANGE = (1.5, 4.5)  # km/s, colour limits of velocity panels
+VELOCITY_CMAP = "jet"
+GATHER_CMAP = "gray"
+CLIP_PERCENTILE = 97.0  # the direct wave dominates; clip it so reflections show
+
+
+def _save_atomic(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _velocity_panel(fig: Figure, ax, velocity: np.ndarray, title: str | None, colorbar: bool = True):
+    nx, nz = velocity.shape
+    im = ax.imshow(
+        velocity.T,
+        cmap=VELOCITY_CMAP,
+        vmin=V_RANGE[0],
+        vmax=V_RANGE[1],
+        aspect="auto",
+        extent=(0, nx, nz, 0),
+        interpolation="nearest",
+    )
+    ax.set_xlabel("x (m)")
+    ax.set_ylabel("depth (m)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    if colorbar:
+        fig.colorbar(im, ax=ax, label="km/s")
+    return im
+
+
+def plot_sample(
+    gathers: np.ndarray,
+    velocity: np.ndarray | None,
+    path: str | os.PathLike,
+    title: str | None = None,
+    clip_percentile: float = CLIP_PERCENTILE,
+    cmap: str = GATHER_CMAP,
+) -> Path:
+    """PNG of the five shot gathers (5, 10001, 31) side by side and the velocity model (300, 1259).
+
+    Gathers share one symmetric colour range, +-the ``clip_percentile`` of |amplitude|.
+    """
+    gathers = np.asarray(gathers)
+    if gathers.ndim != 3 or gathers.shape[0] != len(SOURCES):
+        raise ValueError(f"gathers must be (5, n_time, n_receivers), got {gathers.shape}")
+    if velocity is not None and np.asarray(velocity).ndim != 2:
+        raise ValueError(f"velocity must be 2-D (x, depth), got {np.asarray(velocity).shape}")
+    n_time, n_rec = gathers.shape[1:]
+    clip = float(np.percentile(np.abs(gathers), clip_percentile))
+    clip = clip if clip > 0 else 1.0
+    t_end = (n_time - 1) * DT
+    x_end = (n_rec - 1) * RECEIVER_SPACING
+
+    n_panels = len(SOURCES) + (velocity is not None)
+    ratios = [1.0] * len(SOURCES) + ([1.6] if velocity is not None else [])
+    fig = Figure(figsize=(3.0 * n_panels, 7.0), layout="constrained")
+    axes = fig.subplots(1, n_panels, gridspec_kw={"width_ratios": ratios})
+    for i, (ax, src) in enumerate(zip(axes, SOURCES)):
+        im = ax.imshow(
+            gathers[i],
+            cmap=cmap,
+            vmin=-clip,
+            vmax=clip,
+            aspect="auto",
+            extent=(0, x_end, t_end, 0),
+            interpolation="antialiased",
+        )
+        ax.set_title(f"source x = {src - 1} m", fontsize=9)
+        ax.set_xlabel("receiver x (m)")
+        if i == 0:
+            ax.set_ylabel("time (s)")
+        else:
+            ax.tick_params(labelleft=False)
+    fig.colorbar(im, ax=axes[len(SOURCES) - 1], label=f"amplitude (clip p{clip_percentile:g})")
+    if velocity is not None:
+        _velocity_panel(fig, axes[-1], np.asarray(velocity), "velocity model")
+    if title:
+        fig.suptitle(title)
+    return _save_atomic(fig, path)
+
+
+def plot_velocity_grid(
+    models: Sequence[np.ndarray],
+    titles: Sequence[str] | None,
+    path: str | os.PathLike,
+    ncols: int | None = None,
+    suptitle: str | None = None,
+) -> Path:
+    """PNG of velocity models (each (300, 1259)) in a grid with one shared km/s colorbar."""
+    if len(models) == 0:
+        raise ValueError("no models to plot")
+    if titles is not None and len(titles) != len(models):
+        raise ValueError(f"{len(titles)} titles for {len(models)} models")
+    n = len(models)
+    ncols = ncols or min(n, 6)
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(2.4 * ncols + 1.0, 5.0 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    im = None
+    for i, ax in enumerate(axes):
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        im = _velocity_panel(fig, ax, np.asarray(models[i]), titles[i] if titles else None, colorbar=False)
+        if i % ncols:
+            ax.set_ylabel("")
+    fig.colorbar(im, ax=list(axes[:n]), label="km/s", shrink=0.8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return _save_atomic(fig, path)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _cmd_plot_sample(args: argparse.Namespace) -> int:
+    with ZipSamples(args.zip) as z:
+        if not z.sample_ids:
+            raise UserError(f"{args.zip}: no samples")
+        sid = args.sample_id or z.sample_ids[0]
+        if sid not in z:
+            raise UserError(f"{args.zip}: no sample '{sid}' ({len(z)} samples, first '{z.sample_ids[0]}')")
+        gathers, target = z.read(sid)
+    output = Path(args.output) if args.output else Path("plots") / f"sample_{sid}.png"
+    out = plot_sample(gathers, target, output, title=f"{Path(args.zip).name}: {sid}")
+    print(out)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plot-sample",
+        help="draw one sample's five shot gathers and its velocity model to a PNG",
+        description="Draw one sample's five shot gathers and (if the zip has targets) its velocity model.",
+    )
+    p.add_argument("--zip", required=True, help="challenge-layout zip (e.g. data/train.zip)")
+    p.add_argument("--sample-id", default=None, help="sample id (default: the first in the zip)")
+    p.add_argument("--output", default=None, help="PNG path (default: plots/sample_<id>.png)")
+    p.set_defaults(func=_cmd_plot_sample)

@@ -1,0 +1,114 @@
+"""Physics checks of the simulator: timing, polarity, scale and grid fidelity."""
+
+import numpy as np
+import pytest
+from scipy.signal import fftconvolve
+
+from speedstructure.dataio import NX, NZ
+from speedstructure.simulate import (
+    RECEIVER_DEPTH_M,
+    RECEIVER_X_M,
+    SOURCE_DEPTH_M,
+    SOURCE_X_M,
+    SimConfig,
+    Simulator,
+    coarsen_slowness,
+)
+
+DT = 1e-4
+
+
+@pytest.fixture(scope="module")
+def homogeneous():
+    v = np.full((NX, NZ), 2.0, np.float32)
+    return Simulator(SimConfig())(v)
+
+
+def analytic_2d(offset_m: float, c: float, f0: float, nt: int) -> np.ndarray:
+    """Analytic 2-D Green's function of the acoustic wave equation convolved with the Ricker."""
+    t = np.arange(nt * 4) * DT / 4
+    r_t = offset_m / c
+    g = np.where(t > r_t, 1.0 / np.sqrt(np.maximum(t**2 - r_t**2, 1e-30)), 0.0)
+    tau = t - 1.0 / f0
+    a = (np.pi * f0 * tau) ** 2
+    w = (1 - 2 * a) * np.exp(-a)
+    return fftconvolve(g, w)[: nt * 4 : 4]
+
+
+def test_direct_arrival_timing_homogeneous(homogeneous):
+    """Direct-wave peak at each receiver agrees with the analytic 2-D solution within 1 ms."""
+    g = homogeneous
+    for s, sx in enumerate(SOURCE_X_M):
+        for r in (0, 7, 15, 23, 30):
+            off = np.hypot(RECEIVER_X_M[r] - sx, SOURCE_DEPTH_M - RECEIVER_DEPTH_M)
+            if off < 20:  # near field of an off-node (Hicks) source: known 2 ms error, see issue note
+                continue
+            ref = analytic_2d(off, 2000.0, 15.0, 6000)
+            t_ref = (np.argmax(ref) + 1) * DT  # plus the one-sample recording delay
+            t_sim = np.argmax(g[s, :6000, r]) * DT
+            assert abs(t_sim - t_ref) <= 1e-3, (s, r, t_sim, t_ref)
+            # and the kinematics: later than offset / velocity + wavelet delay
+            assert t_sim >= off / 2000.0 + 1 / 15.0 - 1e-3
+
+
+def test_polarity_and_scale_in_water():
+    v = np.full((NX, NZ), 1.5, np.float32)
+    g = Simulator(SimConfig())(v)
+    for s, r in ((0, 0), (2, 15), (4, 30)):
+        tr = g[s, :, r]
+        i = int(np.argmax(np.abs(tr)))
+        assert tr[i] > 0, "direct arrival's central lobe must be positive"
+        assert 0.19 < tr[i] < 0.27, tr[i]
+    assert g.dtype == np.float32 and g.shape == (5, 10001, 31)
+    assert np.isfinite(g).all()
+
+
+def test_reflection_two_way_time():
+    """One flat interface at 400 m: the reflection arrives at the predicted two-way time within 2 ms."""
+    depth = 400
+    v = np.full((NX, NZ), 1.5, np.float32)
+    v[:, depth:] = 3.0
+    g = Simulator(SimConfig())(v)
+    w = np.full((NX, NZ), 1.5, np.float32)
+    direct = Simulator(SimConfig())(w)
+    refl = g - direct  # the reflection alone
+    s, sx = 2, SOURCE_X_M[2]
+    for r in (15, 5, 25):
+        dx = RECEIVER_X_M[r] - sx
+        # image source: path from (sx, 20) to the interface and up to (rx, 10)
+        path = np.hypot(dx, (depth - SOURCE_DEPTH_M) + (depth - RECEIVER_DEPTH_M))
+        ref = analytic_2d(path, 1500.0, 15.0, 10001)
+        t_ref = (np.argmax(ref) + 1) * DT
+        t_sim = np.argmax(refl[s, :, r]) * DT
+        assert abs(t_sim - t_ref) <= 2e-3, (r, t_sim, t_ref)
+
+
+def test_fidelity_coarse_vs_fine_layered():
+    """Default 5 m grid against a 2 m run of a layered model: corr > 0.99, rel. L2 < 10 %."""
+    from speedstructure.velocity import generate_velocity
+
+    cfg = {"v_min": 1.5, "v_max": 4.5, "water_velocity": 1.5, "water_depth": [150, 400]}
+    v = generate_velocity(np.random.default_rng(3), "gentle_fold", cfg)
+    coarse = Simulator(SimConfig())(v).astype(np.float64)
+    fine = Simulator(SimConfig(dx=2.0))(v).astype(np.float64)
+    corr = np.corrcoef(coarse.ravel(), fine.ravel())[0, 1]
+    rel = np.linalg.norm(coarse - fine) / np.linalg.norm(fine)
+    assert corr > 0.99, corr
+    assert rel < 0.10, rel
+
+
+def test_coarsen_slowness_harmonic_mean():
+    v = np.full((NX, NZ), 2.0, np.float32)
+    v[:, 1::2] = 4.0
+    c = coarsen_slowness(v, 5)
+    assert c.shape == (61, 252)
+    # harmonic mean of 2 and 4 mixed about half-half lies below the arithmetic mean
+    assert np.all(c < 3.0) and np.all(c > 2.0)
+    assert np.allclose(coarsen_slowness(np.full((NX, NZ), 3.0, np.float32), 5), 3.0)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="integer multiple"):
+        SimConfig(dt=0.00025 + 1e-6)
+    with pytest.raises(ValueError, match="unknown keys"):
+        SimConfig.from_params({"dx": 5, "bogus": 1})
