@@ -1,0 +1,757 @@
+"""Velocity models: one configurable EVA02 source-fusion network and two baselines.
+
+Every model is built from one entry of the ``variants:`` section of ``params.yaml`` by
+:func:`build_model` and shares one interface:
+
+* ``forward(x)``: ``x`` is ``(B, 5, 10001, 31)`` float32 (the five shot gathers in source
+  order 1, 75, 150, 225, 300); returns velocities ``(B, 300, 1259)`` in km/s, bounded to
+  ``[v_min, v_max]``.
+* ``predict(x, tta=True)``: inference (eval mode, no gradients) with flip test-time
+  augmentation, the median of the plain and the flipped-back prediction.
+* ``transformer_blocks()``: the transformer blocks whose 2-D weight matrices go to Muon
+  (see :func:`muon_param_names`); empty for the baselines.
+* ``requires_training``: ``False`` for :class:`DepthTrend`, which is fitted with ``fit``.
+
+Architectures (key ``arch``):
+
+``eva_fusion`` (:class:`EvaFusionNet`)
+    A timm EVA/ViT backbone with one input channel.  Each gather is scaled (x 1e3),
+    resampled to 10000 time samples (area), its time axis folded into 100 x 100 and laid
+    out as a (100, 31 x 100) image, resized (bilinear) to ``img_size`` squared.  The first
+    ``split_at`` blocks run on each source separately, then the five token sequences are
+    fused per token (``fusion``: ``mean``, ``single`` self-attention + mean, or ``dual``
+    source embedding + self-attention + attention pooling + LayerNorm), and the remaining
+    blocks run on the fused sequence.  Head: final norm, prefix tokens dropped,
+    Linear(dim -> 300) per token, the g*g tokens resized to 1259 depth cells ("area"),
+    sigmoid scaled to ``[v_min, v_max]``.
+``inversionnet`` (:class:`InversionNet`)
+    OpenFWI's InversionNet adapted to (300, 1259): a convolutional encoder that compresses
+    time, a latent vector, a transposed-convolution decoder; ``width`` scales all channels.
+``depth_trend`` (:class:`DepthTrend`)
+    The mean velocity of each depth cell over the training targets, broadcast over x.
+
+Flips: :func:`flip_inputs` / :func:`flip_target`.  The physically consistent flip
+mirrors the receivers *and* reverses the source order (source at x=1 <-> x=300); the
+seed's ``receivers`` flip (source order kept) is available for comparison only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from speedstructure.config import ConfigError, load_params, resolve_path
+from speedstructure.dataio import GATHER_SHAPE, SOURCES, VP_SHAPE
+from speedstructure.errors import UserError
+
+__all__ = [
+    "ARCHS",
+    "FUSIONS",
+    "FLIP_MODES",
+    "INPUT_SHAPE",
+    "OUTPUT_SHAPE",
+    "VelocityModel",
+    "EvaFusionNet",
+    "SourceFusion",
+    "InversionNet",
+    "DepthTrend",
+    "build_model",
+    "get_variant",
+    "variant_defaults",
+    "flip_inputs",
+    "flip_target",
+    "fold_gathers",
+    "preprocess_gathers",
+    "muon_param_names",
+    "count_parameters",
+    "forward_flops",
+    "model_summary",
+    "register",
+]
+
+ARCHS = ("eva_fusion", "inversionnet", "depth_trend")
+FUSIONS = ("mean", "single", "dual")
+FLIP_MODES = ("consistent", "receivers")
+POOL_QUERIES = ("shared", "per_token")
+HEAD_RESIZES = ("area", "linear")
+NORMS = ("batch", "group", "none")
+
+N_SOURCES = len(SOURCES)
+N_TIME, N_RECEIVERS = GATHER_SHAPE
+NX, NZ = VP_SHAPE
+INPUT_SHAPE = (N_SOURCES, N_TIME, N_RECEIVERS)  # per sample
+OUTPUT_SHAPE = VP_SHAPE  # per sample
+FOLD = 100  # 10000 time samples folded into FOLD x FOLD
+
+# Keys any variant may carry that the model itself ignores: per-variant training
+# overrides (read by the training engine), the profile a variant belongs to, a note.
+PASS_THROUGH_KEYS = ("train", "profile", "description")
+
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "v_min": 1.5,
+    "v_max": 4.5,
+    "tta_flip": "consistent",
+    "input_scale": 1.0e3,
+}
+_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "eva_fusion": {
+        "backbone": None,  # required: a timm EVA/ViT model name
+        "pretrained": "none",  # none | timm | <path to .safetensors/.pth/.bin>
+        "img_size": 224,
+        "depth": None,  # transformer blocks (None: timm's default; fewer keeps the first pretrained ones)
+        "split_at": None,  # required: blocks run per source before fusion
+        "fusion": "dual",
+        "channel_heads": 4,  # heads of the self-attention across sources
+        "fusion_heads": 2,  # heads of the attention pooling (dual)
+        "pool_query": "shared",  # dual: one learned query shared by all tokens, or one per token
+        "head_resize": "area",  # g*g tokens -> 1259 depth cells
+        "drop_path_rate": 0.0,
+        "backbone_kwargs": {},  # further keyword arguments for timm.create_model
+    },
+    "inversionnet": {
+        "width": 32,  # OpenFWI's channel width; 8 is a small CPU version
+        "time_samples": 1000,  # time axis resampled (area) to this length first
+        "norm": "batch",
+    },
+    "depth_trend": {},
+}
+
+
+# ----------------------------------------------------------------------------- flips
+
+
+def flip_inputs(x, mode: str = "consistent"):
+    """Mirror gathers ``(..., 5, T, 31)`` (torch or numpy) horizontally.
+
+    ``consistent``: receivers mirrored and the source order reversed (the physical mirror
+    image of the experiment).  ``receivers``: receivers mirrored only (the seed's flip).
+    Applying the same flip twice gives back the input.
+    """
+    if mode not in FLIP_MODES:
+        raise ValueError(f"flip mode {mode!r}: expected one of {FLIP_MODES}")
+    dims = (-3, -1) if mode == "consistent" else (-1,)
+    if isinstance(x, np.ndarray):
+        return np.flip(x, axis=dims).copy()
+    return torch.flip(x, dims=dims)
+
+
+def flip_target(y):
+    """Mirror velocity models ``(..., 300, 1259)`` (torch or numpy) along x."""
+    if isinstance(y, np.ndarray):
+        return np.flip(y, axis=-2).copy()
+    return torch.flip(y, dims=(-2,))
+
+
+def _median(preds: list[torch.Tensor]) -> torch.Tensor:
+    """Element-wise median; for an even count the mean of the two middle values."""
+    if len(preds) == 1:
+        return preds[0]
+    s = torch.sort(torch.stack(preds), dim=0).values
+    n = s.shape[0]
+    if n % 2:
+        return s[n // 2]
+    return 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+# ----------------------------------------------------------------------------- base
+
+
+class VelocityModel(nn.Module):
+    """Common interface: velocity bounds, flip TTA, Muon block listing."""
+
+    arch: str = ""
+    requires_training: bool = True
+
+    def __init__(self, *, v_min: float, v_max: float, tta_flip: str, input_scale: float):
+        super().__init__()
+        self.v_min = float(v_min)
+        self.v_max = float(v_max)
+        self.tta_flip = tta_flip
+        self.input_scale = float(input_scale)
+
+    def to_velocity(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.v_min + (self.v_max - self.v_min) * torch.sigmoid(logits)
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        return []
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, tta: bool = True, flip_mode: str | None = None) -> torch.Tensor:
+        """Velocities ``(B, 300, 1259)`` in eval mode; with ``tta`` the median of the plain
+        prediction and the flipped-back prediction of the flipped input."""
+        was_training = self.training
+        self.eval()
+        try:
+            preds = [self(x)]
+            if tta:
+                mode = flip_mode or self.tta_flip
+                preds.append(flip_target(self(flip_inputs(x, mode))))
+            return _median(preds)
+        finally:
+            self.train(was_training)
+
+    @staticmethod
+    def _check_input(x: torch.Tensor) -> None:
+        if x.ndim != 4 or tuple(x.shape[1:]) != INPUT_SHAPE:
+            raise ValueError(f"input shape {tuple(x.shape)}, expected (B, *{INPUT_SHAPE})")
+
+
+# ----------------------------------------------------------------------------- EVA fusion
+
+
+def fold_gathers(x: torch.Tensor, scale: float = 1.0e3) -> torch.Tensor:
+    """``(B, 5, 10001, 31)`` -> ``(B*5, 1, 100, 3100)``, source-major: scaled, 10001 -> 10000
+    time samples (area), time folded into 100 x 100 and laid out as ``(100, 31*100)``
+    (row: coarse time t // 100; column: receiver * 100 + t % 100)."""
+    b, s, t, r = x.shape
+    g = (x * scale).reshape(b * s, t, r).transpose(1, 2)  # (BS, 31, 10001)
+    g = F.interpolate(g, size=FOLD * FOLD, mode="area")  # (BS, 31, 10000)
+    g = g.reshape(b * s, r, FOLD, FOLD).permute(0, 2, 1, 3)  # (BS, coarse, receiver, fine)
+    return g.reshape(b * s, 1, FOLD, r * FOLD)
+
+
+def preprocess_gathers(x: torch.Tensor, img_size: int, scale: float = 1.0e3) -> torch.Tensor:
+    """``(B, 5, 10001, 31)`` -> ``(B*5, 1, img_size, img_size)``: :func:`fold_gathers`,
+    then a bilinear resize (the seed's preprocessing)."""
+    img = fold_gathers(x, scale)
+    return F.interpolate(img, size=(img_size, img_size), mode="bilinear", align_corners=False)
+
+
+class SourceFusion(nn.Module):
+    """Fuses the five per-source token sequences ``(B, 5, N, C)`` into ``(B, N, C)``.
+
+    ``mean``: plain mean.  ``single``: pre-norm self-attention across the sources of each
+    token (residual), then the mean.  ``dual``: learned source embedding, pre-norm
+    self-attention across sources (residual), attention pooling with a learned query
+    (``shared`` by all tokens or one ``per_token``), then LayerNorm.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        dim: int,
+        n_tokens: int,
+        channel_heads: int = 4,
+        fusion_heads: int = 2,
+        pool_query: str = "shared",
+        n_sources: int = N_SOURCES,
+    ):
+        super().__init__()
+        self.mode = mode
+        self.self_attn = self.pool_attn = None
+        if mode in ("single", "dual"):
+            self.norm_in = nn.LayerNorm(dim)
+            self.self_attn = nn.MultiheadAttention(dim, channel_heads, batch_first=True)
+        if mode == "dual":
+            self.source_embed = nn.Parameter(torch.zeros(1, n_sources, dim))
+            nn.init.trunc_normal_(self.source_embed, std=0.02)
+            self.query = nn.Parameter(torch.zeros(n_tokens if pool_query == "per_token" else 1, dim))
+            nn.init.trunc_normal_(self.query, std=0.02)
+            self.pool_attn = nn.MultiheadAttention(dim, fusion_heads, batch_first=True)
+            self.norm_out = nn.LayerNorm(dim)
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [m for m in (self.self_attn, self.pool_attn) if m is not None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, n, c = x.shape
+        if self.mode == "mean":
+            return x.mean(dim=1)
+        h = x.permute(0, 2, 1, 3).reshape(b * n, s, c)  # one sequence of 5 per token
+        if self.mode == "dual":
+            h = h + self.source_embed
+        q = self.norm_in(h)
+        h = h + self.self_attn(q, q, q, need_weights=False)[0]
+        if self.mode == "single":
+            return h.mean(dim=1).reshape(b, n, c)
+        query = self.query.expand(n, c) if self.query.shape[0] == 1 else self.query
+        query = query.unsqueeze(0).expand(b, n, c).reshape(b * n, 1, c)
+        pooled = self.pool_attn(query, h, h, need_weights=False)[0]
+        return self.norm_out(pooled.reshape(b, n, c))
+
+
+def _create_backbone(cfg: dict[str, Any], *, load_weights: bool) -> nn.Module:
+    import timm
+
+    kwargs = dict(
+        in_chans=1,
+        dynamic_img_size=True,
+        num_classes=0,
+        img_size=int(cfg["img_size"]),
+        drop_path_rate=float(cfg["drop_path_rate"]),
+    )
+    if cfg["depth"] is not None:
+        kwargs["depth"] = int(cfg["depth"])
+    kwargs.update(cfg["backbone_kwargs"] or {})
+    pretrained = str(cfg["pretrained"])
+    if load_weights and pretrained != "none":
+        kwargs["pretrained"] = True
+        if pretrained != "timm":
+            path = resolve_path(pretrained)
+            if not path.is_file():
+                raise UserError(f"pretrained weights file not found: {path}")
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        if cfg["depth"] is not None:
+            # a shallower backbone keeps the checkpoint's first `depth` blocks
+            kwargs["pretrained_strict"] = False
+    try:
+        return timm.create_model(cfg["backbone"], **kwargs)
+    except RuntimeError as exc:
+        msg = str(exc)
+        if "Unknown model" in msg or "Invalid pretrained tag" in msg:
+            raise ConfigError(f"unknown timm backbone {cfg['backbone']!r}: {msg}") from exc
+        if "pretrained_cfg_overlay" in kwargs:
+            raise UserError(
+                f"{kwargs['pretrained_cfg_overlay']['file']}: weights do not fit backbone "
+                f"{cfg['backbone']!r}: {msg}"
+            ) from exc
+        raise
+
+
+class EvaFusionNet(VelocityModel):
+    """EVA02 (any timm EVA/ViT with blocks, patch_embed, rope) with per-source early blocks,
+    fusion across the five sources, and a per-token linear velocity head."""
+
+    arch = "eva_fusion"
+
+    def __init__(self, cfg: dict[str, Any], *, load_weights: bool = True):
+        super().__init__(
+            v_min=cfg["v_min"], v_max=cfg["v_max"], tta_flip=cfg["tta_flip"], input_scale=cfg["input_scale"]
+        )
+        self.img_size = int(cfg["img_size"])
+        self.backbone = _create_backbone(cfg, load_weights=load_weights)
+        bb = self.backbone
+        for attr in ("blocks", "patch_embed", "_pos_embed"):
+            if not hasattr(bb, attr):
+                raise ConfigError(f"backbone {cfg['backbone']!r} has no '{attr}': not an EVA/ViT model")
+        depth = len(bb.blocks)
+        self.split_at = int(cfg["split_at"])
+        if not 0 <= self.split_at <= depth:
+            raise ConfigError(f"split_at={self.split_at} outside [0, {depth}] (backbone has {depth} blocks)")
+        dim = bb.embed_dim
+        used = {"mean": (), "single": ("channel_heads",), "dual": ("channel_heads", "fusion_heads")}
+        for key in used[cfg["fusion"]]:
+            if cfg[key] is None or int(cfg[key]) < 1 or dim % int(cfg[key]):
+                raise ConfigError(f"{key}={cfg[key]} must divide the backbone width {dim}")
+        grid = bb.patch_embed.dynamic_feat_size((self.img_size, self.img_size))
+        self.grid = tuple(int(g) for g in grid)
+        self.num_prefix_tokens = int(getattr(bb, "num_prefix_tokens", 1))
+        n_tokens = self.num_prefix_tokens + self.grid[0] * self.grid[1]
+        self.fusion = SourceFusion(
+            cfg["fusion"],
+            dim,
+            n_tokens,
+            channel_heads=int(cfg["channel_heads"] or 1),
+            fusion_heads=int(cfg["fusion_heads"] or 1),
+            pool_query=cfg["pool_query"],
+        )
+        self.head_resize = cfg["head_resize"]
+        self.head = nn.Linear(dim, NX)
+        # the per-token final norm: EVA02 with average pooling keeps it in fc_norm
+        norm = getattr(bb, "norm", None)
+        self._final_norm_name = "norm" if norm is not None and not isinstance(norm, nn.Identity) else "fc_norm"
+
+    # -- pieces, public so tests and analyses can check them against timm
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.backbone, self._final_norm_name)(x)
+
+    def embed(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch + position embedding of ``(N, 1, H, W)`` images (as timm's forward_features):
+        tokens ``(N, prefix + h*w, C)`` and the rotary embedding for that grid."""
+        bb = self.backbone
+        x = bb.patch_embed(img)
+        if x.ndim == 3:  # a backbone without dynamic_img_size flattens already
+            raise ConfigError("the backbone must be created with dynamic_img_size=True")
+        x, rope = bb._pos_embed(x)
+        x = bb.norm_pre(x) if hasattr(bb, "norm_pre") else x
+        return x, rope
+
+    def run_blocks(self, x: torch.Tensor, rope: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+        """Backbone blocks ``start``..``stop-1`` with the rotary embedding, as timm does."""
+        bb = self.backbone
+        mixed = getattr(bb, "rope_mixed", False) and rope is not None
+        ckpt = getattr(bb, "grad_checkpointing", False) and torch.is_grad_enabled()
+        for i in range(start, stop):
+            blk = bb.blocks[i]
+            r = rope[i] if mixed else rope
+            if ckpt:
+                x = torch.utils.checkpoint.checkpoint(blk, x, rope=r, use_reentrant=False)
+            else:
+                x = blk(x, rope=r)
+        return x
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.grad_checkpointing = enable
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The backbone blocks and the fusion's attention layers (their 2-D weight matrices
+        are the Muon parameters)."""
+        return list(self.backbone.blocks) + self.fusion.attention_modules()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        b = x.shape[0]
+        img = preprocess_gathers(x, self.img_size, self.input_scale)
+        t, rope = self.embed(img)
+        t = self.run_blocks(t, rope, 0, self.split_at)
+        n, c = t.shape[1], t.shape[2]
+        t = self.fusion(t.reshape(b, N_SOURCES, n, c))
+        t = self.run_blocks(t, rope, self.split_at, len(self.backbone.blocks))
+        t = self.final_norm(t)[:, self.num_prefix_tokens :]
+        out = self.head(t).transpose(1, 2)  # (B, 300, g*g): tokens in row-major grid order
+        if self.head_resize == "area":
+            out = F.interpolate(out, size=NZ, mode="area")
+        else:
+            out = F.interpolate(out, size=NZ, mode="linear", align_corners=False)
+        return self.to_velocity(out)
+
+
+# ----------------------------------------------------------------------------- InversionNet
+
+
+def _norm2d(kind: str, c: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(c)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, c), c)
+    return nn.Identity()
+
+
+def _conv(cin, cout, k, s=1, p=0, norm="batch"):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, s, p), _norm2d(norm, cout), nn.LeakyReLU(0.2, inplace=True))
+
+
+def _deconv(cin, cout, k, s=1, p=0, norm="batch"):
+    return nn.Sequential(
+        nn.ConvTranspose2d(cin, cout, k, s, p), _norm2d(norm, cout), nn.LeakyReLU(0.2, inplace=True)
+    )
+
+
+def _out_len(n: int, k: int, s: int, p: int) -> int:
+    return (n + 2 * p - k) // s + 1
+
+
+class InversionNet(VelocityModel):
+    """OpenFWI's InversionNet adapted to five (T, 31) gathers -> (300, 1259).
+
+    Encoder over (time, receivers) with the five sources as channels: four stride-2
+    convolutions along time only, three stride-2 in both axes, then a convolution whose
+    kernel covers what is left -> a latent vector of ``16*width``.  Decoder: a transposed
+    convolution to a 5 x 20 map, five x2 up-sampling stages to 160 x 640, a 3 x 3
+    convolution to one channel, bilinear resize to 300 x 1259, sigmoid scaled.
+    """
+
+    arch = "inversionnet"
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__(
+            v_min=cfg["v_min"], v_max=cfg["v_max"], tta_flip=cfg["tta_flip"], input_scale=cfg["input_scale"]
+        )
+        w = int(cfg["width"])
+        norm = cfg["norm"]
+        self.time_samples = int(cfg["time_samples"])
+        if w < 1 or self.time_samples < 64:
+            raise ConfigError("inversionnet: width must be >= 1 and time_samples >= 64")
+        t, r = self.time_samples, N_RECEIVERS
+        layers = [_conv(N_SOURCES, w, (7, 1), (2, 1), (3, 0), norm)]
+        t = _out_len(t, 7, 2, 3)
+        chans = [w, 2 * w, 2 * w, 4 * w]
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [_conv(cin, cout, (3, 1), (2, 1), (1, 0), norm), _conv(cout, cout, (3, 1), 1, (1, 0), norm)]
+            t = _out_len(t, 3, 2, 1)
+        chans = [4 * w, 4 * w, 8 * w, 8 * w]
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [_conv(cin, cout, 3, 2, 1, norm), _conv(cout, cout, 3, 1, 1, norm)]
+            t, r = _out_len(t, 3, 2, 1), _out_len(r, 3, 2, 1)
+        # latent: no normalisation here (a 1 x 1 map cannot be batch-normalised at batch 1)
+        layers += [nn.Conv2d(8 * w, 16 * w, (t, r)), nn.LeakyReLU(0.2, inplace=True)]
+        self.encoder = nn.Sequential(*layers)
+        dec = [_deconv(16 * w, 16 * w, (5, 20), 1, 0, norm), _conv(16 * w, 16 * w, 3, 1, 1, norm)]
+        chans = [16 * w, 8 * w, 4 * w, 2 * w, w, w]
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            dec += [_deconv(cin, cout, 4, 2, 1, norm), _conv(cout, cout, 3, 1, 1, norm)]
+        dec += [nn.Conv2d(w, 1, 3, 1, 1)]
+        self.decoder = nn.Sequential(*dec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        b = x.shape[0]
+        g = (x * self.input_scale).transpose(2, 3).reshape(b, N_SOURCES * N_RECEIVERS, N_TIME)
+        g = F.interpolate(g, size=self.time_samples, mode="area")
+        g = g.reshape(b, N_SOURCES, N_RECEIVERS, self.time_samples).transpose(2, 3)  # (B, 5, T, 31)
+        z = self.encoder(g)
+        y = self.decoder(z)  # (B, 1, 160, 640): x along rows, depth along columns
+        y = F.interpolate(y, size=VP_SHAPE, mode="bilinear", align_corners=False)
+        return self.to_velocity(y[:, 0])
+
+
+# ----------------------------------------------------------------------------- depth trend
+
+
+class DepthTrend(VelocityModel):
+    """Mean velocity of each depth cell over the training targets, the same at every x.
+
+    No gradient-trained parameters (``requires_training = False``): call :meth:`fit` with
+    the training fold's targets.  The trend is a buffer, so it travels with ``state_dict``.
+    """
+
+    arch = "depth_trend"
+    requires_training = False
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__(
+            v_min=cfg["v_min"], v_max=cfg["v_max"], tta_flip=cfg["tta_flip"], input_scale=cfg["input_scale"]
+        )
+        self.register_buffer("trend", torch.full((NZ,), 0.5 * (self.v_min + self.v_max)))
+        self.register_buffer("n_fitted", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def fit(self, targets: Iterable) -> "DepthTrend":
+        """Set the trend to the per-depth mean over all targets (each ``(300, 1259)`` or a
+        batch ``(B, 300, 1259)``, numpy or torch) and all x positions."""
+        total = np.zeros(NZ, dtype=np.float64)
+        n = 0
+        for y in targets:
+            a = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+            a = a.reshape(-1, *VP_SHAPE) if a.shape[-2:] == VP_SHAPE else None
+            if a is None:
+                raise ValueError(f"targets must have shape (..., {NX}, {NZ})")
+            total += a.astype(np.float64).sum(axis=(0, 1))
+            n += a.shape[0]
+        if n == 0:
+            raise UserError("depth_trend: no training targets to fit")
+        self.trend.copy_(torch.from_numpy(total / (n * NX)).to(self.trend))
+        self.n_fitted.fill_(n)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self.trend.device.type != "meta" and int(self.n_fitted) == 0:
+            raise UserError("depth_trend: the model is not fitted (call fit() with the training targets)")
+        return self.trend.to(x.dtype).expand(x.shape[0], NX, NZ).clone()
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def variant_defaults(arch: str) -> dict[str, Any]:
+    """The full set of keys (with defaults) that a variant of ``arch`` accepts."""
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}: expected one of {ARCHS}")
+    return {"arch": arch, **_COMMON_DEFAULTS, **_ARCH_DEFAULTS[arch]}
+
+
+def _resolve_cfg(variant_cfg: dict[str, Any], name: str | None) -> dict[str, Any]:
+    where = f"variant '{name}'" if name else "variant"
+    if not isinstance(variant_cfg, dict):
+        raise ConfigError(f"{where}: must be a mapping, got {type(variant_cfg).__name__}")
+    arch = variant_cfg.get("arch")
+    if arch not in ARCHS:
+        raise ConfigError(f"{where}: 'arch' must be one of {ARCHS}, got {arch!r}")
+    cfg = variant_defaults(arch)
+    unknown = sorted(set(variant_cfg) - set(cfg) - set(PASS_THROUGH_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; {arch} accepts {sorted(cfg)}")
+    cfg.update({k: v for k, v in variant_cfg.items() if k not in PASS_THROUGH_KEYS})
+    if not float(cfg["v_min"]) < float(cfg["v_max"]):
+        raise ConfigError(f"{where}: v_min must be below v_max")
+    if cfg["tta_flip"] not in FLIP_MODES:
+        raise ConfigError(f"{where}: tta_flip must be one of {FLIP_MODES}")
+    if arch == "eva_fusion":
+        for key in ("backbone", "split_at"):
+            if cfg[key] is None:
+                raise ConfigError(f"{where}: '{key}' is required for arch eva_fusion")
+        for key, allowed in (("fusion", FUSIONS), ("pool_query", POOL_QUERIES), ("head_resize", HEAD_RESIZES)):
+            if cfg[key] not in allowed:
+                raise ConfigError(f"{where}: {key} must be one of {allowed}, got {cfg[key]!r}")
+        if cfg["pretrained"] is None:
+            cfg["pretrained"] = "none"
+        if not isinstance(cfg["backbone_kwargs"] or {}, dict):
+            raise ConfigError(f"{where}: backbone_kwargs must be a mapping")
+    if arch == "inversionnet" and cfg["norm"] not in NORMS:
+        raise ConfigError(f"{where}: norm must be one of {NORMS}")
+    return cfg
+
+
+def build_model(
+    variant_cfg: dict[str, Any],
+    *,
+    device: str | torch.device | None = None,
+    meta: bool = False,
+    name: str | None = None,
+) -> VelocityModel:
+    """Build the model described by one ``variants:`` entry of ``params.yaml``.
+
+    ``meta=True`` builds on the meta device (no memory, pretrained weights not loaded,
+    nothing downloaded): for parameter counts and FLOP estimates.  ``name`` only improves
+    error messages.  Keys in ``PASS_THROUGH_KEYS`` (``train``, ...) are ignored.
+    """
+    cfg = _resolve_cfg(variant_cfg, name)
+    ctx = torch.device("meta") if meta else contextlib.nullcontext()
+    with ctx:
+        if cfg["arch"] == "eva_fusion":
+            model: VelocityModel = EvaFusionNet(cfg, load_weights=not meta)
+        elif cfg["arch"] == "inversionnet":
+            model = InversionNet(cfg)
+        else:
+            model = DepthTrend(cfg)
+    model.variant_cfg = cfg
+    if device is not None and not meta:
+        model = model.to(device)
+    return model
+
+
+def get_variant(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``variants.<name>`` entry of ``params.yaml`` (or of ``params``)."""
+    params = load_params() if params is None else params
+    variants = params.get("variants")
+    if not isinstance(variants, dict):
+        raise ConfigError("params.yaml: missing or invalid section 'variants'")
+    if name not in variants:
+        raise ConfigError(f"params.yaml: no variant '{name}' (have: {', '.join(sorted(variants))})")
+    return variants[name]
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def muon_param_names(model: nn.Module) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the 2-D weight matrices inside
+    ``model.transformer_blocks()``: the parameters to optimise with Muon."""
+    blocks = model.transformer_blocks() if hasattr(model, "transformer_blocks") else []
+    ids = {id(p) for blk in blocks for p in blk.parameters() if p.ndim == 2}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts per top-level part (backbone, fusion, head / encoder, decoder) and
+    the total; parameters shared between parts are counted once."""
+    parts: dict[str, int] = {}
+    seen: set[int] = set()
+    for n, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        part = n.split(".", 1)[0]
+        parts[part] = parts.get(part, 0) + p.numel()
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def forward_flops(model: VelocityModel, batch: int = 1) -> int:
+    """Forward FLOPs (2 per multiply-add) of ``batch`` samples, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` on meta tensors when the model lives on the
+    meta device (no memory, no compute), otherwise on a zero input on the model's device.
+    Counts matrix products, convolutions and attention; element-wise operations,
+    normalisation and interpolation are not counted.  Prefer a meta-device model
+    (``build_model(..., meta=True)``): on CPU PyTorch's fused attention kernel is invisible
+    to the counter, so a real CPU forward misses the attention matmuls."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters(), None)
+    b = next(model.buffers(), None)
+    dev = (p if p is not None else b).device if (p is not None or b is not None) else torch.device("cpu")
+    if isinstance(model, DepthTrend):
+        return 0
+    x = torch.zeros(batch, *INPUT_SHAPE, device=dev)
+    was_training = model.training
+    # train mode: nn.MultiheadAttention's inference fast path is a fused op the counter misses
+    model.train()
+    try:
+        counter = FlopCounterMode(display=False)
+        # (no torch.no_grad(): the counter's module tracker rejects parameter views made
+        # under no_grad)
+        with counter:
+            model(x)
+        return int(counter.get_total_flops())
+    finally:
+        model.train(was_training)
+
+
+def model_summary(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parameter counts, shapes and forward FLOPs of a variant, built on the meta device
+    (nothing allocated, no weights loaded or downloaded)."""
+    vcfg = get_variant(name, params)
+    model = build_model(vcfg, meta=True, name=name)
+    cfg = model.variant_cfg
+    out: dict[str, Any] = {"variant": name, "arch": cfg["arch"]}
+    if isinstance(model, EvaFusionNet):
+        out.update(
+            backbone=cfg["backbone"],
+            pretrained=str(cfg["pretrained"]),
+            blocks=len(model.backbone.blocks),
+            split_at=model.split_at,
+            fusion=cfg["fusion"],
+            channel_heads=cfg["channel_heads"] if cfg["fusion"] != "mean" else None,
+            fusion_heads=cfg["fusion_heads"] if cfg["fusion"] == "dual" else None,
+            embed_dim=int(model.backbone.embed_dim),
+            image_shape_per_source=[1, model.img_size, model.img_size],
+            token_grid=list(model.grid),
+        )
+    counts = count_parameters(model)
+    out["params"] = {
+        "backbone": counts.get("backbone", 0),
+        "fusion": counts.get("fusion", 0),
+        "head": counts.get("head", 0),
+        **{k: v for k, v in counts.items() if k not in ("backbone", "fusion", "head", "total")},
+        "total": counts["total"],
+    }
+    out["params_muon"] = sum(p.numel() for n, p in model.named_parameters() if n in muon_param_names(model))
+    out["input_shape"] = [1, *INPUT_SHAPE]
+    out["output_shape"] = [1, *OUTPUT_SHAPE]
+    out["forward_flops_per_sample"] = forward_flops(model, batch=1)
+    out["flops_method"] = (
+        "torch.utils.flop_counter.FlopCounterMode over one forward pass on meta tensors "
+        "(matmul, convolution, attention; 2 FLOPs per multiply-add)"
+    )
+    out["tta_flip"] = cfg["tta_flip"]
+    return out
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n / 1e6:,.3f} M" if n >= 1e5 else f"{n:,}"
+
+
+def _cmd_model_summary(args: argparse.Namespace) -> int:
+    params = load_params(args.params) if args.params else None
+    info = model_summary(args.variant, params)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"variant {info['variant']}  (arch {info['arch']})")
+    for key in ("backbone", "pretrained", "blocks", "split_at", "fusion", "channel_heads", "fusion_heads",
+                "embed_dim", "image_shape_per_source", "token_grid", "tta_flip"):
+        if info.get(key) is not None:
+            print(f"  {key:24s} {info[key]}")
+    print("  parameters")
+    for k, v in info["params"].items():
+        print(f"    {k:22s} {_fmt_count(v):>14s}")
+    print(f"    {'(on Muon)':22s} {_fmt_count(info['params_muon']):>14s}")
+    print(f"  {'input shape':24s} {tuple(info['input_shape'])}")
+    print(f"  {'output shape':24s} {tuple(info['output_shape'])}")
+    print(f"  {'forward FLOPs/sample':24s} {info['forward_flops_per_sample'] / 1e9:,.2f} G")
+    print(f"  ({info['flops_method']})")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "model-summary",
+        help="parameter counts, shapes and FLOPs of a model variant (no weights downloaded)",
+        description="Build a variant from params.yaml on the meta device and report parameter "
+        "counts (backbone, fusion, head, total), input/output shapes and forward FLOPs per sample.",
+    )
+    p.add_argument("variant", help="a key of the 'variants' section of params.yaml")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--params", default=None, help="parameter file (default: params.yaml of the project)")
+    p.set_defaults(func=_cmd_model_summary)
