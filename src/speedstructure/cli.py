@@ -15,6 +15,8 @@ COMMAND_MODULES = [
     "speedstructure.synth",
     "speedstructure.plots",
     "speedstructure.bench",
+    "speedstructure.train",
+    "speedstructure.model",
 ]
 
 
