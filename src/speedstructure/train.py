@@ -55,6 +55,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from speedstructure.config import deep_merge, project_root, resolve_path
 from speedstructure.errors import UserError
+from speedstructure.fsutil import atomic_write_bytes
 
 BEST_NAME = "best.pt"
 LAST_NAME = "last.pt"
@@ -464,19 +465,10 @@ def _atomic_torch_save(obj, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_val_preds(path: Path, ids: Sequence[str], preds: np.ndarray) -> None:
     buf = io.BytesIO()
     np.savez(buf, **{sid: p.astype(np.float16) for sid, p in zip(ids, preds)})
-    _atomic_write_bytes(buf.getvalue(), path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_val_preds(path: Path) -> tuple[list[str], np.ndarray]:
@@ -493,7 +485,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
     w.writeheader()
     for row in history:
         w.writerow(row)
-    _atomic_write_bytes(buf.getvalue().encode(), path)
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _fingerprint(cfg: dict, variant_cfg: dict | None, n_train: int, world: int) -> dict:
@@ -693,7 +685,7 @@ def _finish(model_for_preds, val_ds, cfg, out_dir, dd, dev, amp_dtype, history, 
         "best_val_mape": best, "best_epoch": best_epoch, "epochs": epochs_run,
         "seconds": round(seconds, 3), "stop_reason": stop_reason, "n_val": len(ids),
     }
-    _atomic_write_bytes((json.dumps(metrics, indent=2) + "\n").encode(), out_dir / METRICS_NAME)
+    atomic_write_bytes(out_dir / METRICS_NAME, (json.dumps(metrics, indent=2) + "\n").encode())
     return res
 
 
