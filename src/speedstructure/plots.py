@@ -32,7 +32,7 @@ GATHER_CMAP = "gray"
 CLIP_PERCENTILE = 97.0  # the direct wave dominates; clip it so reflections show
 
 
-def _save_atomic(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -115,7 +115,7 @@ def plot_sample(
         _velocity_panel(fig, axes[-1], np.asarray(velocity), "velocity model")
     if title:
         fig.suptitle(title)
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_velocity_grid(
@@ -146,7 +146,7 @@ def plot_velocity_grid(
     fig.colorbar(im, ax=list(axes[:n]), label="km/s", shrink=0.8)
     if suptitle:
         fig.suptitle(suptitle)
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- command line
@@ -176,3 +176,25 @@ def register(subparsers) -> None:
     p.add_argument("--sample-id", default=None, help="sample id (default: the first in the zip)")
     p.add_argument("--output", default=None, help="PNG path (default: plots/sample_<id>.png)")
     p.set_defaults(func=_cmd_plot_sample)
+
+
+def plot_training_curves(history: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
+    """PNG of training loss and validation MAPE per epoch (left) and the learning rate (right)."""
+    epochs = [int(h["epoch"]) for h in history]
+    fig = Figure(figsize=(9, 3.5), layout="constrained")
+    ax, ax_lr = fig.subplots(1, 2)
+    for key, label in (("train_loss", "train MAPE"), ("val_mape", "validation MAPE (EMA)")):
+        vals = [float(h[key]) for h in history]
+        if any(np.isfinite(vals)):
+            ax.plot(epochs, vals, marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MAPE")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax_lr.plot(epochs, [float(h["lr"]) for h in history], marker=".")
+    ax_lr.set_xlabel("epoch")
+    ax_lr.set_ylabel("learning rate (end of epoch)")
+    ax_lr.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)

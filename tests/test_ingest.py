@@ -1,0 +1,252 @@
+"""Tests of the ingest stage (speedstructure.ingest): real zips, a real store, tiny sample counts."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speedstructure import cli
+from speedstructure.dataio import GATHER_NAMES, TARGET_NAME, ZipSamples, ZipWriter, npy_bytes
+from speedstructure.errors import DataError
+from speedstructure.ingest import (INDEX_COLUMNS, INDEX_NAME, MANIFEST_NAME, SPLITS, StoreSamples,
+                                   build_store, open_samples)
+
+GSHAPE = (5, 10001, 31)
+VSHAPE = (300, 1259)
+COUNTS = {"train": 3, "train_extended_1": 2, "train_extended_2": 2, "test": 2}
+PREFIX = {"train": "TR", "train_extended_1": "EA", "train_extended_2": "EB", "test": "TE"}
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("DO_NOT_TRACK", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SPEEDSTRUCTURE_ROOT", raising=False)
+
+
+def _sid(split: str, i: int) -> str:
+    return f"{PREFIX[split]}{i:016d}"
+
+
+def _gathers(rng) -> np.ndarray:
+    return rng.normal(0.0, 1e-3, GSHAPE).astype(np.float32)
+
+
+def _target(rng) -> np.ndarray:
+    return rng.uniform(1.5, 4.5, VSHAPE).astype(np.float32)
+
+
+def _write_zips(folder: Path, seed: int = 0, counts=COUNTS) -> dict[str, Path]:
+    rng = np.random.default_rng(seed)
+    zips = {}
+    for split in SPLITS:
+        p = folder / f"{split}.zip"
+        with ZipWriter(p) as zw:
+            for i in range(counts[split]):
+                zw.add(_sid(split, i), _gathers(rng), None if split == "test" else _target(rng))
+        zips[split] = p
+    return zips
+
+
+@pytest.fixture(scope="module")
+def zips(tmp_path_factory) -> dict[str, Path]:
+    return _write_zips(tmp_path_factory.mktemp("proj") / "data")
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
+
+
+def _snapshot(store: Path) -> dict[str, str]:
+    return {str(p.relative_to(store)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def test_store_reads_back_exactly_what_the_zips_hold(zips, tmp_path):
+    out = tmp_path / "store"
+    manifest = build_store(zips, out, root=tmp_path, progress=False)
+    assert manifest["samples"] == sum(COUNTS.values())
+    with StoreSamples(out) as store:
+        assert len(store) == sum(COUNTS.values())
+        for split, path in zips.items():
+            with ZipSamples(path) as z:
+                for sid in z.sample_ids:
+                    assert sid in store and store.split_of(sid) == split
+                    xz, yz = z.read(sid)
+                    xs, ys = store.read(sid)
+                    assert xs.dtype == np.float32 and xs.shape == GSHAPE
+                    np.testing.assert_array_equal(xs, xz)
+                    if split == "test":
+                        assert yz is None and ys is None
+                        with pytest.raises(DataError, match="has no target"):
+                            store.read_target(sid)
+                    else:
+                        assert ys.dtype == np.float32 and ys.shape == VSHAPE
+                        np.testing.assert_array_equal(ys, yz)
+        # reads are owned copies: writing to one does not change the store
+        sid = _sid("train", 0)
+        x = store.read_gathers(sid)
+        x[:] = 7.0
+        assert not (store.read_gathers(sid) == 7.0).any()
+        with pytest.raises(DataError, match="no sample 'NOPE'"):
+            store.read("NOPE")
+    assert not (out / "test" / "targets.npy").exists()
+    g = np.load(out / "train" / "gathers.npy", mmap_mode="r")
+    assert g.shape == (COUNTS["train"], *GSHAPE) and g.dtype == np.float32
+    assert _leftovers(tmp_path) == []
+
+
+def test_index_and_manifest(zips, tmp_path):
+    out = tmp_path / "store"
+    build_store(zips, out, root=zips["train"].parent.parent, progress=False)
+    with open(out / INDEX_NAME, newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == INDEX_COLUMNS
+        rows = list(reader)
+    assert len(rows) == sum(COUNTS.values())
+    for split in SPLITS:
+        mine = [r for r in rows if r["split"] == split]
+        assert sorted(r["sample_id"] for r in mine) == [_sid(split, i) for i in range(COUNTS[split])]
+        assert sorted(int(r["row"]) for r in mine) == list(range(COUNTS[split]))
+        assert {r["zip"] for r in mine} == {f"data/{split}.zip"}  # relative to the root
+        assert {r["has_target"] for r in mine} == {"0" if split == "test" else "1"}
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert set(manifest["splits"]) == set(SPLITS)
+    for split, info in manifest["splits"].items():
+        assert info["md5"] == hashlib.md5(zips[split].read_bytes()).hexdigest()
+        assert info["samples"] == COUNTS[split]
+        assert info["has_targets"] == (split != "test")
+        assert info["zip"] == f"data/{split}.zip"
+    assert manifest["samples"] == sum(COUNTS.values())
+
+
+def test_store_split_filter_open_samples_and_pickle(zips, tmp_path):
+    out = tmp_path / "store"
+    build_store(zips, out, root=tmp_path, progress=False)
+    test_only = StoreSamples(out, split="test")
+    assert test_only.sample_ids == [_sid("test", i) for i in range(COUNTS["test"])]
+    assert not test_only.has_targets
+    train_only = StoreSamples(out, split="train")
+    assert train_only.has_targets and len(train_only) == COUNTS["train"]
+    assert _sid("test", 0) not in train_only
+
+    s = open_samples(out)
+    assert isinstance(s, StoreSamples) and len(s) == sum(COUNTS.values())
+    s.read_gathers(_sid("train", 1))  # maps an array; pickling must not carry it
+    s2 = pickle.loads(pickle.dumps(s))
+    np.testing.assert_array_equal(s2.read_gathers(_sid("train", 1)), s.read_gathers(_sid("train", 1)))
+    z = open_samples(zips["train_extended_1"])
+    try:
+        assert isinstance(z, ZipSamples) and len(z) == COUNTS["train_extended_1"]
+    finally:
+        z.close()
+    with pytest.raises(DataError, match="not a sample store"):
+        StoreSamples(tmp_path)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _nan_zip(path: Path, sid: str, bad_member: str) -> None:
+    rng = np.random.default_rng(5)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for g in GATHER_NAMES:
+            arr = rng.normal(0, 1e-3, GSHAPE[1:]).astype(np.float32)
+            if g == bad_member:
+                arr[123, 4] = np.nan
+            zf.writestr(f"{sid}/{g}", npy_bytes(arr))
+        zf.writestr(f"{sid}/{TARGET_NAME}", npy_bytes(_target(rng)))
+
+
+def test_nan_member_is_named_and_nothing_is_left_behind(zips, tmp_path):
+    bad = tmp_path / "bad_extended_2.zip"
+    sid = "NANNANNANNANNAN123"
+    _nan_zip(bad, sid, GATHER_NAMES[2])
+    broken = {**zips, "train_extended_2": bad}
+    stores = tmp_path / "out"
+    stores.mkdir()
+
+    # no store yet: none is created
+    out = stores / "store"
+    with pytest.raises(DataError) as ei:
+        build_store(broken, out, root=tmp_path, progress=False)
+    msg = str(ei.value)
+    assert str(bad) in msg and f"{sid}/{GATHER_NAMES[2]}" in msg and "non-finite" in msg
+    assert not out.exists()
+    assert list(stores.iterdir()) == []
+
+    # an older store survives a failed rebuild untouched
+    build_store(zips, out, root=tmp_path, progress=False)
+    before = _snapshot(out)
+    with pytest.raises(DataError, match="NANNANNANNANNAN123"):
+        build_store(broken, out, root=tmp_path, progress=False)
+    assert _snapshot(out) == before
+    assert [p.name for p in stores.iterdir()] == ["store"]
+    assert len(StoreSamples(out)) == sum(COUNTS.values())
+
+
+def test_duplicate_sample_across_zips_names_both(zips, tmp_path):
+    rng = np.random.default_rng(9)
+    dup = tmp_path / "dup_extended_1.zip"
+    with ZipWriter(dup) as zw:
+        zw.add("EA0000000000000077", _gathers(rng), _target(rng))
+        zw.add(_sid("train", 1), _gathers(rng), _target(rng))  # also in train.zip
+    out = tmp_path / "store"
+    with pytest.raises(DataError) as ei:
+        build_store({**zips, "train_extended_1": dup}, out, root=tmp_path, progress=False)
+    msg = str(ei.value)
+    assert _sid("train", 1) in msg and str(dup) in msg and str(zips["train"]) in msg
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_targets_must_match_the_split(zips, tmp_path):
+    out = tmp_path / "store"
+    # a test zip with targets
+    with pytest.raises(DataError, match="test zip has vp_model.npy") as ei:
+        build_store({**zips, "test": zips["train_extended_1"]}, out, root=tmp_path, progress=False)
+    assert str(zips["train_extended_1"]) in str(ei.value)
+    # a training zip without targets
+    with pytest.raises(DataError, match="train zip lacks vp_model.npy") as ei:
+        build_store({**zips, "train": zips["test"]}, out, root=tmp_path, progress=False)
+    assert str(zips["test"]) in str(ei.value)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_ingest(tmp_path, monkeypatch, capsys):
+    proj = tmp_path / "proj"
+    _write_zips(proj / "data", seed=3, counts={"train": 2, "train_extended_1": 1,
+                                               "train_extended_2": 1, "test": 1})
+    (proj / "params.yaml").write_text("data: {dir: data, store: store}\n")
+    sub = proj / "somewhere" / "deeper"
+    sub.mkdir(parents=True)
+    monkeypatch.chdir(sub)  # the project root is found upward from cwd
+    assert cli.main(["ingest", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "5 samples from 4 zips" in out
+    store = StoreSamples(proj / "store")
+    assert len(store) == 5 and store.split_of(_sid("test", 0)) == "test"
+    with ZipSamples(proj / "data" / "train.zip") as z:
+        np.testing.assert_array_equal(store.read_target(_sid("train", 1)), z.read_target(_sid("train", 1)))
+    assert not (sub / "store").exists()
+
+    # a missing zip: a one-line error naming it, exit code 2
+    (proj / "data" / "train_extended_2.zip").unlink()
+    assert cli.main(["ingest", "--quiet", "--out", "other"]) == 2
+    err = capsys.readouterr().err
+    assert "train_extended_2.zip" in err and "not found" in err
+    assert not (proj / "other").exists()

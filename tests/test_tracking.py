@@ -1,0 +1,203 @@
+"""Tests of MLflow tracking (speedstructure.tracking): real MLflow on a temporary SQLite store."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from speedstructure import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("DO_NOT_TRACK", "true")
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "SPEEDSTRUCTURE_ROOT", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(k, raising=False)
+    # start_run points MLflow's process-wide state at the test store: restore it afterwards
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+    import mlflow.tracking.fluent as fluent
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+    yield
+    while mlflow.active_run() is not None:  # never leak a run into the next test
+        mlflow.end_run()
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def test_home_root(tmp_path):
+    repo = tmp_path / "repo"
+    assert tracking.home_root(repo / ".dvc" / "tmp" / "exps" / "tmpabc" / "sub") == repo.resolve()
+    assert tracking.home_root(repo / ".dvc" / "tmp" / "exps" / "tmpabc") == repo.resolve()
+    # ordinary paths (and look-alikes) are left alone
+    for p in (repo, repo / "sub", repo / ".dvc" / "tmp" / "other" / "x", repo / "dvc" / "tmp" / "exps" / "x",
+              repo / ".dvc" / "tmp"):
+        assert tracking.home_root(p) == p.resolve()
+
+
+def test_settings_resolve_relative_paths_under_the_home_root(tmp_path):
+    repo = tmp_path / "repo"
+    params = {"mlflow": {"tracking_uri": "sqlite:///mlruns/m.db", "artifact_root": "mlruns/art", "experiment": "e1"}}
+    want_uri = f"sqlite:///{(repo / 'mlruns' / 'm.db').resolve()}"
+    want_art = (repo / "mlruns" / "art").resolve().as_uri()
+    copy = repo / ".dvc" / "tmp" / "exps" / "tmpq1w2" / "x"
+    for root in (repo, copy):
+        s = tracking.settings(params, root)
+        assert s["tracking_uri"] == want_uri and s["tracking_uri"].startswith("sqlite:////")
+        assert s["artifact_root"] == want_art
+        assert s["experiment"] == "e1"
+        assert s["registered_model"] == "speedstructure-ensemble"  # default filled in
+    assert (repo / "mlruns").is_dir()  # the database's folder exists for SQLite
+    assert not (copy / "mlruns").exists()
+
+    # without params: read from the root's params.yaml (the copy's own file)
+    copy.mkdir(parents=True, exist_ok=True)
+    (copy / "params.yaml").write_text("mlflow:\n  tracking_uri: sqlite:///db/x.db\n  artifact_root: arts\n")
+    s = tracking.settings(None, copy)
+    assert s["tracking_uri"] == f"sqlite:///{(repo / 'db' / 'x.db').resolve()}"
+    assert s["artifact_root"] == (repo / "arts").resolve().as_uri()
+    assert s["experiment"] == "speedstructure"
+
+    # absolute paths pass through
+    abs_params = {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/abs/a.db", "artifact_root": str(tmp_path / "A")}}
+    s = tracking.settings(abs_params, copy)
+    assert s["tracking_uri"] == f"sqlite:///{tmp_path}/abs/a.db"
+    assert s["artifact_root"] == (tmp_path / "A").as_uri()
+
+
+def test_environment_wins(tmp_path, monkeypatch):
+    params = {"mlflow": {"tracking_uri": "sqlite:///mlruns/m.db", "experiment": "from-params"}}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    s = tracking.settings(params, tmp_path)
+    assert s["tracking_uri"] == "http://mlflow.example:5000"
+    assert s["experiment"] == "from-env"
+    # a relative SQLite URI from the environment is under the home root too
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env/e.db")
+    s = tracking.settings(params, tmp_path / ".dvc" / "tmp" / "exps" / "t")
+    assert s["tracking_uri"] == f"sqlite:///{(tmp_path / 'env' / 'e.db').resolve()}"
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{base}/m.db"
+    params = {"mlflow": {"tracking_uri": uri, "artifact_root": str(base / "art"), "experiment": "t"}}
+    return uri, params, base
+
+
+def _run(uri: str, run_id: str):
+    return mlflow.MlflowClient(uri).get_run(run_id)
+
+
+def _runs_named(uri: str, name: str):
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("t")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'")
+
+
+def test_finished_run_logs_flat_params_and_git_commit(store):
+    uri, params, base = store
+    with tracking.start_run("ok", tags={"stage": "unit", "fold": 3},
+                            params={"train": {"lr": 0.001, "betas": [0.9, 0.95]}, "seed": 7},
+                            project_params=params, root=REPO) as run:
+        assert mlflow.active_run().info.run_id == run.info.run_id
+        tracking.log_metrics({"loss": 0.5})
+    assert mlflow.active_run() is None
+    runs = _runs_named(uri, "ok")
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    assert r.data.params == {"train.lr": "0.001", "train.betas": "[0.9, 0.95]", "seed": "7"}
+    assert r.data.tags["stage"] == "unit" and r.data.tags["fold"] == "3"
+    assert r.data.tags["project"] == "speedstructure"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert r.data.tags["git_commit"] == head.stdout.strip()
+    else:
+        assert "git_commit" in r.data.tags
+    assert r.data.metrics == {"loss": 0.5}
+    exp = mlflow.MlflowClient(uri).get_experiment_by_name("t")
+    assert exp.artifact_location == (base / "art").resolve().as_uri()
+
+
+def test_git_commit_from_dvc_experiment(store, monkeypatch):
+    uri, params, _ = store
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123456789abcdef")
+    with tracking.start_run("dvcexp", project_params=params) as run:
+        pass
+    assert _run(uri, run.info.run_id).data.tags["git_commit"] == "0123456789abcdef"
+
+
+def test_exception_ends_failed_and_propagates(store):
+    uri, params, _ = store
+    with pytest.raises(ValueError, match="boom"):
+        with tracking.start_run("fails", project_params=params) as run:
+            raise ValueError("boom")
+    assert mlflow.active_run() is None
+    assert _run(uri, run.info.run_id).info.status == "FAILED"
+
+
+def test_keyboard_interrupt_ends_killed(store):
+    uri, params, _ = store
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.start_run("ctrl-c", project_params=params) as run:
+            raise KeyboardInterrupt
+    assert mlflow.active_run() is None
+    assert _run(uri, run.info.run_id).info.status == "KILLED"
+
+
+def test_sigterm_ends_killed_and_restores_the_handler(store):
+    uri, params, _ = store
+    before = signal.getsignal(signal.SIGTERM)
+    reached = False
+    with pytest.raises(tracking.Terminated):
+        with tracking.start_run("sigterm", project_params=params) as run:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted by the handler
+            reached = True
+    assert not reached
+    assert isinstance(tracking.Terminated("x"), KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert mlflow.active_run() is None
+    assert _run(uri, run.info.run_id).info.status == "KILLED"
+
+
+def test_no_run_is_left_running(store):
+    uri, _, _ = store
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("t")
+    runs = client.search_runs([exp.experiment_id])
+    assert runs  # the tests above ran in this store
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+
+
+def test_log_metrics_ignores_nan_and_non_numbers(store):
+    uri, params, _ = store
+    with tracking.start_run("metrics", project_params=params) as run:
+        tracking.log_metrics({"a": 1.5, "b": float("nan"), "c": "text", "d": True, "e": 3,
+                              "f": math.inf, "g": None, "h": [1.0]}, step=2)
+        tracking.log_metrics({"only_nan": float("nan")})  # nothing left: no call at all
+    r = _run(uri, run.info.run_id)
+    assert r.data.metrics == {"a": 1.5, "e": 3.0}
+    hist = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "a")
+    assert [m.step for m in hist] == [2]
+    assert r.info.status == "FINISHED"
