@@ -2,11 +2,19 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
+SS := $(VENV)/bin/speedstructure
+DVC := $(VENV)/bin/dvc
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
+MLFLOW_DB := sqlite:///$(CURDIR)/mlruns/mlflow.db
+OPTUNA_DB := sqlite:///$(CURDIR)/mlruns/optuna.db
+UI_PORT ?= 5000
+DASHBOARD_PORT ?= 8080
+PROFILE ?= default
 
-.PHONY: setup data demo test bench clean-venv
+.PHONY: setup data demo repro train tune predict evaluate report ui dashboard profile test bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,14 +24,60 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The synthetic dataset (skipped when the four zips are there and up to date), versioned by data.dvc.
 data: setup
-	$(VENV)/bin/speedstructure synth
-	$(VENV)/bin/dvc add data
+	$(SS) synth
+	$(DVC) add data
 
-demo: data
+# The whole job on the embedded default: data if missing, the DVC pipeline, the test MAPE table.
+demo: setup
+	@if [ ! -f data/train.zip ] || [ ! -f data/test.zip ]; then $(MAKE) --no-print-directory data; fi
+	$(DVC) repro
+	@$(SS) report
+
+repro: setup
+	$(DVC) repro
+
+# Every training stage (and what they need), then their validation MAPE.
+train: setup
+	$(DVC) repro train
+	$(DVC) metrics show
+
+tune: setup
+	$(DVC) repro tune
+
+predict: setup
+	$(DVC) repro predict
+
+evaluate: setup
+	$(DVC) repro evaluate
+	@$(SS) report
+
+report: setup
+	@$(SS) report
+
+# MLflow UI (runs, metrics, plots, artifacts, the model registry) on http://127.0.0.1:$(UI_PORT)
+ui: setup
+	@mkdir -p mlruns/artifacts
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --default-artifact-root $(CURDIR)/mlruns/artifacts \
+		--host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+# optuna-dashboard over the ensemble-weight studies on http://127.0.0.1:$(DASHBOARD_PORT)
+dashboard: setup
+	$(VENV)/bin/optuna-dashboard $(OPTUNA_DB) --host 127.0.0.1 --port $(DASHBOARD_PORT)
+
+# Switch params.yaml to another profile: make profile PROFILE=competition
+profile: setup
+	$(SS) profile $(PROFILE)
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(VENV)/bin/speedstructure bench data --json bench/data.json
+	@mkdir -p bench
+	$(SS) bench data --json bench/data.json
+	$(SS) bench store --json bench/store.json
+	$(SS) bench model --json bench/model.json
+
+clean-venv:
+	rm -rf $(VENV)

@@ -10,6 +10,16 @@
   per structural family: correlation and relative L2 error of the delivered
   gathers, plus the direct arrival's peak and the gathers' standard deviation.
 
+``speedstructure bench store`` measures random-access reads of whole samples
+(five gathers + target) from the ingested store against the same reads
+straight from the challenge zips: median samples per second of several passes.
+
+``speedstructure bench model`` measures, for the default profile's variants,
+training (forward + backward + optimizer step) and inference samples per second
+on this machine, and the achieved FLOP rate (forward FLOPs counted on the meta
+device, x 3 for training) as a fraction of the measured fp32 matrix-multiply
+peak (median of several large matmuls).
+
 Results are printed and, with ``--json``, written to a file.
 """
 
@@ -83,12 +93,110 @@ def bench_data(cfg: dict[str, Any], samples: int, repeats: int, fine_dx: float, 
     }
 
 
+def bench_store(params: dict[str, Any], repeats: int, samples: int) -> dict[str, Any]:
+    """Samples per second of random whole-sample reads: store vs zips (median of ``repeats``)."""
+    from speedstructure.config import project_root, resolve_path
+    from speedstructure.dataio import ZipSamples
+    from speedstructure.ingest import StoreSamples, data_config, zip_paths
+
+    root = project_root()
+    store = StoreSamples(resolve_path(data_config(params)["store"], root))
+    zips = {s: ZipSamples(p) for s, p in zip_paths(params, root).items() if s != "test"}
+    where = {sid: z for z in zips.values() for sid in z.sample_ids}
+    ids = [i for i in store.sample_ids if i in where]
+    if not ids:
+        raise ValueError("the store holds no training samples: run `dvc repro ingest` first")
+    rng = np.random.default_rng(0)
+    res: dict[str, list[float]] = {"store": [], "zip": []}
+    for _ in range(repeats):
+        pick = [ids[i] for i in rng.integers(len(ids), size=samples)]
+        for name, read in (("zip", lambda s: where[s].read(s)), ("store", store.read)):
+            t0 = time.perf_counter()
+            for sid in pick:
+                read(sid)
+            res[name].append(samples / (time.perf_counter() - t0))
+    for z in zips.values():
+        z.close()
+    med = {k: statistics.median(v) for k, v in res.items()}
+    return {"samples_per_pass": samples, "passes": repeats,
+            "store_samples_per_second_median": round(med["store"], 1),
+            "zip_samples_per_second_median": round(med["zip"], 1),
+            "store_speedup": round(med["store"] / med["zip"], 2)}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Median fp32 FLOP/s of an ``n x n`` matrix product on the CPU."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        rates.append(2 * n**3 / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def bench_model(params: dict[str, Any], variants: list[str], repeats: int, batch: int) -> dict[str, Any]:
+    """Training and inference samples/s of each variant on random inputs (CPU), and the FLOP
+    rate as a fraction of the matmul peak."""
+    import torch
+
+    from speedstructure.model import build_model, forward_flops
+    from speedstructure.train import build_optimizer, mape_loss, train_config
+
+    peak = matmul_peak()
+    out: dict[str, Any] = {"matmul_peak_gflops": round(peak / 1e9, 1), "batch": batch,
+                           "threads": torch.get_num_threads(), "variants": {}}
+    x = torch.randn(batch, 5, 10001, 31) * 0.015
+    y = 1.5 + 3 * torch.rand(batch, 300, 1259)
+    for name in variants:
+        cfg = params["variants"][name]
+        if cfg.get("arch") == "depth_trend":
+            continue
+        fwd = forward_flops(build_model(cfg, meta=True)) * batch
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        opt = build_optimizer(model, train_config(params, cfg))
+        train_t, infer_t = [], []
+        for r in range(repeats + 1):  # the first pass warms up
+            t0 = time.perf_counter()
+            loss = mape_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                model.eval()
+                model(x)
+                model.train()
+            t2 = time.perf_counter()
+            if r:
+                train_t.append(t1 - t0)
+                infer_t.append(t2 - t1)
+        tr, inf = statistics.median(train_t), statistics.median(infer_t)
+        out["variants"][name] = {
+            "forward_gflops_per_sample": round(fwd / batch / 1e9, 2),
+            "train_samples_per_second": round(batch / tr, 2),
+            "infer_samples_per_second": round(batch / inf, 2),
+            "train_fraction_of_peak": round(3 * fwd / tr / peak, 3),
+            "infer_fraction_of_peak": round(fwd / inf / peak, 3),
+        }
+    return out
+
+
 def _cmd(args: argparse.Namespace) -> int:
     params = load_params()
     out: dict[str, Any] = {}
     if args.what in ("data", "all"):
         out["data"] = bench_data(dict(section(params, "synth")), args.samples, args.repeats, args.fine_dx,
                                  args.families)
+    if args.what in ("store", "all"):
+        out["store"] = bench_store(params, args.repeats, max(args.samples, 16))
+    if args.what in ("model", "all"):
+        names = args.variants or [k for k, v in params["variants"].items() if v.get("profile") == "default"]
+        out["model"] = bench_model(params, names, args.repeats, args.batch)
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
@@ -98,11 +206,13 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: generation speed and simulation fidelity")
-    p.add_argument("what", nargs="?", default="all", choices=["data", "all"])
+    p = sub.add_parser("bench", help="benchmarks: data generation, store reads, model speed")
+    p.add_argument("what", nargs="?", default="all", choices=["data", "store", "model", "all"])
     p.add_argument("--samples", type=int, default=8, help="samples generated per timing run")
     p.add_argument("--repeats", type=int, default=3, help="timing runs (the median is reported)")
     p.add_argument("--fine-dx", type=float, default=2.0, help="grid spacing (m) of the reference run")
     p.add_argument("--families", type=int, default=6, help="velocity families in the fidelity check")
+    p.add_argument("--variants", nargs="*", help="model variants (default: the default profile's)")
+    p.add_argument("--batch", type=int, default=2, help="batch size of the model benchmark")
     p.add_argument("--json", help="also write the results to this file")
     p.set_defaults(func=_cmd)

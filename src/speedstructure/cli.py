@@ -13,10 +13,18 @@ import sys
 
 COMMAND_MODULES = [
     "speedstructure.synth",
+    "speedstructure.ingest",
+    "speedstructure.folds",
     "speedstructure.plots",
     "speedstructure.bench",
     "speedstructure.train",
     "speedstructure.model",
+    "speedstructure.tune",
+    "speedstructure.registry",
+    "speedstructure.ensemble",
+    "speedstructure.submission",
+    "speedstructure.evaluate",
+    "speedstructure.profiles",
 ]
 
 

@@ -85,6 +85,7 @@ FLIP_MODES = ("consistent", "receivers")
 POOL_QUERIES = ("shared", "per_token")
 HEAD_RESIZES = ("area", "linear")
 NORMS = ("batch", "group", "none")
+PRIORS = ("none", "depth_trend")
 
 N_SOURCES = len(SOURCES)
 N_TIME, N_RECEIVERS = GATHER_SHAPE
@@ -105,6 +106,7 @@ _COMMON_DEFAULTS: dict[str, Any] = {
 }
 _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "eva_fusion": {
+        "prior": "none",  # none (the seed's) | depth_trend: predict the deviation from the fold's depth trend
         "backbone": None,  # required: a timm EVA/ViT model name
         "pretrained": "none",  # none | timm | <path to .safetensors/.pth/.bin>
         "img_size": 224,
@@ -119,6 +121,7 @@ _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         "backbone_kwargs": {},  # further keyword arguments for timm.create_model
     },
     "inversionnet": {
+        "prior": "none",
         "width": 32,  # OpenFWI's channel width; 8 is a small CPU version
         "time_samples": 1000,  # time axis resampled (area) to this length first
         "norm": "batch",
@@ -172,14 +175,35 @@ class VelocityModel(nn.Module):
     arch: str = ""
     requires_training: bool = True
 
-    def __init__(self, *, v_min: float, v_max: float, tta_flip: str, input_scale: float):
+    def __init__(self, *, v_min: float, v_max: float, tta_flip: str, input_scale: float, prior: str = "none"):
         super().__init__()
         self.v_min = float(v_min)
         self.v_max = float(v_max)
         self.tta_flip = tta_flip
         self.input_scale = float(input_scale)
+        self.prior = prior
+        if prior == "depth_trend":
+            # logit of the training fold's mean velocity per depth cell, added to the head's
+            # output: the network learns the deviation from the depth trend
+            self.register_buffer("prior_logit", torch.zeros(NZ))
+            self.register_buffer("prior_fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def needs_prior(self) -> bool:
+        """True while a ``depth_trend`` prior still has to be fitted (:meth:`fit_prior`)."""
+        return self.prior == "depth_trend" and not bool(self.prior_fitted)
+
+    @torch.no_grad()
+    def fit_prior(self, targets: Iterable) -> None:
+        """Set the depth-trend prior from the training targets (each ``(300, 1259)`` km/s)."""
+        trend = depth_mean(targets)
+        frac = (torch.from_numpy(trend) - self.v_min) / (self.v_max - self.v_min)
+        self.prior_logit.copy_(torch.logit(frac.clamp(1e-4, 1 - 1e-4)).to(self.prior_logit))
+        self.prior_fitted.fill_(True)
 
     def to_velocity(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.prior == "depth_trend":
+            logits = logits + self.prior_logit.to(logits.dtype)
         return self.v_min + (self.v_max - self.v_min) * torch.sigmoid(logits)
 
     def transformer_blocks(self) -> list[nn.Module]:
@@ -326,7 +350,8 @@ class EvaFusionNet(VelocityModel):
 
     def __init__(self, cfg: dict[str, Any], *, load_weights: bool = True):
         super().__init__(
-            v_min=cfg["v_min"], v_max=cfg["v_max"], tta_flip=cfg["tta_flip"], input_scale=cfg["input_scale"]
+            v_min=cfg["v_min"], v_max=cfg["v_max"], tta_flip=cfg["tta_flip"], input_scale=cfg["input_scale"],
+            prior=cfg["prior"],
         )
         self.img_size = int(cfg["img_size"])
         self.backbone = _create_backbone(cfg, load_weights=load_weights)
@@ -357,6 +382,9 @@ class EvaFusionNet(VelocityModel):
         )
         self.head_resize = cfg["head_resize"]
         self.head = nn.Linear(dim, NX)
+        if self.prior != "none":  # start from the prior exactly; the network learns the deviation
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         # the per-token final norm: EVA02 with average pooling keeps it in fc_norm
         norm = getattr(bb, "norm", None)
         self._final_norm_name = "norm" if norm is not None and not isinstance(norm, nn.Identity) else "fc_norm"
@@ -455,7 +483,8 @@ class InversionNet(VelocityModel):
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(
-            v_min=cfg["v_min"], v_max=cfg["v_max"], tta_flip=cfg["tta_flip"], input_scale=cfg["input_scale"]
+            v_min=cfg["v_min"], v_max=cfg["v_max"], tta_flip=cfg["tta_flip"], input_scale=cfg["input_scale"],
+            prior=cfg["prior"],
         )
         w = int(cfg["width"])
         norm = cfg["norm"]
@@ -498,6 +527,26 @@ class InversionNet(VelocityModel):
 # ----------------------------------------------------------------------------- depth trend
 
 
+def depth_mean(targets: Iterable, counter: list[int] | None = None) -> np.ndarray:
+    """Mean velocity per depth cell over all targets (each ``(300, 1259)`` or a batch
+    ``(B, 300, 1259)``, numpy or torch) and all x positions: float64 ``(1259,)``.
+    ``counter[0]`` receives the number of targets."""
+    total = np.zeros(NZ, dtype=np.float64)
+    n = 0
+    for y in targets:
+        a = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+        a = a.reshape(-1, *VP_SHAPE) if a.shape[-2:] == VP_SHAPE else None
+        if a is None:
+            raise ValueError(f"targets must have shape (..., {NX}, {NZ})")
+        total += a.astype(np.float64).sum(axis=(0, 1))
+        n += a.shape[0]
+    if n == 0:
+        raise UserError("depth trend: no training targets to fit")
+    if counter is not None:
+        counter[0] = n
+    return total / (n * NX)
+
+
 class DepthTrend(VelocityModel):
     """Mean velocity of each depth cell over the training targets, the same at every x.
 
@@ -519,19 +568,9 @@ class DepthTrend(VelocityModel):
     def fit(self, targets: Iterable) -> "DepthTrend":
         """Set the trend to the per-depth mean over all targets (each ``(300, 1259)`` or a
         batch ``(B, 300, 1259)``, numpy or torch) and all x positions."""
-        total = np.zeros(NZ, dtype=np.float64)
-        n = 0
-        for y in targets:
-            a = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-            a = a.reshape(-1, *VP_SHAPE) if a.shape[-2:] == VP_SHAPE else None
-            if a is None:
-                raise ValueError(f"targets must have shape (..., {NX}, {NZ})")
-            total += a.astype(np.float64).sum(axis=(0, 1))
-            n += a.shape[0]
-        if n == 0:
-            raise UserError("depth_trend: no training targets to fit")
-        self.trend.copy_(torch.from_numpy(total / (n * NX)).to(self.trend))
-        self.n_fitted.fill_(n)
+        counter = [0]
+        self.trend.copy_(torch.from_numpy(depth_mean(targets, counter)).to(self.trend))
+        self.n_fitted.fill_(counter[0])
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -578,6 +617,8 @@ def _resolve_cfg(variant_cfg: dict[str, Any], name: str | None) -> dict[str, Any
             cfg["pretrained"] = "none"
         if not isinstance(cfg["backbone_kwargs"] or {}, dict):
             raise ConfigError(f"{where}: backbone_kwargs must be a mapping")
+    if arch in ("eva_fusion", "inversionnet") and cfg["prior"] not in PRIORS:
+        raise ConfigError(f"{where}: prior must be one of {PRIORS}, got {cfg['prior']!r}")
     if arch == "inversionnet" and cfg["norm"] not in NORMS:
         raise ConfigError(f"{where}: norm must be one of {NORMS}")
     return cfg

@@ -94,7 +94,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "progress": True,
     "ddp_find_unused": False,
-    "folds_table": "data/folds.csv",
+    "folds_table": "folds/folds.csv",
     "models_dir": "models",
 }
 
@@ -109,7 +109,8 @@ _RESUME_FREE_KEYS = {
 
 
 class SampleDataset(Dataset):
-    """Samples named by ``(sample_id, zip_path)`` rows, read from the challenge zips.
+    """Samples named by ``(sample_id, source)`` rows, read from a challenge zip or the
+    ingested sample store (:func:`speedstructure.ingest.open_samples`).
 
     ``ds[i]`` is ``(x, y, i)``: gathers float32 ``(5, 10001, 31)``, target float32
     ``(300, 1259)`` and the index (``ds.sample_id(i)`` gives the id).  Zip
@@ -133,14 +134,14 @@ class SampleDataset(Dataset):
         return self.rows[int(index)][0]
 
     def _zip(self, path: str):
-        from speedstructure.dataio import ZipSamples
+        from speedstructure.ingest import open_samples
 
         if self._pid != os.getpid():  # forked into a worker: never share handles
             self._handles = {}
             self._pid = os.getpid()
         h = self._handles.get(path)
         if h is None:
-            h = self._handles[path] = ZipSamples(path)
+            h = self._handles[path] = open_samples(path)
         return h
 
     def target(self, index: int) -> np.ndarray:
@@ -213,6 +214,20 @@ def read_folds_table(path: str | os.PathLike, fold: int, root: Path | None = Non
     if not train_rows:
         raise UserError(f"{path}: fold {fold} leaves no training samples")
     return train_rows, val_rows
+
+
+def _rows_in_store(store: Path, table: Path, *row_lists):
+    """The rows re-pointed at the sample store; an error names the first missing sample."""
+    from speedstructure.ingest import StoreSamples
+
+    known = set(StoreSamples(store).sample_ids)
+    out = []
+    for rows in row_lists:
+        for sid, _ in rows:
+            if sid not in known:
+                raise UserError(f"{table}: sample '{sid}' is not in the store {store} (rerun the ingest stage)")
+        out.append([(sid, str(store)) for sid, _ in rows])
+    return out
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -488,10 +503,42 @@ def _write_history(path: Path, history: list[dict]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def _fingerprint(cfg: dict, variant_cfg: dict | None, n_train: int, world: int) -> dict:
+def _fingerprint(cfg: dict, variant_cfg: dict | None, train_ds, world: int) -> dict:
+    """What a saved state must match to be resumed: settings, training samples, world size."""
+    import hashlib
+
     t = {k: v for k, v in cfg.items() if k not in _RESUME_FREE_KEYS}
     v = {k: val for k, val in (variant_cfg or {}).items() if k != "train"}
-    return {"train": t, "variant": v, "n_train": int(n_train), "world_size": int(world)}
+    ids = getattr(train_ds, "sample_ids", None)
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16] if ids is not None else ""
+    return {"train": t, "variant": v, "n_train": len(train_ds), "train_ids": digest, "world_size": int(world)}
+
+
+def _load_state(last_path: Path, fp: dict, out_dir: Path, restart_on_change: bool, dd) -> dict | None:
+    """The saved state of ``last_path`` if it matches ``fp``; None if there is none.
+
+    A state written with other settings or data is an error, or, with
+    ``restart_on_change`` (how the DVC stages run), is discarded with the outputs
+    derived from it, and training starts afresh.
+    """
+    if not last_path.is_file():
+        return None
+    st = torch.load(last_path, map_location="cpu", weights_only=True)
+    diff = _diff_keys(st.get("fingerprint", {}), fp)
+    if not diff:
+        return st
+    if not restart_on_change:
+        raise UserError(
+            f"{last_path}: written with different settings ({', '.join(diff[:8])}); "
+            f"remove {out_dir} or choose another output directory"
+        )
+    _log(dd, f"{last_path}: settings or data changed ({', '.join(diff[:8])}); starting afresh")
+    if dd.main:
+        for name in (LAST_NAME, BEST_NAME, VAL_PREDS_NAME, METRICS_NAME, HISTORY_NAME):
+            (out_dir / name).unlink(missing_ok=True)
+    if dd.active:
+        dist.barrier()
+    return None
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -620,8 +667,12 @@ def train_model(
     device: str | torch.device | None = None,
     variant_cfg: dict | None = None,
     meta: dict | None = None,
+    restart_on_change: bool = False,
 ) -> TrainResult:
     """Train ``model`` on ``train_ds``, validate on ``val_ds``; write checkpoints into ``out_dir``.
+
+    A ``last.pt`` written with other settings or training samples is an error,
+    or with ``restart_on_change`` is discarded and training starts afresh.
 
     ``cfg`` is the merged training configuration (see :func:`train_config`);
     ``variant_cfg`` is stored in ``best.pt`` so the model can be rebuilt.
@@ -638,8 +689,10 @@ def train_model(
         if dd.main:
             out_dir.mkdir(parents=True, exist_ok=True)
         if is_baseline(model):
-            return _fit_baseline(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, variant_cfg, meta)
-        return _train_loop(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, variant_cfg, meta)
+            return _fit_baseline(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, variant_cfg, meta,
+                                 restart_on_change)
+        return _train_loop(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, variant_cfg, meta,
+                           restart_on_change)
     finally:
         if dd.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -689,10 +742,17 @@ def _finish(model_for_preds, val_ds, cfg, out_dir, dd, dev, amp_dtype, history, 
     return res
 
 
-def _fit_baseline(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, variant_cfg, meta) -> TrainResult:
+def _targets(ds):
+    """The training targets one by one (without reading the gathers where the dataset can)."""
+    return (ds.target(i) if hasattr(ds, "target") else ds[i][1] for i in range(len(ds)))
+
+
+def _fit_baseline(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, variant_cfg, meta,
+                  restart_on_change=False) -> TrainResult:
     last_path = out_dir / LAST_NAME
-    if last_path.is_file():
-        st = torch.load(last_path, map_location="cpu", weights_only=True)
+    fp = _to_plain(_fingerprint(cfg, variant_cfg, train_ds, dd.world))
+    st = _load_state(last_path, fp, out_dir, restart_on_change, dd)
+    if st is not None:
         if st.get("finished"):
             _log(dd, f"{out_dir}: already fitted (val MAPE {st['best_val_mape']:.5f}); nothing to do")
             model.load_state_dict(st["model"])
@@ -700,8 +760,7 @@ def _fit_baseline(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, 
                            st["best_epoch"], st["epoch"], st["seconds"], st.get("stop_reason", "fitted"))
     t0 = time.time()
     seed_everything(int(cfg["seed"]))
-    targets = (train_ds.target(i) if hasattr(train_ds, "target") else train_ds[i][1] for i in range(len(train_ds)))
-    model.fit(_tqdm(targets, "fit", enabled=bool(cfg["progress"]) and dd.main, total=len(train_ds)))
+    model.fit(_tqdm(_targets(train_ds), "fit", enabled=bool(cfg["progress"]) and dd.main, total=len(train_ds)))
     model.to(dev)
     val = _validate(model, val_ds, cfg, dev, None, dd, progress=bool(cfg["progress"]))
     secs = time.time() - t0
@@ -714,13 +773,14 @@ def _fit_baseline(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, 
         _atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "epoch": 1, "best_val_mape": val, "best_epoch": 1, "history": history, "seconds": secs,
-            "finished": True, "stop_reason": "fitted",
+            "finished": True, "stop_reason": "fitted", "fingerprint": fp,
         }, last_path)
         _log(dd, f"depth_trend fitted on {len(train_ds)} targets: val MAPE {val:.5f}")
     return _finish(model, val_ds, cfg, out_dir, dd, dev, None, history, val, 1, 1, secs, "fitted")
 
 
-def _train_loop(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, variant_cfg, meta) -> TrainResult:
+def _train_loop(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, variant_cfg, meta,
+                restart_on_change=False) -> TrainResult:
     from timm.utils import ModelEmaV3
 
     epochs = int(cfg["epochs"])
@@ -730,6 +790,8 @@ def _train_loop(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, va
     seed = int(cfg["seed"])
     seed_everything(seed + dd.rank)
 
+    if getattr(model, "needs_prior", False):  # before the EMA copy and DDP: every copy gets it
+        model.fit_prior(_targets(train_ds))
     model.to(dev)
     train_model_ = model
     if dd.active:  # wrapping broadcasts rank 0's weights: every rank (and its EMA) starts equal
@@ -746,19 +808,13 @@ def _train_loop(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, va
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     ema = ModelEmaV3(model, decay=float(cfg["ema_decay"]))
-    fp = _to_plain(_fingerprint(cfg, variant_cfg, len(train_ds), dd.world))
+    fp = _to_plain(_fingerprint(cfg, variant_cfg, train_ds, dd.world))
 
     start_epoch, best, best_epoch, bad, history, seconds = 0, float("inf"), 0, 0, [], 0.0
     finished, stop_reason, opt_steps = False, "", 0
     last_path = out_dir / LAST_NAME
-    if last_path.is_file():
-        st = torch.load(last_path, map_location="cpu", weights_only=True)
-        diff = _diff_keys(st.get("fingerprint", {}), fp)
-        if diff:
-            raise UserError(
-                f"{last_path}: written with different settings ({', '.join(diff[:8])}); "
-                f"remove {out_dir} or choose another output directory"
-            )
+    st = _load_state(last_path, fp, out_dir, restart_on_change, dd)
+    if st is not None:
         model.load_state_dict(st["model"])
         ema.module.load_state_dict(st["ema"])
         optimizer.load_state_dict(st["optimizer"])
@@ -891,15 +947,21 @@ def run_training(
     variant: str,
     fold: int,
     params: dict,
-    folds_table: str | os.PathLike | None,
-    out_dir: str | os.PathLike | None,
+    folds_table: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
     *,
     epochs: int | None = None,
     device: str | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
     root: Path | None = None,
+    store: str | os.PathLike | None = None,
+    restart_on_change: bool = False,
 ) -> TrainResult:
-    """Train variant ``variant`` (``params['variants'][variant]``) on fold ``fold``."""
+    """Train variant ``variant`` (``params['variants'][variant]``) on fold ``fold``.
+
+    Samples are read from the zips named in the fold table, or, with ``store``,
+    from the ingested sample store (which must hold every sample of the table).
+    """
     root = root or project_root()
     variants = params.get("variants") or {}
     if variant not in variants:
@@ -909,9 +971,11 @@ def run_training(
     cfg = train_config(params, variant_cfg)
     if epochs is not None:
         cfg["epochs"] = int(epochs)
-    table = resolve_path(folds_table or cfg.get("folds_table") or "data/folds.csv", root)
+    table = resolve_path(folds_table or cfg.get("folds_table") or "folds/folds.csv", root)
     out = resolve_path(out_dir or Path(cfg.get("models_dir") or "models") / variant / f"fold_{fold}", root)
     train_rows, val_rows = read_folds_table(table, int(fold), root)
+    if store is not None:
+        train_rows, val_rows = _rows_in_store(resolve_path(store, root), table, train_rows, val_rows)
     from speedstructure.model import build_model
 
     dev_req = device if device is not None else cfg.get("device")
@@ -921,10 +985,55 @@ def run_training(
     train_ds, val_ds = SampleDataset(train_rows), SampleDataset(val_rows)
     try:
         return train_model(model, train_ds, val_ds, cfg, out, on_epoch_end=on_epoch_end, device=dev_req,
-                           variant_cfg=variant_cfg, meta={"variant_name": variant, "fold": int(fold)})
+                           variant_cfg=variant_cfg, meta={"variant_name": variant, "fold": int(fold)},
+                           restart_on_change=restart_on_change)
     finally:
         train_ds.close()
         val_ds.close()
+
+
+CURVES_NAME = "curves.png"
+
+
+def run_training_stage(variant: str, fold: int, params: dict, *, track: bool = True, root: Path | None = None,
+                       **kw) -> TrainResult:
+    """:func:`run_training` as a pipeline stage: an MLflow run (rank 0) with the flattened
+    params, per-epoch train loss / validation MAPE / learning rate, the best checkpoint,
+    history and the training-curve plot; tags variant, fold, git commit and DVC stage."""
+    from speedstructure.plots import plot_training_curves
+
+    root = Path(root or project_root())
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not (track and main):
+        res = run_training(variant, fold, params, root=root, **kw)
+        if main:
+            plot_training_curves(res.history, res.best_path.parent / CURVES_NAME, f"{variant} fold {fold}")
+        return res
+    from speedstructure import tracking
+
+    variant_cfg = (params.get("variants") or {}).get(variant) or {}
+    logged = {"variant": {k: v for k, v in variant_cfg.items() if k != "train"},
+              "train": train_config(params, variant_cfg)}
+    stage = f"train@{variant}-f{int(fold)}"
+    with tracking.start_run(f"{variant}-f{int(fold)}", params=logged, project_params=params, root=root,
+                            tags={"stage": "train", "variant": variant, "fold": int(fold), "dvc_stage": stage}):
+        import mlflow
+
+        def log_epoch(row: dict) -> None:
+            tracking.log_metrics({"train_loss": row["train_loss"], "val_mape": row["val_mape"],
+                                  "lr": row["lr"], "epoch_seconds": row["seconds"]}, step=int(row["epoch"]))
+
+        res = run_training(variant, fold, params, root=root, on_epoch_end=log_epoch, **kw)
+        out = res.best_path.parent
+        curves = plot_training_curves(res.history, out / CURVES_NAME, f"{variant} fold {fold}")
+        tracking.log_metrics({"best_val_mape": res.best_val_mape, "best_epoch": res.best_epoch,
+                              "epochs_run": res.epochs_run, "train_seconds": res.seconds})
+        mlflow.set_tag("stop_reason", res.stop_reason)
+        for name in (BEST_NAME, METRICS_NAME, HISTORY_NAME):
+            if (out / name).is_file():
+                mlflow.log_artifact(str(out / name), artifact_path="model" if name == BEST_NAME else "training")
+        mlflow.log_artifact(str(curves), artifact_path="training")
+    return res
 
 
 def register(subparsers) -> None:
@@ -938,6 +1047,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="output directory (default: models/VARIANT/fold_K)")
     p.add_argument("--epochs", default=None, type=int, help="override train.epochs")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"], help="override train.device")
+    p.add_argument("--store", default=None, help="read samples from this ingested store instead of the zips")
+    p.add_argument("--mlflow", action="store_true", help="log the run to MLflow (what the DVC stages do)")
+    p.add_argument("--restart-on-change", action="store_true",
+                   help="discard a last.pt written with other settings or data instead of failing")
     p.set_defaults(func=_cmd_train)
 
 
@@ -945,7 +1058,9 @@ def _cmd_train(args) -> int:
     from speedstructure.config import load_params
 
     params = load_params()
-    res = run_training(args.variant, args.fold, params, args.folds, args.out, epochs=args.epochs, device=args.device)
+    res = run_training_stage(args.variant, args.fold, params, track=args.mlflow, folds_table=args.folds,
+                             out_dir=args.out, epochs=args.epochs, device=args.device, store=args.store,
+                             restart_on_change=args.restart_on_change)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{args.variant} fold {args.fold}: best val MAPE {res.best_val_mape:.5f} at epoch {res.best_epoch} "
               f"({res.epochs_run} epochs, {res.seconds:.1f} s, {res.stop_reason}); {res.best_path}")

@@ -1,0 +1,37 @@
+"""The registered ensemble as an MLflow pyfunc model ("models from code").
+
+MLflow executes this file when the model is loaded: it defines the model and
+hands it to ``mlflow.models.set_model``.  The artifacts are the ensemble file
+(members, folds, weights) and every member's checkpoint, whose variant config
+rebuilds the network; the preprocessing is part of the network itself.
+``predict`` takes gathers ``(B, 5, 10001, 31)`` float32 (or one ``(5, 10001, 31)``
+sample) and returns velocities ``(B, 300, 1259)`` float32 in km/s.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+ENSEMBLE_ARTIFACT = "ensemble"
+
+
+class EnsembleModel(PythonModel):
+    def load_context(self, context) -> None:
+        from speedstructure.ensemble import Ensemble, read_spec
+
+        spec = read_spec(context.artifacts[ENSEMBLE_ARTIFACT])
+        ckpts = {k: v for k, v in context.artifacts.items() if k != ENSEMBLE_ARTIFACT}
+        self.ensemble = Ensemble(spec, ckpts)
+
+    def predict(self, context, model_input, params=None):  # noqa: ARG002
+        if isinstance(model_input, dict):  # a named-tensor caller: the one tensor it holds
+            (model_input,) = model_input.values()
+        x = np.asarray(model_input, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        return self.ensemble.predict(x)
+
+
+mlflow.models.set_model(EnsembleModel())

@@ -1,0 +1,458 @@
+"""Writing and validating the challenge submission: one ``.npz`` of velocity models.
+
+A submission holds exactly one array per test sample, keyed by its 18-character
+sample id: float64, shape (300, 1259), finite, velocities in km/s within
+``[v_min, v_max]`` (default 1.5 to 4.5).
+
+:class:`SubmissionWriter` streams the arrays into the archive in one pass: each
+``<id>.npy`` member is written once, straight into a temp file beside the
+target, which is renamed over the target only when everything went well.  The
+archive is what :func:`numpy.savez` makes (a zip of ``.npy`` members), so
+``np.load`` reads it.
+
+:func:`validate_submission` checks a finished file against the test zip's
+sample ids, one array at a time, and lists every problem it finds.
+
+    >>> with SubmissionWriter("submission.npz") as sw:
+    ...     for sid, vp in predictions:
+    ...         sw.add(sid, vp)
+    >>> validate_submission("submission.npz", "data/test.zip").raise_if_problems()
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from speedstructure.dataio import SAMPLE_ID_RE, VP_SHAPE, ZIP_EPOCH, list_sample_ids
+from speedstructure.errors import DataError, UserError
+
+V_MIN_DEFAULT = 1.5
+V_MAX_DEFAULT = 4.5
+SUBMISSION_DTYPE = np.dtype(np.float64)
+NPY_SUFFIX = ".npy"
+
+_COMPRESSION = {"stored": zipfile.ZIP_STORED, "deflated": zipfile.ZIP_DEFLATED}
+
+
+def _compression(value: str | int) -> int:
+    if isinstance(value, str):
+        try:
+            return _COMPRESSION[value.lower()]
+        except KeyError:
+            raise ValueError(f"compression {value!r}: expected one of {sorted(_COMPRESSION)}") from None
+    if value not in _COMPRESSION.values():
+        raise ValueError(f"compression {value!r}: expected zipfile.ZIP_STORED or zipfile.ZIP_DEFLATED")
+    return int(value)
+
+
+def _open_temp(path: Path):
+    """Opens the temp file the archive is written into (a hook the tests wrap to count bytes)."""
+    return open(path, "x+b")
+
+
+class SubmissionWriter:
+    """Streams velocity models into a submission ``.npz`` in a single pass.
+
+    Each :meth:`add` converts the array to float64 (C order), checks it, and
+    writes it as one ``<sample_id>.npy`` member; nothing already written is
+    ever rewritten, so the I/O is linear in the number of samples.  The archive
+    is built in a temp file in the target's folder and moved onto ``path``
+    (``os.replace``) when the ``with`` block ends without an exception; on an
+    exception the temp file is deleted and ``path`` is left as it was.
+
+    ``compression`` is ``"stored"`` (default, like ``np.savez``) or
+    ``"deflated"``.  With ``v_range=(lo, hi)``, arrays with values outside it
+    are refused too.  Members carry a fixed timestamp, so equal inputs give
+    byte-identical files.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        compression: str | int = "stored",
+        compresslevel: int | None = None,
+        v_range: tuple[float, float] | None = None,
+    ):
+        self.path = Path(path)
+        self._compression = _compression(compression)
+        self._compresslevel = compresslevel
+        self.v_range = None if v_range is None else (float(v_range[0]), float(v_range[1]))
+        self._ids: list[str] = []
+        self._seen: set[str] = set()
+        self._state = "open"  # open -> committed | aborted | failed
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+        self._fh = _open_temp(self._tmp)
+        try:
+            self._zf = zipfile.ZipFile(
+                self._fh, "w", compression=self._compression, compresslevel=compresslevel, allowZip64=True
+            )
+        except BaseException:
+            self._fh.close()
+            self._tmp.unlink(missing_ok=True)
+            raise
+
+    @property
+    def sample_ids(self) -> list[str]:
+        """Ids written so far, in order."""
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __enter__(self) -> "SubmissionWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def _prepare(self, sample_id: str, array) -> np.ndarray:
+        where = f"{self.path}: sample '{sample_id}'"
+        if not isinstance(sample_id, str) or not SAMPLE_ID_RE.match(sample_id):
+            raise DataError(f"{self.path}: bad sample id {sample_id!r} (expected 18 letters or digits)")
+        if sample_id in self._seen:
+            raise DataError(f"{where}: added twice")
+        try:
+            arr = np.ascontiguousarray(array, dtype=SUBMISSION_DTYPE)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{where}: cannot be converted to float64 ({exc})") from exc
+        if arr.shape != VP_SHAPE:
+            raise DataError(f"{where}: shape {arr.shape}, expected {VP_SHAPE}")
+        finite = np.isfinite(arr)
+        if not finite.all():
+            n_nan = int(np.isnan(arr).sum())
+            n_inf = int(arr.size - finite.sum()) - n_nan
+            raise DataError(f"{where}: {n_nan} NaN and {n_inf} infinite values")
+        if self.v_range is not None:
+            lo, hi = self.v_range
+            vmin, vmax = float(arr.min()), float(arr.max())
+            if vmin < lo or vmax > hi:
+                raise DataError(f"{where}: values span [{vmin:.6g}, {vmax:.6g}], outside [{lo:g}, {hi:g}]")
+        return arr
+
+    def add(self, sample_id: str, array) -> None:
+        """Checks ``array`` and writes it as member ``<sample_id>.npy``.
+
+        Raises :class:`DataError` (a ``ValueError``) for a malformed id, a
+        duplicate id, a shape other than (300, 1259), non-finite values, or
+        (with ``v_range``) values out of range; nothing is written then and the
+        writer stays usable.
+        """
+        if self._state != "open":
+            raise RuntimeError(f"{self.path}: submission writer is {self._state}; cannot add '{sample_id}'")
+        arr = self._prepare(sample_id, array)
+        info = zipfile.ZipInfo(sample_id + NPY_SUFFIX, date_time=ZIP_EPOCH)
+        info.compress_type = self._compression
+        if self._compresslevel is not None:
+            info.compress_level = self._compresslevel
+        info.external_attr = 0o644 << 16
+        try:
+            with self._zf.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, arr, allow_pickle=False)
+        except BaseException:
+            self._state = "failed"  # the archive's state is unknown: only abort() is left
+            raise
+        self._seen.add(sample_id)
+        self._ids.append(sample_id)
+
+    def commit(self) -> Path:
+        """Finishes the archive and moves it onto ``path``; returns ``path``."""
+        if self._state == "committed":
+            return self.path
+        if self._state != "open":
+            self.abort()
+            raise RuntimeError(f"{self.path}: submission writer is {self._state}; nothing was written")
+        try:
+            self._zf.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        return self.path
+
+    def abort(self) -> None:
+        """Drops the partial archive; ``path`` is left untouched."""
+        if self._state == "committed":
+            return
+        if self._state == "open":
+            self._state = "aborted"
+        try:
+            self._zf.close()
+        except Exception:
+            pass  # a half-written member can make close() fail; the file is deleted anyway
+        finally:
+            self._fh.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def write_submission(
+    path: str | os.PathLike,
+    items: Iterable[tuple[str, np.ndarray]],
+    *,
+    compression: str | int = "stored",
+    v_range: tuple[float, float] | None = None,
+) -> Path:
+    """Writes ``(sample_id, velocity)`` pairs to a submission ``.npz`` in one pass; returns its path."""
+    with SubmissionWriter(path, compression=compression, v_range=v_range) as sw:
+        for sample_id, array in items:
+            sw.add(sample_id, array)
+    return sw.path
+
+
+# --------------------------------------------------------------------------- validation
+
+PROBLEM_KINDS = (
+    "unreadable_file",  # the submission is missing or not a zip
+    "missing_keys",  # test samples with no array
+    "extra_keys",  # arrays that are not test samples
+    "duplicate_key",  # one key stored in several members
+    "unreadable_array",  # a member that is not a readable .npy array
+    "dtype",
+    "shape",
+    "non_finite",
+    "out_of_range",
+)
+
+N_NAMED = 5  # ids named in a missing/extra key message
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str
+    message: str
+    sample_ids: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class SubmissionReport:
+    """What :func:`validate_submission` found; ``ok`` when ``problems`` is empty."""
+
+    path: Path
+    n_expected: int
+    n_arrays: int = 0
+    v_min: float = V_MIN_DEFAULT
+    v_max: float = V_MAX_DEFAULT
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def kinds(self) -> set[str]:
+        return {p.kind for p in self.problems}
+
+    @property
+    def readable(self) -> bool:
+        return "unreadable_file" not in self.kinds
+
+    def messages(self) -> list[str]:
+        return [p.message for p in self.problems]
+
+    def summary(self) -> str:
+        if self.ok:
+            return (
+                f"OK: {self.n_arrays} arrays, {SUBMISSION_DTYPE} {VP_SHAPE}, "
+                f"within [{self.v_min:g}, {self.v_max:g}]"
+            )
+        return (
+            f"{self.path}: {len(self.problems)} problem(s) in a submission of {self.n_arrays} arrays "
+            f"for {self.n_expected} test samples"
+        )
+
+    def raise_if_problems(self) -> None:
+        """Raises :class:`DataError` listing every problem, one per line."""
+        if self.problems:
+            raise DataError("\n".join([self.summary(), *self.messages()]))
+
+
+def _name_some(ids: list[str]) -> str:
+    named = ", ".join(f"'{s}'" for s in ids[:N_NAMED])
+    return named + (f", ... (+{len(ids) - N_NAMED} more)" if len(ids) > N_NAMED else "")
+
+
+def _expected_ids(test_zip_or_ids) -> list[str]:
+    if isinstance(test_zip_or_ids, (str, os.PathLike)):
+        return list_sample_ids(test_zip_or_ids)
+    ids = list(test_zip_or_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("expected sample ids contain duplicates")
+    return ids
+
+
+def _read_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype]:
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:  # (2, 0) and (3, 0) share the layout; 3.0 only allows utf-8 field names
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return tuple(shape), np.dtype(dtype)
+
+
+def _read_array(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with zf.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _check_array(zf, info, sid: str, report: SubmissionReport) -> None:
+    where = f"{report.path}: array '{sid}'"
+    add = report.problems.append
+    try:
+        shape, dtype = _read_header(zf, info)
+    except Exception as exc:  # bad magic, bad header, CRC error, truncated member
+        add(Problem("unreadable_array", f"{where}: member '{info.filename}' is not a readable .npy array ({exc})",
+                    (sid,)))
+        return
+    if dtype != SUBMISSION_DTYPE:
+        add(Problem("dtype", f"{where}: dtype {dtype}, expected float64", (sid,)))
+    if shape != VP_SHAPE:
+        add(Problem("shape", f"{where}: shape {shape}, expected {VP_SHAPE}", (sid,)))
+    # Values are checked whenever they are numbers and the array is not absurdly large.
+    n_values = int(np.prod(shape, dtype=np.int64))
+    if dtype.kind not in "fiu" or dtype.hasobject or n_values > 16 * VP_SHAPE[0] * VP_SHAPE[1]:
+        return
+    try:
+        arr = _read_array(zf, info)
+    except Exception as exc:
+        add(Problem("unreadable_array", f"{where}: member '{info.filename}' data cannot be read ({exc})", (sid,)))
+        return
+    if arr.size == 0:
+        return
+    finite = np.isfinite(arr)
+    n_bad = int(arr.size - np.count_nonzero(finite))
+    if n_bad:
+        n_nan = int(np.count_nonzero(np.isnan(arr)))
+        add(Problem("non_finite",
+                    f"{where}: {n_bad} non-finite values ({n_nan} NaN, {n_bad - n_nan} inf) of {arr.size}", (sid,)))
+        if n_bad == arr.size:
+            return
+        vals = arr[finite]
+    else:
+        vals = arr
+    lo, hi = float(vals.min()), float(vals.max())
+    if lo < report.v_min or hi > report.v_max:
+        n_out = int(np.count_nonzero((vals < report.v_min) | (vals > report.v_max)))
+        add(Problem("out_of_range",
+                    f"{where}: {n_out} values outside [{report.v_min:g}, {report.v_max:g}] km/s "
+                    f"(min {lo:.6g}, max {hi:.6g})", (sid,)))
+
+
+def validate_submission(
+    submission_path: str | os.PathLike,
+    test_zip_or_ids: str | os.PathLike | Iterable[str],
+    *,
+    v_min: float = V_MIN_DEFAULT,
+    v_max: float = V_MAX_DEFAULT,
+    raise_on_error: bool = False,
+) -> SubmissionReport:
+    """Checks a submission ``.npz`` against the test samples; lists every problem.
+
+    ``test_zip_or_ids`` is the test zip (its sample ids are the expected keys)
+    or the ids themselves.  Checks: the file exists and is a zip; its keys are
+    exactly the expected ids (missing and extra keys reported separately);
+    each expected array is float64, shape (300, 1259), finite and within
+    ``[v_min, v_max]``.  Arrays are read one at a time.  With
+    ``raise_on_error`` a :class:`DataError` listing all problems is raised
+    instead of returning a report with problems.
+    """
+    if not float(v_min) < float(v_max):
+        raise UserError(f"velocity range [{v_min}, {v_max}] is empty: v_min must be below v_max")
+    path = Path(submission_path)
+    expected = _expected_ids(test_zip_or_ids)
+    report = SubmissionReport(path=path, n_expected=len(expected), v_min=float(v_min), v_max=float(v_max))
+    add = report.problems.append
+    if not path.is_file():
+        add(Problem("unreadable_file", f"{path}: submission file not found"))
+    else:
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            add(Problem("unreadable_file", f"{path}: not a readable .npz archive ({exc})"))
+        else:
+            with zf:
+                _validate_members(zf, expected, report)
+    if raise_on_error:
+        report.raise_if_problems()
+    return report
+
+
+def _validate_members(zf: zipfile.ZipFile, expected: list[str], report: SubmissionReport) -> None:
+    path, add = report.path, report.problems.append
+    members: dict[str, list[zipfile.ZipInfo]] = {}
+    for info in zf.infolist():
+        if info.is_dir():
+            continue
+        key = info.filename[: -len(NPY_SUFFIX)] if info.filename.endswith(NPY_SUFFIX) else info.filename
+        members.setdefault(key, []).append(info)
+    report.n_arrays = len(members)
+    expected_set = set(expected)
+    missing = [s for s in expected if s not in members]
+    extra = sorted(k for k in members if k not in expected_set)
+    if missing:
+        add(Problem("missing_keys",
+                    f"{path}: missing keys: {len(missing)} of {len(expected)} test samples have no array: "
+                    f"{_name_some(missing)}", tuple(missing)))
+    if extra:
+        add(Problem("extra_keys",
+                    f"{path}: extra keys: {len(extra)} arrays are not test samples: {_name_some(extra)}",
+                    tuple(extra)))
+    for key in sorted(k for k, infos in members.items() if len(infos) > 1):
+        add(Problem("duplicate_key", f"{path}: array '{key}': key stored {len(members[key])} times", (key,)))
+    # In archive order, so the file is read front to back.
+    for key, infos in members.items():
+        if key in expected_set:
+            _check_array(zf, infos[-1], key, report)  # np.load reads the last of duplicates
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    report = validate_submission(args.submission, args.test_zip, v_min=args.v_min, v_max=args.v_max)
+    if not report.readable:
+        raise DataError("\n".join(report.messages()))
+    if report.ok:
+        print(report.summary())
+        return 0
+    print(report.summary(), file=sys.stderr)
+    for msg in report.messages():
+        print(f"  {msg}", file=sys.stderr)
+    return 1
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "validate-submission",
+        help="check a submission .npz against the test zip (keys, dtype, shape, finiteness, range)",
+        description=(
+            "Check that a submission .npz holds exactly one float64 (300, 1259) array per test sample, "
+            "all finite and within [v-min, v-max] km/s.  Exit code 0: valid; 1: problems (all listed); "
+            "2: unreadable input."
+        ),
+    )
+    p.add_argument("--submission", required=True, metavar="FILE", help="submission .npz")
+    p.add_argument("--test-zip", required=True, metavar="ZIP", help="challenge test zip (gives the expected ids)")
+    p.add_argument("--v-min", type=float, default=V_MIN_DEFAULT, help="lowest allowed velocity, km/s (default 1.5)")
+    p.add_argument("--v-max", type=float, default=V_MAX_DEFAULT, help="highest allowed velocity, km/s (default 4.5)")
+    p.set_defaults(func=_cmd)

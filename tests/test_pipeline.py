@@ -1,0 +1,236 @@
+"""End to end: the real DVC pipeline and MLflow on a tiny generated dataset.
+
+One temporary copy of the project (git + DVC initialised) with a few samples,
+2 folds, 2 small variants and a depth-trend baseline, 1 epoch.  The tests run in
+order on the same copy: the first `dvc repro` builds everything; a second does
+nothing; changing one variant's param reruns only that variant's training
+stages; the MLflow UI serves the runs; a DVC remote round trip restores data
+and models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+TINY = {"arch": "eva_fusion", "backbone": "eva02_tiny_patch14_224.mim_in22k", "pretrained": "none",
+        "img_size": 28, "depth": 2, "split_at": 1, "prior": "depth_trend"}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+               MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", GIT_AUTHOR_NAME="t",
+               GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(BIN / "dvc"), *args], cwd, check)
+
+
+def tiny_params() -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["synth"].update(n_train=8, n_extended_1=2, n_extended_2=1, n_test=3, workers=2)
+    params["synth"]["sim"].update(dx=10.0, dt=0.001)
+    params["folds"].update(k_groups=2, n_folds=2)
+    params["train"].update(epochs=1, batch_size=2, val_batch_size=2, progress=False, cosine_epochs=1, T_0=4,
+                           lr=1e-3, patience=0)
+    params["variants"] = {
+        "tiny_a": {**TINY, "fusion": "mean", "channel_heads": None, "fusion_heads": None},
+        "tiny_b": {**TINY, "fusion": "dual", "channel_heads": 3, "fusion_heads": 3},
+        "baseline_depth_trend": {"arch": "depth_trend"},
+    }
+    runs = {f"{v}-f{k}": {"variant": v, "fold": k} for v in ("tiny_a", "tiny_b", "baseline_depth_trend")
+            for k in (0, 1)}
+    params["runs"] = runs
+    params["ensemble"] = {"variants": ["tiny_a", "tiny_b"], "hand_weights": {"tiny_a": 0.8, "tiny_b": 0.3}}
+    params["tune"]["n_trials"] = 4
+    params["profiles"] = {"default": {"runs": runs, "ensemble": params["ensemble"], "tune": {"n_trials": 4}}}
+    return params
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    proj = tmp_path_factory.mktemp("proj")
+    shutil.copytree(ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("dvc.yaml", "Makefile", ".dvcignore"):
+        shutil.copy2(ROOT / name, proj / name)
+    shutil.copy2(ROOT / "pyproject.toml", proj / "pyproject.toml")  # keeps its mtime: make sees .venv as fresh
+    (proj / ".venv").symlink_to(ROOT / ".venv")
+    (proj / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    run(["git", "init", "-q"], proj)
+    dvc("init", "-q", cwd=proj)
+    dvc("config", "core.analytics", "false", cwd=proj)
+    run([str(BIN / "speedstructure"), "synth", "--quiet"], proj)
+    dvc("add", "-q", "data", cwd=proj)
+    run(["git", "add", "-A"], proj)
+    run(["git", "commit", "-qm", "tiny project"], proj)
+    return proj
+
+
+@pytest.fixture(scope="module")
+def first_repro(project) -> subprocess.CompletedProcess:
+    return dvc("repro", cwd=project)
+
+
+def _client(project: Path):
+    import mlflow
+
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def test_repro_builds_every_output(project, first_repro):
+    p = project
+    table = (p / "folds/folds.csv").read_text().splitlines()
+    assert table[0] == "sample_id,zip,split,group,fold" and len(table) == 1 + 8 + 3
+    for v in ("tiny_a", "tiny_b", "baseline_depth_trend"):
+        for k in (0, 1):
+            d = p / "models" / v / f"fold_{k}"
+            assert (d / "best.pt").is_file() and (d / "val_preds.npz").is_file() and (d / "curves.png").is_file()
+            m = json.loads((d / "metrics.json").read_text())
+            assert m["epochs"] == 1 and 0 < m["best_val_mape"] < 1
+            with np.load(d / "val_preds.npz") as z:
+                assert len(z.files) == 4 and z[z.files[0]].dtype == np.float16
+    ens = json.loads((p / "ensemble/ensemble.json").read_text())
+    assert [f["fold"] for f in ens["folds"]] == [0, 1]
+    for f in ens["folds"]:
+        assert {m["variant"] for m in f["members"]} == {"tiny_a", "tiny_b"}
+        assert abs(sum(m["weight"] for m in f["members"]) - 1) < 1e-9
+    ev = json.loads((p / "metrics/evaluate.json").read_text())
+    assert ev["n_test"] == 3 and 0 < ev["ensemble_mape"] < 1 and 0 < ev["baseline_mape"] < 1
+    assert (p / "plots/evaluate/best_median_worst.png").is_file()
+    assert "Test MAPE on 3 samples" in run([str(BIN / "speedstructure"), "report"], p).stdout
+    check = run([str(BIN / "speedstructure"), "validate-submission", "--submission", "submission/submission.npz",
+                 "--test-zip", "data/test.zip"], p)
+    assert check.stdout.startswith("OK: 3 arrays")
+    assert dvc("status", "-q", cwd=p, check=False).returncode == 0
+
+
+def test_mlflow_holds_one_finished_run_per_training_stage(project, first_repro):
+    client = _client(project)
+    exp = client.get_experiment_by_name("speedstructure")
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'train'")
+    keys = sorted((r.data.tags["variant"], r.data.tags["fold"]) for r in runs)
+    assert keys == sorted((v, str(k)) for v in ("tiny_a", "tiny_b", "baseline_depth_trend") for k in (0, 1))
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert "best_val_mape" in r.data.metrics and "val_mape" in r.data.metrics
+        assert r.data.tags["dvc_stage"] == f"train@{r.data.tags['variant']}-f{r.data.tags['fold']}"
+        assert r.data.tags["git_commit"]
+        assert r.data.params["variant.arch"] in ("eva_fusion", "depth_trend")
+        arts = {a.path for a in client.list_artifacts(r.info.run_id, "model")}
+        assert "model/best.pt" in arts
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    names = {r.info.run_name for r in client.search_runs([exp.experiment_id])}
+    assert {"folds", "tune", "tune-fold0", "tune-fold1", "register", "evaluate"} <= names
+
+
+def test_champion_predicts_what_the_submission_holds(project, first_repro):
+    import mlflow
+
+    from speedstructure.dataio import ZipSamples
+
+    client = _client(project)
+    mv = client.get_model_version_by_alias("speedstructure-ensemble", "champion")
+    reg = json.loads((project / "registry/registered.json").read_text())
+    assert int(mv.version) == reg["version"] == 1 and reg["champion"]
+    model = mlflow.pyfunc.load_model("models:/speedstructure-ensemble@champion")
+    with ZipSamples(project / "data/test.zip") as z:
+        sid = z.sample_ids[1]
+        x = z.read_gathers(sid)
+    pred = np.asarray(model.predict(x[None]))
+    assert pred.shape == (1, 300, 1259)
+    with np.load(project / "submission/submission.npz") as sub:
+        assert sub[sid].dtype == np.float64
+        np.testing.assert_allclose(pred[0], sub[sid], rtol=0, atol=1e-5)
+
+
+def test_second_repro_runs_nothing_and_one_variant_change_reruns_only_it(project, first_repro):
+    out = dvc("repro", cwd=project).stdout
+    assert "Running stage" not in out, out
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["variants"]["tiny_b"]["drop_path_rate"] = 0.05
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc("repro", cwd=project).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert {"train@tiny_b-f0", "train@tiny_b-f1"} <= ran
+    assert not {s for s in ran if s.startswith("train@") and "tiny_b" not in s}, ran
+    assert "ingest" not in ran and "folds" not in ran
+    reg = json.loads((project / "registry/registered.json").read_text())
+    assert reg["version"] == 2  # every version stays; the alias moves only if better
+    client = _client(project)
+    assert {int(v.version) for v in client.search_model_versions("name='speedstructure-ensemble'")} == {1, 2}
+    champ = client.get_model_version_by_alias("speedstructure-ensemble", "champion")
+    assert int(champ.version) == (2 if reg["champion"] else 1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_make_ui_serves_the_runs_on_loopback(project, first_repro):
+    port = _free_port()
+    proc = subprocess.Popen(["make", "--no-print-directory", "ui", f"UI_PORT={port}"], cwd=project, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/get?name=speedstructure-ensemble"
+        deadline, body = time.time() + 120, None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                if proc.poll() is not None:
+                    raise AssertionError("make ui exited early") from None
+                time.sleep(1)
+        assert body is not None, "MLflow UI did not answer"
+        aliases = {a["alias"] for a in body["registered_model"].get("aliases", [])}
+        assert "champion" in aliases
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_dvc_remote_round_trip(project, first_repro, tmp_path):
+    remote = tmp_path / "remote"
+    dvc("remote", "add", "-f", "-d", "local", str(remote), cwd=project)
+    dvc("push", "-q", cwd=project)
+    tracked = [project / "data" / "train.zip", project / "models/tiny_a/fold_0/best.pt",
+               project / "folds/folds.csv", project / "ensemble/ensemble.json", project / "submission/submission.npz"]
+    before = {p: p.read_bytes() for p in tracked}
+    shutil.rmtree(project / ".dvc" / "cache")
+    for p in tracked:
+        p.unlink()
+    dvc("pull", "-q", cwd=project)
+    for p, data in before.items():
+        assert p.read_bytes() == data, p
