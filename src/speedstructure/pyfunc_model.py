@@ -4,8 +4,8 @@ MLflow executes this file when the model is loaded: it defines the model and
 hands it to ``mlflow.models.set_model``.  The artifacts are the ensemble file
 (members, folds, weights) and every member's checkpoint, whose variant config
 rebuilds the network; the preprocessing is part of the network itself.
-``predict`` takes gathers ``(B, 5, 10001, 31)`` float32 (or one ``(5, 10001, 31)``
-sample) and returns velocities ``(B, 300, 1259)`` float32 in km/s.
+``predict`` takes gathers ``(B, 5, 10001, 31)`` float32 and returns velocities
+``(B, 300, 1259)`` float32 in km/s (the signature enforces the shapes).
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ class EnsembleModel(PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ARG002
         if isinstance(model_input, dict):  # a named-tensor caller: the one tensor it holds
             (model_input,) = model_input.values()
-        x = np.asarray(model_input, dtype=np.float32)
-        if x.ndim == 3:
-            x = x[None]
-        return self.ensemble.predict(x)
+        return self.ensemble.predict(np.asarray(model_input, dtype=np.float32))
 
 
 mlflow.models.set_model(EnsembleModel())

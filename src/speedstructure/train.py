@@ -94,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "progress": True,
     "ddp_find_unused": False,
+    "grad_checkpointing": False,
     "folds_table": "folds/folds.csv",
     "models_dir": "models",
 }
@@ -101,7 +102,7 @@ DEFAULTS: dict[str, Any] = {
 # Keys that may change between a run and its resumption without invalidating it.
 _RESUME_FREE_KEYS = {
     "epochs", "num_workers", "device", "progress", "val_batch_size", "patience", "tta_val",
-    "folds_table", "models_dir",
+    "folds_table", "models_dir", "grad_checkpointing",
 }
 
 
@@ -338,8 +339,9 @@ def _muon_names(model: nn.Module) -> set[str]:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, steps_per_epoch: int):
-    """Cosine annealing with warm restarts (period ``T_0`` steps, floor ``min_lr``) for
-    ``cosine_epochs`` epochs, then constant ``const_factor x lr``.  Step once per optimizer step."""
+    """Cosine annealing with warm restarts (period ``T_0`` steps, floor ``min_lr``; ``T_0: null``
+    = one period over the whole cosine phase) for ``cosine_epochs`` epochs, then constant
+    ``const_factor x lr``.  Step once per optimizer step."""
     from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LambdaLR, SequentialLR
 
     factor = float(cfg["const_factor"])
@@ -347,7 +349,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, steps_per_epoch
     cos_steps = int(cfg["cosine_epochs"]) * int(steps_per_epoch)
     if cos_steps <= 0:
         return constant
-    cosine = CosineAnnealingWarmRestarts(optimizer, T_0=max(1, int(cfg["T_0"])), eta_min=float(cfg["min_lr"]))
+    period = int(cfg["T_0"]) if cfg.get("T_0") else cos_steps  # null: one half-cosine over the phase
+    cosine = CosineAnnealingWarmRestarts(optimizer, T_0=max(1, period), eta_min=float(cfg["min_lr"]))
     return SequentialLR(optimizer, [cosine, constant], milestones=[cos_steps])
 
 
@@ -792,6 +795,10 @@ def _train_loop(model, train_ds, val_ds, cfg, out_dir, dd, dev, on_epoch_end, va
 
     if getattr(model, "needs_prior", False):  # before the EMA copy and DDP: every copy gets it
         model.fit_prior(_targets(train_ds))
+    if cfg.get("grad_checkpointing"):
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise UserError("train.grad_checkpointing: this model has no transformer blocks to checkpoint")
+        model.set_grad_checkpointing(True)
     model.to(dev)
     train_model_ = model
     if dd.active:  # wrapping broadcasts rank 0's weights: every rank (and its EMA) starts equal

@@ -1,0 +1,87 @@
+"""The MLflow model registry: pyfunc ensemble, versions, and the champion alias rule."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from speedstructure import registry as R
+from speedstructure.errors import UserError
+from speedstructure.model import build_model
+
+
+def _trend_checkpoint(path, velocity: float):
+    m = build_model({"arch": "depth_trend"})
+    m.fit([np.full((300, 1259), velocity, np.float32)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": m.state_dict(), "variant": {"arch": "depth_trend"}}, path)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    _trend_checkpoint(tmp_path / "models/a/fold_0/best.pt", 2.0)
+    _trend_checkpoint(tmp_path / "models/b/fold_0/best.pt", 4.0)
+    params = {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns/mlflow.db'}",
+                         "artifact_root": str(tmp_path / "mlruns/artifacts"), "experiment": "reg-test",
+                         "registered_model": "ens-test"}}
+    yield tmp_path, params
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+
+
+def _spec(root, cv: float, w_a: float):
+    spec = {"format": 1, "cv_mape": cv, "folds": [{"fold": 0, "members": [
+        {"variant": "a", "checkpoint": "models/a/fold_0/best.pt", "weight": w_a},
+        {"variant": "b", "checkpoint": "models/b/fold_0/best.pt", "weight": 1.0 - w_a}]}]}
+    path = root / f"ensemble_{cv}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_champion_moves_only_to_a_better_version(project):
+    import mlflow
+
+    root, params = project
+    r1 = R.register_ensemble(_spec(root, 0.05, 0.25), params=params, root=root)
+    assert (r1["version"], r1["champion"]) == (1, True)
+    r2 = R.register_ensemble(_spec(root, 0.08, 0.5), params=params, root=root)  # worse: alias stays
+    assert (r2["version"], r2["champion"], r2["champion_version"]) == (2, False, 1)
+    client = mlflow.MlflowClient()
+    assert int(client.get_model_version_by_alias("ens-test", R.CHAMPION).version) == 1
+    model = mlflow.pyfunc.load_model("models:/ens-test@champion")
+    x = np.zeros((1, 5, 10001, 31), np.float32)
+    np.testing.assert_allclose(model.predict(x), 0.25 * 2.0 + 0.75 * 4.0, atol=1e-6)
+    r2_model = mlflow.pyfunc.load_model("models:/ens-test/2")
+    np.testing.assert_allclose(r2_model.predict(x), 3.0, atol=1e-6)
+    with pytest.raises(Exception, match="shape"):  # the signature asks for a batch axis
+        model.predict(x[0])
+    r3 = R.register_ensemble(_spec(root, 0.03, 1.0 - 1e-9), params=params, root=root)  # better: alias moves
+    assert (r3["version"], r3["champion"]) == (3, True)
+    assert int(client.get_model_version_by_alias("ens-test", R.CHAMPION).version) == 3
+    versions = {int(v.version) for v in client.search_model_versions("name='ens-test'")}
+    assert versions == {1, 2, 3}  # every version stays
+    sig = mlflow.models.get_model_info("models:/ens-test/3").signature
+    assert sig.inputs.inputs[0].shape == (-1, 5, 10001, 31)
+    assert sig.outputs.inputs[0].shape == (-1, 300, 1259)
+
+
+def test_missing_checkpoint_and_cv_are_named(project):
+    root, params = project
+    spec = json.loads(_spec(root, 0.05, 0.5).read_text())
+    spec["folds"][0]["members"][1]["checkpoint"] = "models/none/best.pt"
+    bad = root / "bad.json"
+    bad.write_text(json.dumps(spec))
+    with pytest.raises(UserError, match=r"models/none/best\.pt not found"):
+        R.register_ensemble(bad, params=params, root=root)
+    spec = json.loads(_spec(root, 0.05, 0.5).read_text())
+    del spec["cv_mape"]
+    bad.write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="cv_mape"):
+        R.register_ensemble(bad, params=params, root=root)
