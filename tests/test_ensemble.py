@@ -24,15 +24,6 @@ EVA = {"arch": "eva_fusion", "backbone": "eva02_tiny_patch14_224.mim_in22k", "pr
 IDS = ["FOLDERSAMPLE000001", "FOLDERSAMPLE000002", "FOLDERSAMPLE000003"]
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("DO_NOT_TRACK", "true")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("SPEEDSTRUCTURE_ROOT", raising=False)
-
-
 def _save(model, path: Path) -> Path:
     """A checkpoint as the training engine writes it (``best.pt``)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,15 +21,6 @@ N_PER_FAMILY = 10
 N_FOLDS = 3
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("DO_NOT_TRACK", "true")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("SPEEDSTRUCTURE_ROOT", raising=False)
-
-
 # --------------------------------------------------------------------------- features
 
 

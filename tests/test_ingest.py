@@ -24,15 +24,6 @@ COUNTS = {"train": 3, "train_extended_1": 2, "train_extended_2": 2, "test": 2}
 PREFIX = {"train": "TR", "train_extended_1": "EA", "train_extended_2": "EB", "test": "TE"}
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("DO_NOT_TRACK", "true")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("SPEEDSTRUCTURE_ROOT", raising=False)
-
-
 def _sid(split: str, i: int) -> str:
     return f"{PREFIX[split]}{i:016d}"
 

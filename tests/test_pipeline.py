@@ -86,8 +86,9 @@ def project(tmp_path_factory) -> Path:
     run(["git", "init", "-q"], proj)
     dvc("init", "-q", cwd=proj)
     dvc("config", "core.analytics", "false", cwd=proj)
-    run([str(BIN / "speedstructure"), "synth", "--quiet"], proj)
-    dvc("add", "-q", "data", cwd=proj)
+    run(["make", "--no-print-directory", "data"], proj)  # synth + `dvc add data`, as on a fresh clone
+    assert (proj / "data.dvc").is_file() and (proj / "data/test_labels.npz").is_file()
+    assert dvc("status", "-q", cwd=proj, check=False).returncode == 0  # data.dvc matches data/
     run(["git", "add", "-A"], proj)
     run(["git", "commit", "-qm", "tiny project"], proj)
     return proj

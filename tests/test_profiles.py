@@ -16,15 +16,6 @@ REAL = Path(__file__).resolve().parents[1] / "params.yaml"
 PROFILE_KEYS = {"runs", "ensemble", "tune", "profile"}  # the top-level keys a switch may touch
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("DO_NOT_TRACK", "true")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("SPEEDSTRUCTURE_ROOT", raising=False)
-
-
 @pytest.fixture
 def params_copy(tmp_path) -> Path:
     p = tmp_path / "params.yaml"

@@ -22,9 +22,7 @@ def _trend_checkpoint(path, velocity: float):
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+def project(tmp_path):
     _trend_checkpoint(tmp_path / "models/a/fold_0/best.pt", 2.0)
     _trend_checkpoint(tmp_path / "models/b/fold_0/best.pt", 4.0)
     params = {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns/mlflow.db'}",

@@ -18,12 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("DO_NOT_TRACK", "true")
-    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "SPEEDSTRUCTURE_ROOT", "DVC_EXP_BASELINE_REV"):
-        monkeypatch.delenv(k, raising=False)
+def _isolated_mlflow(monkeypatch):
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)  # the rest: conftest._offline_env
     # start_run points MLflow's process-wide state at the test store: restore it afterwards
     import mlflow.tracking._model_registry.utils as registry_utils
     import mlflow.tracking._tracking_service.utils as tracking_utils

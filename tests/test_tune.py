@@ -321,11 +321,9 @@ def test_run_tune_rejects_mismatched_ids(tmp_path, shared_data):
 
 
 @pytest.mark.slow
-def test_mlflow_logging(tmp_path, shared_data, monkeypatch):
+def test_mlflow_logging(tmp_path, shared_data):
     """``run_tune(track=True)`` logs through speedstructure.tracking to the project's SQLite store."""
     mlflow = pytest.importorskip("mlflow")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = _project(tmp_path, shared_data, n_trials=4)
     params["mlflow"] = {"tracking_uri": uri, "artifact_root": str(tmp_path / "artifacts"), "experiment": "tune-test"}

@@ -2,7 +2,8 @@
 
 With the test targets at hand (``data/test_labels.npz``, as for the synthetic
 set), the submission is scored: MAPE per sample and mean, per K-Means group
-(the fitted K-Means of the ``folds`` stage applied to the test targets), and,
+(the fitted K-Means of the ``folds`` stage applied to the test targets), per
+depth band (``evaluate.depth_bands``), and,
 for comparison on the same samples, the depth-trend baseline (mean over its
 fold models) and the best single ensemble member (the member with the best
 validation MAPE, chosen without looking at the test set).  Every trained
@@ -34,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "per_sample": "plots/evaluate/per_sample.csv",
     "figure": "plots/evaluate/best_median_worst.png",
     "batch_size": 4,
+    "depth_bands": [0, 150, 300, 450, 600, 800, 1000, 1259],  # m (cells): MAPE per depth band
 }
 
 
@@ -161,6 +163,14 @@ def run_evaluate(params: dict[str, Any], root: Path | None = None, *, track: boo
     groups = km.predict(np.stack([velocity_features(t) for t in truths]))
     per_group = {int(g): {"n": int((groups == g).sum()), "ensemble": float(ens_scores[groups == g].mean()),
                           "baseline": float(base_scores[groups == g].mean())} for g in sorted(set(groups))}
+    depth_bands = {}
+    edges = list(cfg["depth_bands"])
+    for top, bottom in zip(edges[:-1], edges[1:]):
+        band = slice(int(top), int(bottom))
+        depth_bands[f"{top}-{bottom}"] = {
+            "ensemble": float(np.mean(np.abs(ens[:, :, band] - truths[:, :, band]) / truths[:, :, band])),
+            "baseline": float(np.mean(np.abs(base_pred[:, :, band] - truths[:, :, band]) / truths[:, :, band])),
+        }
     metrics = {
         "n_test": len(ids),
         "ensemble_mape": float(ens_scores.mean()),
@@ -169,6 +179,7 @@ def run_evaluate(params: dict[str, Any], root: Path | None = None, *, track: boo
         "best_single_mape": run_test[best_member],
         "ratio_to_baseline": float(ens_scores.mean() / base_scores.mean()),
         "per_group": per_group,
+        "per_depth": depth_bands,
         "runs": {k: {"test_mape": run_test[k], "val_mape": run_val[k]} for k in runs},
     }
     reg_path = resolve_path(registry_output(params), root)
@@ -202,6 +213,7 @@ def _log_mlflow(params, root, metrics, files) -> None:
     flat = {"test_mape": metrics["ensemble_mape"], "baseline_mape": metrics["baseline_mape"],
             "best_single_mape": metrics["best_single_mape"], "ratio_to_baseline": metrics["ratio_to_baseline"]}
     flat.update({f"group{g}_mape": v["ensemble"] for g, v in metrics["per_group"].items()})
+    flat.update({f"depth_{band}_mape": v["ensemble"] for band, v in metrics["per_depth"].items()})
     flat.update({f"run_{k}_test_mape": v["test_mape"] for k, v in metrics["runs"].items()})
     with tracking.start_run("evaluate", tags={"stage": "evaluate", "dvc_stage": "evaluate"},
                             project_params=params, root=root):
