@@ -88,7 +88,7 @@ def project(tmp_path_factory) -> Path:
     dvc("config", "core.analytics", "false", cwd=proj)
     run(["make", "--no-print-directory", "data"], proj)  # synth + `dvc add data`, as on a fresh clone
     assert (proj / "data.dvc").is_file() and (proj / "data/test_labels.npz").is_file()
-    assert dvc("status", "-q", cwd=proj, check=False).returncode == 0  # data.dvc matches data/
+    assert dvc("status", "-q", "data.dvc", cwd=proj, check=False).returncode == 0  # data.dvc matches data/
     run(["git", "add", "-A"], proj)
     run(["git", "commit", "-qm", "tiny project"], proj)
     return proj
@@ -127,6 +127,8 @@ def test_repro_builds_every_output(project, first_repro):
         assert abs(sum(m["weight"] for m in f["members"]) - 1) < 1e-9
     ev = json.loads((p / "metrics/evaluate.json").read_text())
     assert ev["n_test"] == 3 and 0 < ev["ensemble_mape"] < 1 and 0 < ev["baseline_mape"] < 1
+    assert ev["per_depth"]["0-150"]["baseline"] < ev["per_depth"]["150-300"]["baseline"]  # water is easy
+    assert set(ev["per_group"]) and ev["best_single"]["run"].startswith(("tiny_a-", "tiny_b-"))
     assert (p / "plots/evaluate/best_median_worst.png").is_file()
     assert "Test MAPE on 3 samples" in run([str(BIN / "speedstructure"), "report"], p).stdout
     check = run([str(BIN / "speedstructure"), "validate-submission", "--submission", "submission/submission.npz",

@@ -25,24 +25,30 @@ def homogeneous():
 
 
 def analytic_2d(offset_m: float, c: float, f0: float, nt: int) -> np.ndarray:
-    """Analytic 2-D Green's function of the acoustic wave equation convolved with the Ricker."""
-    t = np.arange(nt * 4) * DT / 4
+    """Analytic 2-D Green's function of the acoustic wave equation convolved with the Ricker.
+
+    The Green's function 1/sqrt(t^2 - r^2) is singular at the arrival; it is taken as exact
+    averages over sub-samples (its primitive is arccosh(t / r)), not sampled, so the
+    reference is accurate at near offsets too.
+    """
+    sub = 4
+    t = np.arange(nt * sub + 1) * DT / sub
     r_t = offset_m / c
-    g = np.where(t > r_t, 1.0 / np.sqrt(np.maximum(t**2 - r_t**2, 1e-30)), 0.0)
-    tau = t - 1.0 / f0
+    prim = np.arccosh(np.maximum(t / r_t, 1.0))
+    g = np.diff(prim) / (DT / sub)
+    tau = t[:-1] - 1.0 / f0
     a = (np.pi * f0 * tau) ** 2
     w = (1 - 2 * a) * np.exp(-a)
-    return fftconvolve(g, w)[: nt * 4 : 4]
+    return fftconvolve(g, w)[: nt * sub : sub]
 
 
 def test_direct_arrival_timing_homogeneous(homogeneous):
-    """Direct-wave peak at each receiver agrees with the analytic 2-D solution within 1 ms."""
+    """Direct-wave peak at every receiver of every shot agrees with the analytic 2-D solution
+    within 1 ms, near offsets of the off-grid sources (74, 149, 224, 299 m on a 5 m grid) included."""
     g = homogeneous
     for s, sx in enumerate(SOURCE_X_M):
-        for r in (0, 7, 15, 23, 30):
+        for r in range(len(RECEIVER_X_M)):
             off = np.hypot(RECEIVER_X_M[r] - sx, SOURCE_DEPTH_M - RECEIVER_DEPTH_M)
-            if off < 20:  # near field of an off-node (Hicks) source: known 2 ms error, see issue note
-                continue
             ref = analytic_2d(off, 2000.0, 15.0, 6000)
             t_ref = (np.argmax(ref) + 1) * DT  # plus the one-sample recording delay
             t_sim = np.argmax(g[s, :6000, r]) * DT
