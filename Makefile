@@ -42,7 +42,7 @@ repro: setup
 # Every training stage (and what they need), then their validation MAPE.
 train: setup
 	$(DVC) repro train
-	$(DVC) metrics show
+	$(DVC) metrics show models/*/fold_*/metrics.json
 
 tune: setup
 	$(DVC) repro tune
