@@ -64,25 +64,29 @@ def _run_paths(params: dict[str, Any], root: Path) -> dict[str, dict[str, Any]]:
 
 def predict_runs(runs: dict[str, dict[str, Any]], test_zip: Path, ids: list[str], batch_size: int,
                  progress: bool = True) -> dict[str, np.ndarray]:
-    """float32 (N, 300, 1259) test predictions (flip TTA) of each run's best checkpoint."""
+    """float32 (N, 300, 1259) test predictions (flip TTA) of each run's best checkpoint.
+
+    One model in memory at a time, on the GPU when there is one."""
     import torch
     from tqdm import tqdm
 
     from speedstructure.dataio import ZipSamples
     from speedstructure.ensemble import iter_batches, load_member
 
-    models = {k: load_member(r["checkpoint"]) for k, r in runs.items()}
-    preds = {k: np.empty((len(ids), 300, 1259), np.float32) for k in models}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preds = {}
+    bar = tqdm(total=len(ids) * len(runs), desc="evaluate runs", unit="sample", disable=not progress)
     with ZipSamples(test_zip) as z, torch.no_grad():
-        bar = tqdm(total=len(ids), desc="evaluate runs", unit="sample", disable=not progress)
-        i = 0
-        for chunk, x in iter_batches(z, ids, batch_size):
-            xt = torch.from_numpy(x)
-            for k, m in models.items():
-                preds[k][i : i + len(chunk)] = m.predict(xt, tta=True).float().numpy()
-            i += len(chunk)
-            bar.update(len(chunk))
-        bar.close()
+        for key, r in runs.items():
+            model = load_member(r["checkpoint"], device)
+            out = preds[key] = np.empty((len(ids), 300, 1259), np.float32)
+            i = 0
+            for chunk, x in iter_batches(z, ids, batch_size):
+                out[i : i + len(chunk)] = model.predict(torch.from_numpy(x).to(device), tta=True).float().cpu().numpy()
+                i += len(chunk)
+                bar.update(len(chunk))
+            del model
+    bar.close()
     return preds
 
 
