@@ -107,10 +107,6 @@ class Ensemble:
                 members.append((load_member(path, self.device), float(m["weight"])))
             self.folds.append((int(f["fold"]), members))
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **kw) -> "Ensemble":
-        return cls(read_spec(path), **kw)
-
     @torch.no_grad()
     def predict(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """float32 ``(B, 300, 1259)`` velocities for gathers ``(B, 5, 10001, 31)``."""
