@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -625,18 +624,15 @@ def run_tune(params: dict, root: Path | None = None, *, track: bool = True, n_tr
 
 def _plot_heldout(fold_entries: list[dict], strategies: list[str], path: Path) -> None:
     """Grouped bars: held-out MAPE of each strategy, per fold and the mean over folds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from speedstructure.plots import save_figure
 
     groups = [f"fold {f['fold']}" for f in fold_entries] + ["mean"]
     values = {s: [f["heldout"][s] for f in fold_entries] for s in strategies}
     for s in strategies:
         values[s].append(float(np.mean(values[s])))
-    fig = Figure(figsize=(1.6 + 1.4 * len(groups), 4.2))
-    FigureCanvasAgg(fig)
+    fig = Figure(figsize=(1.6 + 1.4 * len(groups), 4.2), layout="tight")
     ax = fig.add_subplot()
     x = np.arange(len(groups))
     width = 0.8 / max(1, len(strategies))
@@ -649,10 +645,7 @@ def _plot_heldout(fold_entries: list[dict], strategies: list[str], path: Path) -
     top = max(max(v) for v in values.values())
     ax.set_ylim(0, 1.35 * top if top > 0 else 1)
     ax.legend(fontsize=8, loc="upper center", ncols=len(strategies), frameon=False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def _log_mlflow(ensemble: dict, metrics: dict, histories: dict[int, list], files: dict[str, Path],
