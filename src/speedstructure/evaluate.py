@@ -43,10 +43,14 @@ def evaluate_config(params: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **(params.get("evaluate") or {})}
 
 
-def mape(pred: np.ndarray, truth: np.ndarray) -> float:
-    """The challenge metric for one sample: mean(|g - p| / (|g| + 1e-8))."""
-    g = truth.astype(np.float64)
-    return float(np.mean(np.abs(g - pred.astype(np.float64)) / (np.abs(g) + 1e-8)))
+def relative_error(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per cell ``|g - p| / (|g| + 1e-8)``, the challenge metric before averaging (float32)."""
+    return np.abs(truth - pred) / (np.abs(truth) + np.float32(1e-8))
+
+
+def submission_path(params: dict[str, Any], root: Path) -> Path:
+    """The submission the ``predict`` stage writes (``predict.output``)."""
+    return resolve_path((params.get("predict") or {}).get("output", "submission/submission.npz"), root)
 
 
 def _run_paths(params: dict[str, Any], root: Path) -> dict[str, dict[str, Any]]:
@@ -129,7 +133,7 @@ def run_evaluate(params: dict[str, Any], root: Path | None = None, *, track: boo
     cfg = evaluate_config(params)
     dcfg = data_config(params)
     labels_path = resolve_path(Path(dcfg["dir"]) / dcfg["test_labels"], root)
-    sub_path = resolve_path((params.get("predict") or {}).get("output", "submission/submission.npz"), root)
+    sub_path = submission_path(params, root)
     for p, what in ((labels_path, "test targets"), (sub_path, "submission (run the predict stage)")):
         if not p.is_file():
             raise UserError(f"{p}: {what} not found")
@@ -148,10 +152,10 @@ def run_evaluate(params: dict[str, Any], root: Path | None = None, *, track: boo
     members = set((params.get("ensemble") or {}).get("variants") or [])
     preds = predict_runs(runs, zip_paths(params, root)["test"], ids, int(cfg["batch_size"]), progress)
 
-    ens_scores = np.array([mape(p, t) for p, t in zip(ens, truths)])
-    base_pred = np.mean([preds[k] for k in base_runs], axis=0)
-    base_scores = np.array([mape(p, t) for p, t in zip(base_pred, truths)])
-    run_test = {k: float(np.mean([mape(p, t) for p, t in zip(preds[k], truths)])) for k in runs}
+    ens_err = relative_error(ens, truths)  # (N, 300, 1259): scores per sample, group and depth band
+    base_err = relative_error(np.mean([preds[k] for k in base_runs], axis=0), truths)
+    ens_scores, base_scores = ens_err.mean(axis=(1, 2), dtype=np.float64), base_err.mean(axis=(1, 2), dtype=np.float64)
+    run_test = {k: float(relative_error(preds[k], truths).mean(dtype=np.float64)) for k in runs}
     run_val = {}
     for k, r in runs.items():
         try:
@@ -171,10 +175,8 @@ def run_evaluate(params: dict[str, Any], root: Path | None = None, *, track: boo
     edges = list(cfg["depth_bands"])
     for top, bottom in zip(edges[:-1], edges[1:]):
         band = slice(int(top), int(bottom))
-        depth_bands[f"{top}-{bottom}"] = {
-            "ensemble": float(np.mean(np.abs(ens[:, :, band] - truths[:, :, band]) / truths[:, :, band])),
-            "baseline": float(np.mean(np.abs(base_pred[:, :, band] - truths[:, :, band]) / truths[:, :, band])),
-        }
+        depth_bands[f"{top}-{bottom}"] = {"ensemble": float(ens_err[:, :, band].mean(dtype=np.float64)),
+                                          "baseline": float(base_err[:, :, band].mean(dtype=np.float64))}
     metrics = {
         "n_test": len(ids),
         "ensemble_mape": float(ens_scores.mean()),
@@ -263,7 +265,7 @@ def _cmd_report(args: argparse.Namespace) -> int:  # noqa: ARG001
     path = resolve_path(evaluate_config(params)["metrics"], root)
     if not path.is_file():
         raise UserError(f"{path}: no evaluation yet (run `dvc repro` or `make demo`)")
-    sub = resolve_path((params.get("predict") or {}).get("output", "submission/submission.npz"), root)
+    sub = submission_path(params, root)
     print(format_report(json.loads(path.read_text()), str(sub)))
     return 0
 
