@@ -14,7 +14,7 @@ UI_PORT ?= 5000
 DASHBOARD_PORT ?= 8080
 PROFILE ?= default
 
-.PHONY: setup data demo repro train tune predict evaluate report ui dashboard profile test bench clean-venv
+.PHONY: setup data demo repro train tune predict evaluate report ui dashboard profile lint format test test-fast bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -71,8 +71,23 @@ dashboard: setup
 profile: setup
 	$(SS) profile $(PROFILE)
 
-test: setup
+# ruff (lint + format check) over the package and the tests
+lint: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+# apply ruff's formatter and safe fixes
+format: setup
+	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests
+
+# everything, lint included (what CI runs: .ci/run)
+test: setup lint
 	$(PY) -m pytest -q
+
+# the development loop: lint and the fast tests (the slow end-to-end tests deselected)
+test-fast: setup lint
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
 	@mkdir -p bench

@@ -1,8 +1,28 @@
-"""Every test runs offline and never writes to the project's own MLflow store."""
+"""Shared fixtures: an offline environment for every test, tiny challenge zips, tiny variants.
+
+Every test runs offline and never writes to the project's own MLflow store.  The
+fixtures build data in the challenge's layout with random arrays (no simulation):
+
+* ``write_zips(folder, counts=..., seed=...)``: the four challenge zips, ids prefixed by split;
+* ``tiny_zips``: those zips once per session (3 + 2 + 2 training samples, 2 test samples);
+* ``tiny_variant(**overrides)``: a two-block EVA02-tiny variant mapping (28 px, 2 x 2 tokens);
+* ``tiny_params(root, **sections)``: a :class:`~speedstructure.config.Params` rooted at ``root``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import pytest
+
+GSHAPE = (5, 10001, 31)
+VSHAPE = (300, 1259)
+COUNTS = {"train": 3, "train_extended_1": 2, "train_extended_2": 2, "test": 2}
+PREFIX = {"train": "TR", "train_extended_1": "EA", "train_extended_2": "EB", "test": "TE"}
+TINY_BACKBONE = "eva02_tiny_patch14_224.mim_in22k"
 
 
 @pytest.fixture(autouse=True)
@@ -10,6 +30,90 @@ def _offline_env(monkeypatch):
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("DO_NOT_TRACK", "true")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.delenv("SPEEDSTRUCTURE_ROOT", raising=False)
+
+
+def sample_id(split: str, i: int) -> str:
+    """An 18-character id that names its split: ``TR0000000000000003``."""
+    return f"{PREFIX[split]}{i:016d}"
+
+
+def random_gathers(rng: np.random.Generator) -> np.ndarray:
+    return rng.normal(0.0, 1e-3, GSHAPE).astype(np.float32)
+
+
+def random_velocity(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(1.5, 4.5, VSHAPE).astype(np.float32)
+
+
+def _write_zips(
+    folder: Path, counts: dict[str, int] | None = None, seed: int = 0
+) -> dict[str, Path]:
+    from speedstructure.config import SPLITS
+    from speedstructure.dataio import ZipWriter
+
+    counts = {**COUNTS, **(counts or {})}
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    zips = {}
+    for split in SPLITS:
+        zips[split] = folder / f"{split}.zip"
+        with ZipWriter(zips[split]) as zw:
+            for i in range(counts[split]):
+                target = None if split == "test" else random_velocity(rng)
+                zw.add(sample_id(split, i), random_gathers(rng), target)
+    return zips
+
+
+@pytest.fixture
+def write_zips() -> Callable[..., dict[str, Path]]:
+    """``write_zips(folder, counts=None, seed=0)``: the four zips in ``folder``, split -> path."""
+    return _write_zips
+
+
+@pytest.fixture(scope="session")
+def tiny_zips(tmp_path_factory) -> dict[str, Path]:
+    """The four zips with :data:`COUNTS` samples, written once per session (read-only use)."""
+    return _write_zips(tmp_path_factory.mktemp("tiny") / "data")
+
+
+def _tiny_variant(**overrides: Any) -> dict[str, Any]:
+    cfg = {
+        "arch": "eva_fusion",
+        "backbone": TINY_BACKBONE,
+        "pretrained": "none",
+        "img_size": 28,
+        "depth": 2,
+        "split_at": 1,
+        "fusion": "dual",
+        "channel_heads": 4,
+        "fusion_heads": 2,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+def tiny_variant() -> Callable[..., dict[str, Any]]:
+    """``tiny_variant(**overrides)``: a mapping for a tiny ``eva_fusion`` variant."""
+    return _tiny_variant
+
+
+@pytest.fixture
+def tiny_params() -> Callable[..., Any]:
+    """``tiny_params(root, **sections)``: the project's ``params.yaml`` with ``sections``
+    replaced (e.g. ``variants={...}``, ``runs={...}``), parsed and rooted at ``root``."""
+    import yaml
+
+    from speedstructure.config import parse_params
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+
+    def make(root: Path, **sections: Any):
+        raw = {**shipped, **sections}
+        return parse_params(raw, root=Path(root))
+
+    return make

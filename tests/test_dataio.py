@@ -1,9 +1,12 @@
+"""Reading and writing the challenge's zip layout (speedstructure.dataio)."""
+
 import zipfile
 
 import numpy as np
 import pytest
 
-from speedstructure.dataio import ZipSamples, ZipWriter, npy_bytes
+from conftest import random_gathers, random_velocity
+from speedstructure.dataio import GATHER_NAMES, ZipSamples, ZipWriter, npy_bytes
 from speedstructure.errors import DataError
 
 SID = "ABCDEFGHIJKLMNOPQR"
@@ -11,7 +14,7 @@ SID = "ABCDEFGHIJKLMNOPQR"
 
 def _sample(seed=0):
     rng = np.random.default_rng(seed)
-    return rng.normal(0, 0.01, (5, 10001, 31)).astype(np.float32), rng.uniform(1.5, 4.5, (300, 1259)).astype(np.float32)
+    return random_gathers(rng), random_velocity(rng)
 
 
 def test_round_trip(tmp_path):
@@ -32,6 +35,19 @@ def test_deterministic_bytes(tmp_path):
     assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
 
 
+def test_failed_write_leaves_the_old_zip(tmp_path):
+    x, y = _sample()
+    path = tmp_path / "t.zip"
+    with ZipWriter(path) as zw:
+        zw.add(SID, x, y)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="duplicate sample id"), ZipWriter(path) as zw:
+        zw.add(SID, x, None)
+        zw.add(SID, x, None)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t.zip"]  # no temporary left
+
+
 def test_corrupt_zip(tmp_path):
     p = tmp_path / "bad.zip"
     p.write_bytes(b"not a zip")
@@ -42,7 +58,7 @@ def test_corrupt_zip(tmp_path):
 def _zip_with(tmp_path, member, arr):
     """A one-sample zip whose ``member`` holds ``arr`` instead of a valid array."""
     x, y = _sample()
-    members = {f"receiver_data_src_{s}.npy": g for s, g in zip((1, 75, 150, 225, 300), x)}
+    members = dict(zip(GATHER_NAMES, x, strict=True))
     members["vp_model.npy"] = y
     members[member] = arr
     p = tmp_path / "m.zip"
@@ -54,7 +70,10 @@ def _zip_with(tmp_path, member, arr):
 
 def test_wrong_shape_names_member(tmp_path):
     p = _zip_with(tmp_path, "receiver_data_src_75.npy", np.zeros((10000, 31), np.float32))
-    with ZipSamples(p) as z, pytest.raises(DataError, match=r"m.zip.*receiver_data_src_75.npy.*shape"):
+    with (
+        ZipSamples(p) as z,
+        pytest.raises(DataError, match=r"m.zip.*receiver_data_src_75.npy.*shape"),
+    ):
         z.read(SID)
 
 

@@ -1,33 +1,49 @@
-"""Tests of the ensemble and the predict stage (speedstructure.ensemble): real tiny models on CPU."""
+"""Tests of the ensemble (speedstructure.ensemble), the sample folders it predicts
+(speedstructure.dataio) and the predict stage: real tiny models on CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from speedstructure import cli
-from speedstructure.dataio import GATHER_NAMES, ZipWriter
-from speedstructure.ensemble import (Ensemble, FolderSamples, load_member, load_predictor, member_key,
-                                     open_input, predict_to_submission, read_spec)
+from speedstructure.config import V_MAX, V_MIN
+from speedstructure.dataio import GATHER_NAMES, FolderSamples, list_sample_ids, open_input
+from speedstructure.engine.checkpoint import best_checkpoint, save_checkpoint
+from speedstructure.ensemble import Ensemble, load_member, member_key, read_spec
 from speedstructure.errors import DataError, UserError
 from speedstructure.model import build_model
-from speedstructure.train import _best_ckpt
+from speedstructure.stages.predict import (
+    default_model_uri,
+    load_predictor,
+    predict_to_submission,
+)
 
 GSHAPE = (5, 10001, 31)
 VSHAPE = (300, 1259)
-EVA = {"arch": "eva_fusion", "backbone": "eva02_tiny_patch14_224.mim_in22k", "pretrained": "none",
-       "img_size": 28, "depth": 2, "split_at": 1, "fusion": "mean"}
+SHIPPED = Path(__file__).resolve().parents[1] / "params.yaml"
+EVA = {  # a mean-fusion network (module-scoped, so not the conftest's tiny_variant)
+    "arch": "eva_fusion",
+    "backbone": "eva02_tiny_patch14_224.mim_in22k",
+    "pretrained": "none",
+    "img_size": 28,
+    "depth": 2,
+    "split_at": 1,
+    "fusion": "mean",
+}
 IDS = ["FOLDERSAMPLE000001", "FOLDERSAMPLE000002", "FOLDERSAMPLE000003"]
 
 
 def _save(model, path: Path) -> Path:
     """A checkpoint as the training engine writes it (``best.pt``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(_best_ckpt(model.state_dict(), model.variant_cfg, {"epochs": 1}, 1, 0.1, {}), path)
+    ckpt = best_checkpoint(model.state_dict(), model.variant, {"epochs": 1}, 1, 0.1, {})
+    save_checkpoint(ckpt, path)
     return path
 
 
@@ -41,7 +57,7 @@ def _gathers(seed: int, n: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
-    """Project folder with models/trend2.pt, models/trend4.pt, models/eva.pt; returns (root, eva model)."""
+    """Project folder with models/trend2.pt, trend4.pt and eva.pt; returns (root, eva model)."""
     root = tmp_path_factory.mktemp("ens_proj")
     _save(_trend(2.0), root / "models" / "trend2.pt")
     _save(_trend(4.0), root / "models" / "trend4.pt")
@@ -52,22 +68,31 @@ def members(tmp_path_factory):
 
 
 def _spec(folds) -> dict:
-    return {"format": 1, "folds": [{"fold": k, "members": [{"variant": v, "checkpoint": c, "weight": w}
-                                                          for v, c, w in ms]} for k, ms in folds],
-            "cv_mape": 0.1}
+    return {
+        "format": 1,
+        "folds": [
+            {"fold": k, "members": [{"variant": v, "checkpoint": c, "weight": w} for v, c, w in ms]}
+            for k, ms in folds
+        ],
+        "cv_mape": 0.1,
+    }
 
 
-TREND_SPEC = _spec([(0, [("trend2", "models/trend2.pt", 0.25), ("trend4", "models/trend4.pt", 0.75)]),
-                    (1, [("trend2", "models/trend2.pt", 1.0)])])
+TREND_SPEC = _spec(
+    [
+        (0, [("trend2", "models/trend2.pt", 0.25), ("trend4", "models/trend4.pt", 0.75)]),
+        (1, [("trend2", "models/trend2.pt", 1.0)]),
+    ]
+)
 
 
 @pytest.fixture
 def sample_folder(tmp_path) -> Path:
     folder = tmp_path / "samples"
     x = _gathers(1, len(IDS))
-    for sid, g in zip(IDS, x):
+    for sid, g in zip(IDS, x, strict=True):
         (folder / sid).mkdir(parents=True)
-        for name, arr in zip(GATHER_NAMES, g):
+        for name, arr in zip(GATHER_NAMES, g, strict=True):
             np.save(folder / sid / name, arr)
     (folder / "notes").mkdir()  # not an 18-character id: ignored
     (folder / "README.txt").write_text("not a sample")
@@ -84,11 +109,26 @@ def test_load_member_restores_identical_predictions(members):
     assert not loaded.training
     assert type(loaded) is type(eva)
     for tta in (False, True):
-        torch.testing.assert_close(loaded.predict(x, tta=tta), eva.predict(x, tta=tta), rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.predict(x, tta=tta), eva.predict(x, tta=tta), rtol=0, atol=0
+        )
     for k, v in eva.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+    assert loaded.variant == eva.variant  # the typed variant, rebuilt from the checkpoint
     t4 = load_member(root / "models" / "trend4.pt")
     torch.testing.assert_close(t4.predict(x), torch.full((2, *VSHAPE), 4.0))
+
+
+def test_load_member_ignores_pretrained_weights(members, tmp_path):
+    root, eva = members
+    hub = dataclasses.replace(eva.variant, pretrained="timm")  # would download (offline: fails)
+    ckpt = best_checkpoint(eva.state_dict(), hub, {"epochs": 1}, 1, 0.1, {})
+    assert ckpt["variant"]["pretrained"] == "timm"
+    save_checkpoint(ckpt, tmp_path / "hub.pt")
+    loaded = load_member(tmp_path / "hub.pt")
+    assert loaded.variant.pretrained == "none"
+    x = torch.from_numpy(_gathers(0, 1))
+    torch.testing.assert_close(loaded.predict(x), eva.predict(x), rtol=0, atol=0)
 
 
 def test_load_member_errors(tmp_path):
@@ -101,6 +141,10 @@ def test_load_member_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_member(tmp_path / "junk.pt")
+    torch.save({"model": {}, "variant": {"arch": "nope"}}, tmp_path / "arch.pt")
+    with pytest.raises(UserError, match="arch must be one of") as ei:
+        load_member(tmp_path / "arch.pt")
+    assert "arch.pt" in str(ei.value)
 
 
 # --------------------------------------------------------------------------- ensemble
@@ -116,14 +160,22 @@ def test_weighted_mean_per_fold_then_mean_over_folds(members):
     assert expected == 2.75
     np.testing.assert_array_equal(pred, np.full((2, *VSHAPE), 2.75, np.float32))
     # the weights matter: swapping them gives mean(0.75*2+0.25*4, 2) = 2.25
-    swapped = _spec([(0, [("trend2", "models/trend2.pt", 0.75), ("trend4", "models/trend4.pt", 0.25)]),
-                     (1, [("trend2", "models/trend2.pt", 1.0)])])
-    np.testing.assert_array_equal(Ensemble(swapped, root=root, device="cpu").predict(_gathers(3, 1)),
-                                  np.full((1, *VSHAPE), 2.25, np.float32))
+    swapped = _spec(
+        [
+            (0, [("trend2", "models/trend2.pt", 0.75), ("trend4", "models/trend4.pt", 0.25)]),
+            (1, [("trend2", "models/trend2.pt", 1.0)]),
+        ]
+    )
+    np.testing.assert_array_equal(
+        Ensemble(swapped, root=root, device="cpu").predict(_gathers(3, 1)),
+        np.full((1, *VSHAPE), 2.25, np.float32),
+    )
     # explicit checkpoint files (by member key) win over the spec's paths
     ck = {member_key(1, "trend2"): root / "models" / "trend4.pt"}
-    np.testing.assert_array_equal(Ensemble(TREND_SPEC, ck, root=root, device="cpu").predict(_gathers(3, 1)),
-                                  np.full((1, *VSHAPE), (3.5 + 4.0) / 2, np.float32))
+    np.testing.assert_array_equal(
+        Ensemble(TREND_SPEC, ck, root=root, device="cpu").predict(_gathers(3, 1)),
+        np.full((1, *VSHAPE), (3.5 + 4.0) / 2, np.float32),
+    )
     assert member_key(3, "tiny") == "fold3-tiny"
 
 
@@ -145,8 +197,14 @@ def test_read_spec_checks(tmp_path):
     assert read_spec(good) == TREND_SPEC
 
     cases = {
-        "weights.json": (_spec([(0, [("a", "a.pt", 0.5), ("b", "b.pt", 0.4)])]), "not on the simplex"),
-        "negative.json": (_spec([(0, [("a", "a.pt", 1.5), ("b", "b.pt", -0.5)])]), "not on the simplex"),
+        "weights.json": (
+            _spec([(0, [("a", "a.pt", 0.5), ("b", "b.pt", 0.4)])]),
+            "not on the simplex",
+        ),
+        "negative.json": (
+            _spec([(0, [("a", "a.pt", 1.5), ("b", "b.pt", -0.5)])]),
+            "not on the simplex",
+        ),
         "nofolds.json": ({"format": 1, "folds": []}, "has no folds"),
         "nomembers.json": (_spec([(0, [("a", "a.pt", 1.0)]), (2, [])]), "fold 2 has no members"),
     }
@@ -209,8 +267,12 @@ def test_folder_samples_bad_array_names_the_file(sample_folder):
 
 def test_predict_to_submission(members, sample_folder, tmp_path):
     root, _ = members
-    spec = _spec([(0, [("eva", "models/eva.pt", 0.5), ("trend2", "models/trend2.pt", 0.5)]),
-                  (1, [("trend4", "models/trend4.pt", 1.0)])])
+    spec = _spec(
+        [
+            (0, [("eva", "models/eva.pt", 0.5), ("trend2", "models/trend2.pt", 0.5)]),
+            (1, [("trend4", "models/trend4.pt", 1.0)]),
+        ]
+    )
     ens = Ensemble(spec, root=root, device="cpu")
     out = tmp_path / "sub" / "out.npz"
     res = predict_to_submission(ens.predict, sample_folder, out, batch_size=2, progress=False)
@@ -226,32 +288,37 @@ def test_predict_to_submission(members, sample_folder, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["out.npz"]  # no temporary files left
 
 
-def test_predict_from_a_zip_clips_to_the_range(members, tmp_path):
+def test_predict_from_a_zip_clips_to_the_range(members, tiny_zips, tmp_path):
     root, _ = members
-    z = tmp_path / "test.zip"
-    with ZipWriter(z) as zw:
-        for i, g in enumerate(_gathers(5, 2)):
-            zw.add(f"ZIPSAMPLE{i:09d}", g, None)
+    z = tiny_zips["test"]
     ens = Ensemble(TREND_SPEC, root=root, device="cpu")
     out = tmp_path / "zip.npz"
     predict_to_submission(ens.predict, z, out, batch_size=4, v_range=(1.5, 2.5), progress=False)
     with np.load(out) as sub:
-        assert sorted(sub.files) == ["ZIPSAMPLE000000000", "ZIPSAMPLE000000001"]
+        assert sorted(sub.files) == sorted(list_sample_ids(z)) and len(sub.files) == 2
         for k in sub.files:
             np.testing.assert_array_equal(sub[k], np.full(VSHAPE, 2.5))  # 2.75 clipped
+    # the default range is the challenge's, config.V_MIN to V_MAX: 2.75 stays
+    predict_to_submission(ens.predict, z, out, batch_size=1, progress=False)
+    assert (V_MIN, V_MAX) == (1.5, 4.5)
+    with np.load(out) as sub:
+        for k in sub.files:
+            np.testing.assert_array_equal(sub[k], np.full(VSHAPE, 2.75))
 
 
-def test_load_predictor_on_an_ensemble_file(members, sample_folder):
+def test_load_predictor_on_an_ensemble_file(members, sample_folder, tiny_params):
     root, _ = members
+    params = tiny_params(root)
     (root / "ens_trend.json").write_text(json.dumps(TREND_SPEC))
-    fn, desc = load_predictor("ens_trend.json", root=root)  # relative to the root
+    fn, desc = load_predictor("ens_trend.json", params)  # relative to the root
     assert "ens_trend.json" in desc
     np.testing.assert_array_equal(fn(_gathers(2, 1)), np.full((1, *VSHAPE), 2.75, np.float32))
     with pytest.raises(UserError, match="model file not found"):
-        load_predictor("nope.json", root=root)
+        load_predictor("nope.json", params)
     (root / "broken.json").write_text("{")
     with pytest.raises(UserError, match="not a JSON model reference"):
-        load_predictor("broken.json", root=root)
+        load_predictor("broken.json", params)
+    assert default_model_uri(params) == "models:/speedstructure-ensemble@champion"
 
 
 def test_cli_predict(members, sample_folder, tmp_path, monkeypatch, capsys):
@@ -260,11 +327,12 @@ def test_cli_predict(members, sample_folder, tmp_path, monkeypatch, capsys):
     (proj / "models").mkdir(parents=True)
     for name in ("trend2.pt", "trend4.pt"):
         (proj / "models" / name).write_bytes((root / "models" / name).read_bytes())
-    (proj / "params.yaml").write_text("predict:\n  batch_size: 2\n  v_min: 1.5\n  v_max: 4.5\n")
+    raw = {**yaml.safe_load(SHIPPED.read_text()), "predict": {"batch_size": 2}}
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw))
     (proj / "ensemble.json").write_text(json.dumps(TREND_SPEC))  # checkpoints relative to proj
     monkeypatch.chdir(proj)
-    rc = cli.main(["predict", "--input", str(sample_folder), "--output", "out/sub.npz",
-                   "--model", "ensemble.json", "--quiet"])
+    model = ["--model", "ensemble.json", "--quiet"]
+    rc = cli.main(["predict", "--input", str(sample_folder), "--output", "out/sub.npz", *model])
     assert rc == 0
     assert f"predict: {len(IDS)} samples with ensemble file" in capsys.readouterr().out
     with np.load(proj / "out" / "sub.npz") as sub:
@@ -272,9 +340,12 @@ def test_cli_predict(members, sample_folder, tmp_path, monkeypatch, capsys):
         for sid in IDS:
             assert sub[sid].dtype == np.float64
             np.testing.assert_array_equal(sub[sid], np.full(VSHAPE, 2.75))
+    # without --output: paths.submission of params.yaml
+    assert cli.main(["predict", "--input", str(sample_folder), *model]) == 0
+    with np.load(proj / raw["paths"]["submission"]) as sub:
+        assert sorted(sub.files) == IDS
     # a missing input: exit 2, a message naming it, no submission written
-    rc = cli.main(["predict", "--input", "nowhere", "--output", "out/other.npz", "--model", "ensemble.json",
-                   "--quiet"])
+    rc = cli.main(["predict", "--input", "nowhere", "--output", "out/other.npz", *model])
     assert rc == 2
     assert "nowhere" in capsys.readouterr().err
     assert not (proj / "out" / "other.npz").exists()

@@ -1,9 +1,24 @@
-"""Scoring helpers of the evaluate stage (the stage itself runs in test_pipeline)."""
+"""The evaluate stage: its scoring helpers, the report table, and the stage on a tiny project
+of depth-trend runs (the whole pipeline runs in test_pipeline)."""
 
+import json
+
+import joblib
 import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
 
-from speedstructure.evaluate import format_report, relative_error
-from speedstructure.train import per_sample_mape
+from speedstructure.config import ConfigError
+from speedstructure.dataio import list_sample_ids
+from speedstructure.engine.checkpoint import best_checkpoint, save_checkpoint
+from speedstructure.errors import UserError
+from speedstructure.fsutil import atomic_write_json
+from speedstructure.metrics import per_sample_mape, relative_error
+from speedstructure.model import build_model
+from speedstructure.stages import evaluate as E
+from speedstructure.stages.evaluate import format_report
+from speedstructure.stages.folds import velocity_features
 
 
 def test_relative_error_is_the_challenge_metric():
@@ -13,16 +28,104 @@ def test_relative_error_is_the_challenge_metric():
     err = relative_error(p, g)
     assert err.shape == g.shape and err.dtype == np.float32
     np.testing.assert_allclose(err, np.abs(g - p) / (np.abs(g) + 1e-8), rtol=1e-6)
-    import torch
-
-    np.testing.assert_allclose(err.mean(axis=(1, 2)), per_sample_mape(torch.from_numpy(p), torch.from_numpy(g)).numpy(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        err.mean(axis=(1, 2)),
+        per_sample_mape(torch.from_numpy(p), torch.from_numpy(g)).numpy(),
+        rtol=1e-5,
+    )
+    # the stage's per-sample scores are the metric's, and it has no MAPE of its own
+    np.testing.assert_array_equal(E._per_sample(err), per_sample_mape(p, g))
+    assert not hasattr(E, "relative_error") or E.relative_error is relative_error
 
 
 def test_report_table():
-    m = {"n_test": 3, "baseline_mape": 0.08, "best_single_mape": 0.05, "ensemble_mape": 0.04,
-         "best_single": {"run": "a-f0"}, "ratio_to_baseline": 0.5,
-         "registered": {"model_uri": "models:/x/2", "champion": False, "champion_version": 1}}
+    m = {
+        "n_test": 3,
+        "baseline_mape": 0.08,
+        "best_single_mape": 0.05,
+        "ensemble_mape": 0.04,
+        "best_single": {"run": "a-f0"},
+        "ratio_to_baseline": 0.5,
+        "registered": {"model_uri": "models:/x/2", "champion": False, "champion_version": 1},
+    }
     text = format_report(m, "sub.npz")
-    assert "depth-trend baseline" in text and "0.08000" in text and "best single model (a-f0)" in text
+    assert (
+        "depth-trend baseline" in text and "0.08000" in text and "best single model (a-f0)" in text
+    )
     assert "ensemble / baseline = 0.500" in text and "models:/x/2 (champion stays v1)" in text
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _trend_run(params, variant: str, fold: int, velocity: float, val_mape: float) -> None:
+    model = build_model({"arch": "depth_trend"}).fit([np.full((300, 1259), velocity, np.float32)])
+    out = params.run_dir(variant, fold)
+    ckpt = best_checkpoint(model.state_dict(), model.variant, {}, 1, val_mape, {})
+    save_checkpoint(ckpt, out / "best.pt")
+    atomic_write_json(out / "metrics.json", {"best_val_mape": val_mape})
+
+
+def test_run_evaluate_on_a_tiny_project(tmp_path, tiny_zips, tiny_params):
+    trend = {"arch": "depth_trend"}
+    runs = {
+        "a-f0": {"variant": "tiny_a", "fold": 0},
+        "b-f0": {"variant": "tiny_b", "fold": 0},
+        "base-f0": {"variant": "base", "fold": 0},
+        "base-f1": {"variant": "base", "fold": 1},
+    }
+    sections = {
+        "variants": {"tiny_a": trend, "tiny_b": trend, "base": trend},
+        "runs": runs,
+        "ensemble": {"variants": ["tiny_a", "tiny_b"], "hand_weights": {}},
+        "evaluate": {"baseline": "base", "batch_size": 1, "depth_bands": [0, 100, 1259]},
+    }
+    params = tiny_params(tmp_path, **sections)
+    params.path("data").mkdir()
+    params.zip_path("test").symlink_to(tiny_zips["test"])
+    ids = list_sample_ids(tiny_zips["test"])
+    rng = np.random.default_rng(1)
+    truths = {s: rng.uniform(1.5, 4.5, (300, 1259)).astype(np.float32) for s in ids}
+    np.savez(params.test_labels_path(), **truths)
+    with pytest.raises(UserError, match="submission.npz: submission .run the predict stage"):
+        E.run_evaluate(params, track=False, progress=False)
+    params.path("submission").parent.mkdir()
+    np.savez(
+        params.path("submission"), **{s: t.astype(np.float64) * 1.02 for s, t in truths.items()}
+    )
+    km = KMeans(n_clusters=1, n_init=1).fit(
+        np.stack([velocity_features(t) for t in truths.values()])
+    )
+    params.path("kmeans").parent.mkdir()
+    joblib.dump(km, params.path("kmeans"))
+    for run, (v, val) in zip(
+        runs.values(), [(2.2, 0.05), (2.8, 0.04), (2.0, 0.2), (3.0, 0.2)], strict=True
+    ):
+        _trend_run(params, run["variant"], run["fold"], v, val)
+
+    m = E.run_evaluate(params, track=False, progress=False)
+    g = np.stack([truths[s] for s in ids])
+    ref = lambda p: float(np.mean(np.abs(g - p) / (g + 1e-8)))  # noqa: E731
+    assert m["n_test"] == 2 and m["ensemble_mape"] == pytest.approx(0.02, rel=1e-4)
+    assert m["baseline_mape"] == pytest.approx(ref(2.5), rel=1e-5)  # mean of the fold models
+    assert m["best_single"] == {"run": "b-f0", "val_mape": 0.04, "test_mape": m["best_single_mape"]}
+    assert m["best_single_mape"] == pytest.approx(ref(2.8), rel=1e-5)
+    assert m["ratio_to_baseline"] == pytest.approx(m["ensemble_mape"] / m["baseline_mape"])
+    assert m["per_group"] == {
+        0: {"n": 2, "ensemble": m["ensemble_mape"], "baseline": m["baseline_mape"]}
+    }
+    assert list(m["per_depth"]) == ["0-100", "100-1259"]
+    assert m["per_depth"]["0-100"]["baseline"] == pytest.approx(
+        float(np.mean(np.abs(g[:, :, :100] - 2.5) / g[:, :, :100])), rel=1e-5
+    )
+    assert set(m["runs"]) == set(runs) and m["runs"]["a-f0"]["test_mape"] == pytest.approx(
+        ref(2.2), rel=1e-5
+    )
+    assert "registered" not in m
+    assert json.loads(params.path("evaluate_metrics").read_text()) == json.loads(json.dumps(m))
+    rows = params.path("evaluate_per_sample").read_text().splitlines()
+    assert rows[0] == "sample_id,group,ensemble_mape,baseline_mape" and len(rows) == 3
+    assert params.path("evaluate_figure").read_bytes()[:4] == b"\x89PNG"
+    bad = tiny_params(tmp_path, **{**sections, "evaluate": {"baseline": "tiny_c"}})
+    with pytest.raises(ConfigError, match="evaluate.baseline 'tiny_c' has no entry in runs"):
+        E.run_evaluate(bad, track=False, progress=False)

@@ -1,4 +1,4 @@
-"""Tests of the folds stage (speedstructure.folds): features, stratified folds, K-Means on a real store."""
+"""The folds stage (speedstructure.stages.folds): features, stratified folds, K-Means on a store."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from speedstructure.dataio import ZipWriter
+from speedstructure.config import FoldsConfig, Params, parse_params
+from speedstructure.dataio import StoreSamples, ZipWriter
 from speedstructure.errors import UserError
-from speedstructure.folds import assign_folds, run_folds, velocity_features
-from speedstructure.ingest import build_store
+from speedstructure.stages.folds import _folds_of, assign_folds, run_folds, velocity_features
+from speedstructure.stages.ingest import build_store
 
 VSHAPE = (300, 1259)
+SHIPPED = Path(__file__).resolve().parents[1] / "params.yaml"
 FAMILIES = (2.0, 3.0, 4.0)  # km/s: three clearly different constant-velocity families
 N_PER_FAMILY = 10
 N_FOLDS = 3
@@ -33,14 +36,14 @@ def test_velocity_features_shape_and_values():
     assert f.shape == (4 * (300 + 1259),)
     nz, nx = VSHAPE[1], VSHAPE[0]
     # along axis 0 (over x): one value per depth cell
-    mn0, mx0, me0, sd0 = (f[i * nz:(i + 1) * nz] for i in range(4))
+    mn0, mx0, me0, sd0 = (f[i * nz : (i + 1) * nz] for i in range(4))
     np.testing.assert_allclose(mn0, a.min() + b, atol=1e-5)
     np.testing.assert_allclose(mx0, a.max() + b, atol=1e-5)
     np.testing.assert_allclose(me0, a.mean() + b, atol=1e-5)
     np.testing.assert_allclose(sd0, np.full(nz, a.std()), atol=1e-4)
     # along axis 1 (over depth): one value per x position
-    rest = f[4 * nz:]
-    mn1, mx1, me1, sd1 = (rest[i * nx:(i + 1) * nx] for i in range(4))
+    rest = f[4 * nz :]
+    mn1, mx1, me1, sd1 = (rest[i * nx : (i + 1) * nx] for i in range(4))
     np.testing.assert_allclose(mn1, a + b.min(), atol=1e-5)
     np.testing.assert_allclose(mx1, a + b.max(), atol=1e-5)
     np.testing.assert_allclose(me1, a + b.mean(), atol=1e-5)
@@ -72,6 +75,15 @@ def test_assign_folds_invariants():
     assert not np.array_equal(assign_folds(groups, 5, seed=8), fold)  # the seed is used
     with pytest.raises(UserError, match="n_folds = 5"):
         assign_folds(np.zeros(4, int), 5, seed=0)
+
+
+def test_small_groups_are_logged_not_hidden(caplog):
+    groups = np.array([0] * 9 + [1])  # group 1 is smaller than n_folds
+    is_train = np.array([True] * 10 + [False] * 2)
+    with caplog.at_level("WARNING", logger="speedstructure.stages.folds"):
+        fold = _folds_of(np.concatenate([groups, [0, 1]]), is_train, FoldsConfig(n_folds=3))
+    assert (fold[-2:] == -1).all() and set(fold[:10].tolist()) == {0, 1, 2}
+    assert any("least populated class" in r.getMessage() for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -116,15 +128,18 @@ def store(tmp_path_factory):
     return out, family
 
 
-def _params(store_path: Path, seed: int = 42) -> dict:
-    return {"data": {"dir": "data", "store": str(store_path)},
-            "folds": {"k_groups": 3, "n_folds": N_FOLDS, "seed": seed, "examples_per_group": 2}}
+def _params(root: Path, store_path: Path, **folds) -> Params:
+    """The shipped params rooted at ``root``, reading ``store_path``, with small folds."""
+    raw = yaml.safe_load(SHIPPED.read_text())
+    raw["paths"] = {"store": str(store_path)}
+    raw["folds"] = {"k_groups": 3, "n_folds": N_FOLDS, "seed": 42, "examples_per_group": 2, **folds}
+    return parse_params(raw, root=root)
 
 
 @pytest.fixture(scope="module")
 def stage(store, tmp_path_factory):
     root = tmp_path_factory.mktemp("folds_proj")
-    summary = run_folds(_params(store[0]), root, track=False, progress=False)
+    summary = run_folds(_params(root, store[0]), track=False, progress=False)
     return root, summary
 
 
@@ -160,7 +175,7 @@ def test_kmeans_groups_recover_the_families(store, stage):
     table = pd.read_csv(root / "folds" / "folds.csv", dtype={"sample_id": str})
     fam = table["sample_id"].map(family)
     # each family is exactly one group and each group exactly one family (extended included)
-    pairs = set(zip(fam, table["group"]))
+    pairs = set(zip(fam, table["group"], strict=True))
     assert len(pairs) == 3
     assert len({f for f, _ in pairs}) == 3 and len({g for _, g in pairs}) == 3
     assert sorted(table["group"].value_counts().tolist()) == [12, 12, 12]
@@ -168,14 +183,12 @@ def test_kmeans_groups_recover_the_families(store, stage):
     km = joblib.load(root / "folds" / "kmeans.joblib")
     assert km.n_clusters == 3
     # fitted on the original training set only: each centre is the mean of its training members
-    from speedstructure.ingest import StoreSamples
-
     st = StoreSamples(store[0])
     train = table[table["split"] == "train"]
     for g, d in train.groupby("group"):
         centre = np.mean([velocity_features(st.read_target(s)) for s in d["sample_id"]], axis=0)
         np.testing.assert_allclose(km.cluster_centers_[g], centre, rtol=1e-4, atol=1e-4)
-    group_of = {f: g for f, g in pairs}
+    group_of = dict(pairs)
     rng = np.random.default_rng(99)
     fresh = np.stack([velocity_features(_model(rng, v)) for v in FAMILIES])
     assert km.predict(fresh).tolist() == [group_of[v] for v in FAMILIES]
@@ -204,13 +217,14 @@ def test_stage_outputs(stage):
 
 def test_same_seed_gives_identical_folds(store, stage, tmp_path):
     root, _ = stage
-    run_folds(_params(store[0]), tmp_path, track=False, progress=False)
-    assert (tmp_path / "folds" / "folds.csv").read_bytes() == (root / "folds" / "folds.csv").read_bytes()
+    run_folds(_params(tmp_path, store[0]), track=False, progress=False)
+    assert (tmp_path / "folds" / "folds.csv").read_bytes() == (
+        root / "folds" / "folds.csv"
+    ).read_bytes()
 
 
 def test_too_many_groups_is_an_error(store, tmp_path):
-    params = _params(store[0])
-    params["folds"]["k_groups"] = 31
+    params = _params(tmp_path, store[0], k_groups=31)
     with pytest.raises(UserError, match="k_groups = 31"):
-        run_folds(params, tmp_path, track=False, progress=False)
+        run_folds(params, track=False, progress=False)
     assert not (tmp_path / "folds" / "folds.csv").exists()

@@ -1,4 +1,4 @@
-"""Tests of the ingest stage (speedstructure.ingest): real zips, a real store, tiny sample counts."""
+"""The ingest stage (speedstructure.stages.ingest): real zips, a real store, tiny counts."""
 
 from __future__ import annotations
 
@@ -6,51 +6,36 @@ import csv
 import hashlib
 import json
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import COUNTS, GSHAPE, VSHAPE, random_gathers, random_velocity, sample_id
 from speedstructure import cli
-from speedstructure.dataio import GATHER_NAMES, TARGET_NAME, ZipSamples, ZipWriter, npy_bytes
+from speedstructure.config import SPLITS
+from speedstructure.dataio import (
+    GATHER_NAMES,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    TARGET_NAME,
+    StoreSamples,
+    ZipSamples,
+    ZipWriter,
+    npy_bytes,
+    open_samples,
+)
 from speedstructure.errors import DataError
-from speedstructure.ingest import (INDEX_COLUMNS, INDEX_NAME, MANIFEST_NAME, SPLITS, StoreSamples,
-                                   build_store, open_samples)
+from speedstructure.stages.ingest import INDEX_COLUMNS, build_store
 
-GSHAPE = (5, 10001, 31)
-VSHAPE = (300, 1259)
-COUNTS = {"train": 3, "train_extended_1": 2, "train_extended_2": 2, "test": 2}
-PREFIX = {"train": "TR", "train_extended_1": "EA", "train_extended_2": "EB", "test": "TE"}
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _sid(split: str, i: int) -> str:
-    return f"{PREFIX[split]}{i:016d}"
-
-
-def _gathers(rng) -> np.ndarray:
-    return rng.normal(0.0, 1e-3, GSHAPE).astype(np.float32)
-
-
-def _target(rng) -> np.ndarray:
-    return rng.uniform(1.5, 4.5, VSHAPE).astype(np.float32)
-
-
-def _write_zips(folder: Path, seed: int = 0, counts=COUNTS) -> dict[str, Path]:
-    rng = np.random.default_rng(seed)
-    zips = {}
-    for split in SPLITS:
-        p = folder / f"{split}.zip"
-        with ZipWriter(p) as zw:
-            for i in range(counts[split]):
-                zw.add(_sid(split, i), _gathers(rng), None if split == "test" else _target(rng))
-        zips[split] = p
-    return zips
-
-
-@pytest.fixture(scope="module")
-def zips(tmp_path_factory) -> dict[str, Path]:
-    return _write_zips(tmp_path_factory.mktemp("proj") / "data")
+@pytest.fixture
+def zips(tiny_zips) -> dict[str, Path]:
+    return tiny_zips
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -58,8 +43,11 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def _snapshot(store: Path) -> dict[str, str]:
-    return {str(p.relative_to(store)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(store.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(store)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(store.rglob("*"))
+        if p.is_file()
+    }
 
 
 # --------------------------------------------------------------------------- the store
@@ -87,7 +75,7 @@ def test_store_reads_back_exactly_what_the_zips_hold(zips, tmp_path):
                         assert ys.dtype == np.float32 and ys.shape == VSHAPE
                         np.testing.assert_array_equal(ys, yz)
         # reads are owned copies: writing to one does not change the store
-        sid = _sid("train", 0)
+        sid = sample_id("train", 0)
         x = store.read_gathers(sid)
         x[:] = 7.0
         assert not (store.read_gathers(sid) == 7.0).any()
@@ -109,7 +97,9 @@ def test_index_and_manifest(zips, tmp_path):
     assert len(rows) == sum(COUNTS.values())
     for split in SPLITS:
         mine = [r for r in rows if r["split"] == split]
-        assert sorted(r["sample_id"] for r in mine) == [_sid(split, i) for i in range(COUNTS[split])]
+        assert sorted(r["sample_id"] for r in mine) == [
+            sample_id(split, i) for i in range(COUNTS[split])
+        ]
         assert sorted(int(r["row"]) for r in mine) == list(range(COUNTS[split]))
         assert {r["zip"] for r in mine} == {f"data/{split}.zip"}  # relative to the root
         assert {r["has_target"] for r in mine} == {"0" if split == "test" else "1"}
@@ -127,17 +117,19 @@ def test_store_split_filter_open_samples_and_pickle(zips, tmp_path):
     out = tmp_path / "store"
     build_store(zips, out, root=tmp_path, progress=False)
     test_only = StoreSamples(out, split="test")
-    assert test_only.sample_ids == [_sid("test", i) for i in range(COUNTS["test"])]
+    assert test_only.sample_ids == [sample_id("test", i) for i in range(COUNTS["test"])]
     assert not test_only.has_targets
     train_only = StoreSamples(out, split="train")
     assert train_only.has_targets and len(train_only) == COUNTS["train"]
-    assert _sid("test", 0) not in train_only
+    assert sample_id("test", 0) not in train_only
 
     s = open_samples(out)
     assert isinstance(s, StoreSamples) and len(s) == sum(COUNTS.values())
-    s.read_gathers(_sid("train", 1))  # maps an array; pickling must not carry it
+    s.read_gathers(sample_id("train", 1))  # maps an array; pickling must not carry it
     s2 = pickle.loads(pickle.dumps(s))
-    np.testing.assert_array_equal(s2.read_gathers(_sid("train", 1)), s.read_gathers(_sid("train", 1)))
+    np.testing.assert_array_equal(
+        s2.read_gathers(sample_id("train", 1)), s.read_gathers(sample_id("train", 1))
+    )
     z = open_samples(zips["train_extended_1"])
     try:
         assert isinstance(z, ZipSamples) and len(z) == COUNTS["train_extended_1"]
@@ -158,7 +150,7 @@ def _nan_zip(path: Path, sid: str, bad_member: str) -> None:
             if g == bad_member:
                 arr[123, 4] = np.nan
             zf.writestr(f"{sid}/{g}", npy_bytes(arr))
-        zf.writestr(f"{sid}/{TARGET_NAME}", npy_bytes(_target(rng)))
+        zf.writestr(f"{sid}/{TARGET_NAME}", npy_bytes(random_velocity(rng)))
 
 
 def test_nan_member_is_named_and_nothing_is_left_behind(zips, tmp_path):
@@ -192,13 +184,15 @@ def test_duplicate_sample_across_zips_names_both(zips, tmp_path):
     rng = np.random.default_rng(9)
     dup = tmp_path / "dup_extended_1.zip"
     with ZipWriter(dup) as zw:
-        zw.add("EA0000000000000077", _gathers(rng), _target(rng))
-        zw.add(_sid("train", 1), _gathers(rng), _target(rng))  # also in train.zip
+        zw.add("EA0000000000000077", random_gathers(rng), random_velocity(rng))
+        zw.add(
+            sample_id("train", 1), random_gathers(rng), random_velocity(rng)
+        )  # also in train.zip
     out = tmp_path / "store"
     with pytest.raises(DataError) as ei:
         build_store({**zips, "train_extended_1": dup}, out, root=tmp_path, progress=False)
     msg = str(ei.value)
-    assert _sid("train", 1) in msg and str(dup) in msg and str(zips["train"]) in msg
+    assert sample_id("train", 1) in msg and str(dup) in msg and str(zips["train"]) in msg
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
@@ -218,11 +212,14 @@ def test_targets_must_match_the_split(zips, tmp_path):
 # --------------------------------------------------------------------------- command line
 
 
-def test_cli_ingest(tmp_path, monkeypatch, capsys):
+def test_cli_ingest(tmp_path, monkeypatch, capsys, write_zips):
     proj = tmp_path / "proj"
-    _write_zips(proj / "data", seed=3, counts={"train": 2, "train_extended_1": 1,
-                                               "train_extended_2": 1, "test": 1})
-    (proj / "params.yaml").write_text("data: {dir: data, store: store}\n")
+    write_zips(
+        proj / "data",
+        seed=3,
+        counts={"train": 2, "train_extended_1": 1, "train_extended_2": 1, "test": 1},
+    )
+    shutil.copyfile(REPO / "params.yaml", proj / "params.yaml")  # paths.data: data, store: store
     sub = proj / "somewhere" / "deeper"
     sub.mkdir(parents=True)
     monkeypatch.chdir(sub)  # the project root is found upward from cwd
@@ -230,14 +227,16 @@ def test_cli_ingest(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "5 samples from 4 zips" in out
     store = StoreSamples(proj / "store")
-    assert len(store) == 5 and store.split_of(_sid("test", 0)) == "test"
+    assert len(store) == 5 and store.split_of(sample_id("test", 0)) == "test"
     with ZipSamples(proj / "data" / "train.zip") as z:
-        np.testing.assert_array_equal(store.read_target(_sid("train", 1)), z.read_target(_sid("train", 1)))
+        np.testing.assert_array_equal(
+            store.read_target(sample_id("train", 1)), z.read_target(sample_id("train", 1))
+        )
     assert not (sub / "store").exists()
 
     # a missing zip: a one-line error naming it, exit code 2
     (proj / "data" / "train_extended_2.zip").unlink()
-    assert cli.main(["ingest", "--quiet", "--out", "other"]) == 2
+    assert cli.main(["ingest", "--quiet", "--output", "other"]) == 2
     err = capsys.readouterr().err
     assert "train_extended_2.zip" in err and "not found" in err
     assert not (proj / "other").exists()

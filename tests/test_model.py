@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from speedstructure import cli
-from speedstructure.config import ConfigError, load_params
+from speedstructure.config import (
+    V_MAX,
+    V_MIN,
+    ConfigError,
+    DepthTrendVariant,
+    EvaFusionVariant,
+    load_params,
+)
 from speedstructure.errors import UserError
 from speedstructure.model import (
     DepthTrend,
@@ -21,29 +28,18 @@ from speedstructure.model import (
     flip_target,
     fold_gathers,
     forward_flops,
-    get_variant,
+    model_summary,
     muon_param_names,
     preprocess_gathers,
 )
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-TINY_BACKBONE = "eva02_tiny_patch14_224.mim_in22k"
 
 
-def tiny_cfg(**kw) -> dict:
-    cfg = dict(
-        arch="eva_fusion",
-        backbone=TINY_BACKBONE,
-        pretrained="none",
-        img_size=56,  # 4 x 4 tokens per source
-        depth=2,
-        split_at=1,
-        fusion="dual",
-        channel_heads=4,
-        fusion_heads=2,
-    )
-    cfg.update(kw)
-    return cfg
+@pytest.fixture
+def tiny_cfg(tiny_variant):
+    """``tiny_cfg(**overrides)``: conftest's tiny variant at 56 px (4 x 4 tokens per source)."""
+    return lambda **kw: tiny_variant(**{"img_size": 56, **kw})
 
 
 def gathers(b: int = 1, seed: int = 0) -> torch.Tensor:
@@ -52,17 +48,15 @@ def gathers(b: int = 1, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    # nothing in these tests may reach the network
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.manual_seed(0)
+def _seed():
+    torch.manual_seed(0)  # (conftest keeps every test offline)
 
 
 # ----------------------------------------------------------------------------- shapes
 
 
 @pytest.mark.parametrize("fusion", ["mean", "single", "dual"])
-def test_forward_shape_range_and_batch_independence(fusion):
+def test_forward_shape_range_and_batch_independence(fusion, tiny_cfg):
     model = build_model(tiny_cfg(fusion=fusion, v_min=2.0, v_max=3.0)).eval()
     x = gathers(2)
     with torch.no_grad():
@@ -79,7 +73,7 @@ def test_forward_shape_range_and_batch_independence(fusion):
     assert p.shape == (2, 300, 1259) and p.min() >= 2.0 and p.max() <= 3.0
 
 
-def test_fusion_is_differentiable_and_used():
+def test_fusion_is_differentiable_and_used(tiny_cfg):
     model = build_model(tiny_cfg(fusion="dual")).train()
     y = model(gathers(1))
     y.mean().backward()
@@ -108,7 +102,7 @@ def test_preprocess_layout():
     torch.testing.assert_close(out[3, 0, :, 0], torch.full((28,), 3000.0), atol=1e-2, rtol=0)
 
 
-def test_blocks_match_timm_forward_features():
+def test_blocks_match_timm_forward_features(tiny_cfg):
     """embed + run_blocks (rope included) equals timm's own forward_features, also at a
     grid size other than the one the backbone was created for (dynamic image size)."""
     model = build_model(tiny_cfg(split_at=2, fusion="mean")).eval()
@@ -124,7 +118,9 @@ def test_blocks_match_timm_forward_features():
     # and the rope really matters: without it the result differs
     with torch.no_grad():
         t, rope = model.embed(torch.randn(1, 1, 56, 56))
-        assert not torch.allclose(model.run_blocks(t, rope, 0, 2), model.run_blocks(t, None, 0, 2), atol=1e-4)
+        assert not torch.allclose(
+            model.run_blocks(t, rope, 0, 2), model.run_blocks(t, None, 0, 2), atol=1e-4
+        )
 
 
 # ----------------------------------------------------------------------------- flips / TTA
@@ -150,7 +146,7 @@ def test_flip_involution_and_layout():
         flip_inputs(x, "sideways")
 
 
-def test_tta_on_flip_symmetric_input():
+def test_tta_on_flip_symmetric_input(tiny_cfg):
     """For x == flip(x): TTA = mean(f(x), flip_target(f(x))), which is mirror-symmetric
     in x although the plain prediction f(x) is not."""
     model = build_model(tiny_cfg()).eval()
@@ -166,7 +162,7 @@ def test_tta_on_flip_symmetric_input():
     torch.testing.assert_close(model.predict(xs, tta=False), plain)
 
 
-def test_tta_general_input_and_modes():
+def test_tta_general_input_and_modes(tiny_cfg):
     x = gathers(1, seed=3)
     for mode in ("consistent", "receivers"):
         model = build_model(tiny_cfg(tta_flip=mode)).eval()
@@ -184,8 +180,8 @@ def test_tta_general_input_and_modes():
 
 
 def test_competition_variant_on_meta_device():
-    cfg = get_variant("comp_s10_dual42", load_params(PARAMS))
-    assert cfg["pretrained"] == "timm" and "train" in cfg
+    cfg = load_params(PARAMS).variant("comp_s10_dual42")
+    assert cfg.pretrained == "timm" and cfg.train
     model = build_model(cfg, meta=True)  # no download, no allocation
     assert isinstance(model, EvaFusionNet)
     assert all(p.device.type == "meta" for p in model.parameters())
@@ -204,7 +200,7 @@ def test_competition_variant_on_meta_device():
 
 
 @pytest.mark.parametrize("fusion", ["mean", "single", "dual"])
-def test_muon_param_names_are_exactly_block_matrices(fusion):
+def test_muon_param_names_are_exactly_block_matrices(fusion, tiny_cfg):
     model = build_model(tiny_cfg(fusion=fusion))
     names = muon_param_names(model)
     params = dict(model.named_parameters())
@@ -215,7 +211,16 @@ def test_muon_param_names_are_exactly_block_matrices(fusion):
     assert ("fusion.self_attn.in_proj_weight" in names) == (fusion != "mean")
     for n in names:
         assert params[n].ndim == 2
-        for bad in ("bias", "norm", "pos_embed", "cls_token", "patch_embed", "head", "query", "source_embed"):
+        for bad in (
+            "bias",
+            "norm",
+            "pos_embed",
+            "cls_token",
+            "patch_embed",
+            "head",
+            "query",
+            "source_embed",
+        ):
             assert bad not in n, n
     # everything else (biases, norms, embeddings, patch embedding, head) stays on AdamW
     rest = set(params) - names
@@ -224,7 +229,7 @@ def test_muon_param_names_are_exactly_block_matrices(fusion):
 
 
 def test_baselines_have_no_muon_params():
-    for cfg in (dict(arch="depth_trend"), dict(arch="inversionnet", width=2)):
+    for cfg in ({"arch": "depth_trend"}, {"arch": "inversionnet", "width": 2}):
         m = build_model(cfg)
         assert m.transformer_blocks() == [] and muon_param_names(m) == set()
 
@@ -233,12 +238,13 @@ def test_baselines_have_no_muon_params():
 
 
 @pytest.mark.parametrize("ext", ["safetensors", "pth"])
-def test_local_pretrained_file_is_loaded(tmp_path, ext):
+def test_local_pretrained_file_is_loaded(tmp_path, ext, tiny_cfg):
     import timm
 
     torch.manual_seed(123)
-    src = timm.create_model("eva02_tiny_patch14_224", pretrained=False, in_chans=3, num_classes=0,
-                            img_size=56, depth=2)
+    src = timm.create_model(
+        "eva02_tiny_patch14_224", pretrained=False, in_chans=3, num_classes=0, img_size=56, depth=2
+    )
     sd = {k: v.detach().clone().contiguous() for k, v in src.state_dict().items()}
     path = tmp_path / f"tiny.{ext}"
     if ext == "safetensors":
@@ -256,7 +262,9 @@ def test_local_pretrained_file_is_loaded(tmp_path, ext):
     for k in (key, "blocks.1.mlp.fc2.weight", "pos_embed", "cls_token", "fc_norm.weight"):
         torch.testing.assert_close(bb[k], sd[k], rtol=0, atol=0)
     # 3 -> 1 input channels adapted by timm (sum over the RGB kernels)
-    torch.testing.assert_close(bb["patch_embed.proj.weight"], sd["patch_embed.proj.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(
+        bb["patch_embed.proj.weight"], sd["patch_embed.proj.weight"].sum(1, keepdim=True)
+    )
     # a shallower variant keeps the checkpoint's first blocks
     short = build_model(tiny_cfg(pretrained=str(path), depth=1, split_at=1))
     torch.testing.assert_close(short.backbone.state_dict()[key], sd[key], rtol=0, atol=0)
@@ -264,7 +272,7 @@ def test_local_pretrained_file_is_loaded(tmp_path, ext):
     build_model(tiny_cfg(pretrained=str(tmp_path / "absent.pth")), meta=True)
 
 
-def test_missing_pretrained_file_is_a_user_error(tmp_path):
+def test_missing_pretrained_file_is_a_user_error(tmp_path, tiny_cfg):
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(UserError, match="nope.safetensors"):
         build_model(tiny_cfg(pretrained=str(missing)))
@@ -277,7 +285,7 @@ def test_depth_trend_fit_and_state_dict():
     rng = np.random.default_rng(0)
     ys = [rng.uniform(1.5, 4.5, size=(300, 1259)).astype(np.float32) for _ in range(3)]
     batch = torch.from_numpy(rng.uniform(1.5, 4.5, size=(2, 300, 1259)).astype(np.float32))
-    model = build_model(dict(arch="depth_trend"))
+    model = build_model({"arch": "depth_trend"})
     assert isinstance(model, DepthTrend) and not model.requires_training
     assert not any(True for _ in model.parameters())
     with pytest.raises(UserError, match="not fitted"):
@@ -288,13 +296,15 @@ def test_depth_trend_fit_and_state_dict():
     pred = model.predict(gathers(2))
     assert pred.shape == (2, 300, 1259)
     np.testing.assert_allclose(pred[1, 123].numpy(), expect, rtol=1e-6)
-    other = build_model(dict(arch="depth_trend"))
+    other = build_model({"arch": "depth_trend"})
     other.load_state_dict(model.state_dict())
     torch.testing.assert_close(other(gathers(1)), model(gathers(1)))
 
 
 def test_inversionnet_shape_range_and_gradients():
-    model = build_model(dict(arch="inversionnet", width=2, time_samples=256, v_min=1.5, v_max=4.5))
+    model = build_model(
+        {"arch": "inversionnet", "width": 2, "time_samples": 256, "v_min": 1.5, "v_max": 4.5}
+    )
     x = gathers(2)
     y = model(x)
     assert y.shape == (2, 300, 1259) and y.min() >= 1.5 and y.max() <= 4.5
@@ -309,31 +319,54 @@ def test_inversionnet_shape_range_and_gradients():
 # ----------------------------------------------------------------------------- config, FLOPs, CLI
 
 
-def test_config_validation():
-    with pytest.raises(ConfigError, match="unknown keys"):
+def test_config_validation(tiny_cfg):
+    with pytest.raises(ConfigError, match="variant 'typo'.*unknown key.*splt_at"):
         build_model(tiny_cfg(splt_at=3), name="typo")
     with pytest.raises(ConfigError, match="split_at"):
         build_model(tiny_cfg(split_at=5))
     with pytest.raises(ConfigError, match="channel_heads"):
         build_model(tiny_cfg(channel_heads=5))
     with pytest.raises(ConfigError, match="arch"):
-        build_model(dict(arch="resnet"))
+        build_model({"arch": "resnet"})
+    with pytest.raises(ConfigError, match="split_at"):
+        build_model({"arch": "eva_fusion", "backbone": "x"})  # required for eva_fusion
+    with pytest.raises(ConfigError, match="width"):
+        build_model({"arch": "inversionnet", "width": 0})  # a model-side check
     # per-variant training overrides pass through untouched
     m = build_model(tiny_cfg(train={"lr": 3e-4}, profile="default"), meta=True)
-    assert "train" not in m.variant_cfg
-    with pytest.raises(ConfigError, match="no variant"):
-        get_variant("nope", load_params(PARAMS))
+    assert isinstance(m.variant, EvaFusionVariant) and m.variant.img_size == 56
+    assert "train" not in m.variant.model_dict() and "profile" not in m.variant.model_dict()
+    with pytest.raises(ConfigError, match="unknown variant 'nope'"):
+        load_params(PARAMS).variant("nope")
+
+
+def test_checkpoint_record_rebuilds_the_network(tiny_cfg):
+    model = build_model(tiny_cfg(fusion="single", fusion_heads=None))
+    record = model.variant.model_dict()
+    assert all(
+        isinstance(v, (str, int, float, bool, dict, list, type(None))) for v in record.values()
+    )
+    rebuilt = build_model(record)
+    assert rebuilt.variant == model.variant
+    rebuilt.load_state_dict(model.state_dict())  # same architecture, same keys and shapes
+    # earlier records: the params.yaml entry itself, or the fully resolved mapping
+    old = {**tiny_cfg(fusion="single", fusion_heads=None), "profile": "default", "train": {}}
+    assert build_model(old).variant.model_dict() == record
+    assert build_model({**record, "pretrained": None}).variant.model_dict() == record
+    # typed variants are used as they are; bounds default to the challenge's range
+    trend = build_model(DepthTrendVariant())
+    assert trend.variant == DepthTrendVariant() and (trend.v_min, trend.v_max) == (V_MIN, V_MAX)
 
 
 def test_all_variants_in_params_build_on_meta():
-    variants = load_params(PARAMS)["variants"]
-    profiles = {v.get("profile") for v in variants.values()}
+    variants = load_params(PARAMS).variants
+    profiles = {v.profile for v in variants.values()}
     assert profiles == {"default", "competition"}
-    for name, cfg in variants.items():
-        build_model(cfg, meta=True, name=name)
+    for name, v in variants.items():
+        assert build_model(v, meta=True, name=name).variant is v
 
 
-def test_forward_flops_meta_matches_real():
+def test_forward_flops_meta_matches_real(tiny_cfg):
     cfg = tiny_cfg()
     real = forward_flops(build_model(cfg))
     meta = forward_flops(build_model(cfg, meta=True))
@@ -341,16 +374,22 @@ def test_forward_flops_meta_matches_real():
     assert real > 0 and real <= meta < 1.2 * real
 
 
-def test_model_summary_cli(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["speedstructure.model"])
-    assert cli.main(["model-summary", "tiny_dual42", "--json", "--params", str(PARAMS)]) == 0
-    info = json.loads(capsys.readouterr().out)
-    model = build_model(get_variant("tiny_dual42", load_params(PARAMS)))
+def test_model_summary_cli(capsys, tmp_path):
+    assert cli.main(["model-summary", "tiny_dual42", "--json", "-", "--params", str(PARAMS)]) == 0
+    info = json.loads(capsys.readouterr().out)  # '-': the JSON alone on standard output
+    assert info == model_summary("tiny_dual42", load_params(PARAMS))
+    model = build_model(load_params(PARAMS).variant("tiny_dual42"))
     assert info["params"]["total"] == count_parameters(model)["total"]
-    assert info["params"]["backbone"] + info["params"]["fusion"] + info["params"]["head"] == info["params"]["total"]
+    assert (
+        info["params"]["backbone"] + info["params"]["fusion"] + info["params"]["head"]
+        == info["params"]["total"]
+    )
     assert info["input_shape"] == [1, 5, 10001, 31] and info["output_shape"] == [1, 300, 1259]
     assert info["forward_flops_per_sample"] > 1e8
-    assert cli.main(["model-summary", "baseline_inversionnet", "--params", str(PARAMS)]) == 0
-    assert "total" in capsys.readouterr().out
+    out = tmp_path / "summary.json"
+    argv = ["model-summary", "baseline_inversionnet", "--params", str(PARAMS)]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    assert "total" in capsys.readouterr().out  # the table, and the JSON in the file
+    assert json.loads(out.read_text())["arch"] == "inversionnet"
     assert cli.main(["model-summary", "no_such_variant", "--params", str(PARAMS)]) == 2
     assert "no_such_variant" in capsys.readouterr().err

@@ -29,22 +29,40 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
-TINY = {"arch": "eva_fusion", "backbone": "eva02_tiny_patch14_224.mim_in22k", "pretrained": "none",
-        "img_size": 28, "depth": 2, "split_at": 1, "prior": "depth_trend"}
+TINY = {
+    "arch": "eva_fusion",
+    "backbone": "eva02_tiny_patch14_224.mim_in22k",
+    "pretrained": "none",
+    "img_size": 28,
+    "depth": 2,
+    "split_at": 1,
+    "prior": "depth_trend",
+}
 
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1",
-               MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", GIT_AUTHOR_NAME="t",
-               GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="true",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+    )
     return env
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+        )
     return p
 
 
@@ -57,38 +75,62 @@ def tiny_params() -> dict:
     params["synth"].update(n_train=8, n_extended_1=2, n_extended_2=1, n_test=3, workers=2)
     params["synth"]["sim"].update(dx=10.0, dt=0.001)
     params["folds"].update(k_groups=2, n_folds=2)
-    params["train"].update(epochs=1, batch_size=2, val_batch_size=2, progress=False, cosine_epochs=1, T_0=4,
-                           lr=1e-3, patience=0)
+    params["train"].update(
+        epochs=1,
+        batch_size=2,
+        val_batch_size=2,
+        progress=False,
+        cosine_epochs=1,
+        T_0=4,
+        lr=1e-3,
+        patience=0,
+    )
     params["variants"] = {
         "tiny_a": {**TINY, "fusion": "mean", "channel_heads": None, "fusion_heads": None},
         "tiny_b": {**TINY, "fusion": "dual", "channel_heads": 3, "fusion_heads": 3},
         "baseline_depth_trend": {"arch": "depth_trend"},
     }
-    runs = {f"{v}-f{k}": {"variant": v, "fold": k} for v in ("tiny_a", "tiny_b", "baseline_depth_trend")
-            for k in (0, 1)}
+    runs = {
+        f"{v}-f{k}": {"variant": v, "fold": k}
+        for v in ("tiny_a", "tiny_b", "baseline_depth_trend")
+        for k in (0, 1)
+    }
     params["runs"] = runs
-    params["ensemble"] = {"variants": ["tiny_a", "tiny_b"], "hand_weights": {"tiny_a": 0.8, "tiny_b": 0.3}}
+    params["ensemble"] = {
+        "variants": ["tiny_a", "tiny_b"],
+        "hand_weights": {"tiny_a": 0.8, "tiny_b": 0.3},
+    }
     params["tune"]["n_trials"] = 4
-    params["profiles"] = {"default": {"runs": runs, "ensemble": params["ensemble"], "tune": {"n_trials": 4}}}
+    params["profiles"] = {
+        "default": {"runs": runs, "ensemble": params["ensemble"], "tune": {"n_trials": 4}}
+    }
     return params
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     proj = tmp_path_factory.mktemp("proj")
-    shutil.copytree(ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     for name in ("dvc.yaml", "Makefile", ".dvcignore"):
         shutil.copy2(ROOT / name, proj / name)
-    shutil.copy2(ROOT / "pyproject.toml", proj / "pyproject.toml")  # keeps its mtime: make sees .venv as fresh
+    shutil.copy2(
+        ROOT / "pyproject.toml", proj / "pyproject.toml"
+    )  # keeps its mtime: make sees .venv as fresh
     (proj / ".venv").symlink_to(ROOT / ".venv")
     (proj / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     run(["git", "init", "-q"], proj)
     dvc("init", "-q", cwd=proj)
     dvc("config", "core.analytics", "false", cwd=proj)
-    run(["make", "--no-print-directory", "data"], proj)  # synth + `dvc add data`, as on a fresh clone
+    run(
+        ["make", "--no-print-directory", "data"], proj
+    )  # synth + `dvc add data`, as on a fresh clone
     assert (proj / "data.dvc").is_file() and (proj / "data/test_labels.npz").is_file()
-    assert dvc("status", "-q", "data.dvc", cwd=proj, check=False).returncode == 0  # data.dvc matches data/
+    assert (
+        dvc("status", "-q", "data.dvc", cwd=proj, check=False).returncode == 0
+    )  # data.dvc matches data/
     run(["git", "add", "-A"], proj)
     run(["git", "commit", "-qm", "tiny project"], proj)
     return proj
@@ -115,7 +157,11 @@ def test_repro_builds_every_output(project, first_repro):
     for v in ("tiny_a", "tiny_b", "baseline_depth_trend"):
         for k in (0, 1):
             d = p / "models" / v / f"fold_{k}"
-            assert (d / "best.pt").is_file() and (d / "val_preds.npz").is_file() and (d / "curves.png").is_file()
+            assert (
+                (d / "best.pt").is_file()
+                and (d / "val_preds.npz").is_file()
+                and (d / "curves.png").is_file()
+            )
             m = json.loads((d / "metrics.json").read_text())
             assert m["epochs"] == 1 and 0 < m["best_val_mape"] < 1
             with np.load(d / "val_preds.npz") as z:
@@ -127,12 +173,23 @@ def test_repro_builds_every_output(project, first_repro):
         assert abs(sum(m["weight"] for m in f["members"]) - 1) < 1e-9
     ev = json.loads((p / "metrics/evaluate.json").read_text())
     assert ev["n_test"] == 3 and 0 < ev["ensemble_mape"] < 1 and 0 < ev["baseline_mape"] < 1
-    assert ev["per_depth"]["0-150"]["baseline"] < ev["per_depth"]["150-300"]["baseline"]  # water is easy
+    assert (
+        ev["per_depth"]["0-150"]["baseline"] < ev["per_depth"]["150-300"]["baseline"]
+    )  # water is easy
     assert set(ev["per_group"]) and ev["best_single"]["run"].startswith(("tiny_a-", "tiny_b-"))
     assert (p / "plots/evaluate/best_median_worst.png").is_file()
     assert "Test MAPE on 3 samples" in run([str(BIN / "speedstructure"), "report"], p).stdout
-    check = run([str(BIN / "speedstructure"), "validate-submission", "--submission", "submission/submission.npz",
-                 "--test-zip", "data/test.zip"], p)
+    check = run(
+        [
+            str(BIN / "speedstructure"),
+            "validate-submission",
+            "--submission",
+            "submission/submission.npz",
+            "--test-zip",
+            "data/test.zip",
+        ],
+        p,
+    )
     assert check.stdout.startswith("OK: 3 arrays")
     assert dvc("status", "-q", cwd=p, check=False).returncode == 0
 
@@ -142,7 +199,9 @@ def test_mlflow_holds_one_finished_run_per_training_stage(project, first_repro):
     exp = client.get_experiment_by_name("speedstructure")
     runs = client.search_runs([exp.experiment_id], "tags.stage = 'train'")
     keys = sorted((r.data.tags["variant"], r.data.tags["fold"]) for r in runs)
-    assert keys == sorted((v, str(k)) for v in ("tiny_a", "tiny_b", "baseline_depth_trend") for k in (0, 1))
+    assert keys == sorted(
+        (v, str(k)) for v in ("tiny_a", "tiny_b", "baseline_depth_trend") for k in (0, 1)
+    )
     for r in runs:
         assert r.info.status == "FINISHED"
         assert "best_val_mape" in r.data.metrics and "val_mape" in r.data.metrics
@@ -190,9 +249,25 @@ def test_second_repro_runs_nothing_and_one_variant_change_reruns_only_it(project
     reg = json.loads((project / "registry/registered.json").read_text())
     assert reg["version"] == 2  # every version stays; the alias moves only if better
     client = _client(project)
-    assert {int(v.version) for v in client.search_model_versions("name='speedstructure-ensemble'")} == {1, 2}
+    assert {
+        int(v.version) for v in client.search_model_versions("name='speedstructure-ensemble'")
+    } == {1, 2}
     champ = client.get_model_version_by_alias("speedstructure-ensemble", "champion")
     assert int(champ.version) == (2 if reg["champion"] else 1)
+
+
+def test_editing_an_imported_module_marks_the_stages_that_import_it(project, first_repro):
+    # metrics.py is imported by training, tune and evaluate, not by ingest or folds
+    target = project / "src/speedstructure/metrics.py"
+    original = target.read_text()
+    try:
+        target.write_text(original + "\n# an edit\n")
+        changed = set(json.loads(dvc("status", "--json", cwd=project).stdout))
+        assert {"tune", "evaluate", "train@tiny_a-f0"} <= changed, changed
+        assert not {"ingest", "folds"} & changed, changed
+    finally:
+        target.write_text(original)
+    assert not json.loads(dvc("status", "--json", cwd=project).stdout)
 
 
 def _free_port() -> int:
@@ -203,8 +278,14 @@ def _free_port() -> int:
 
 def test_make_ui_serves_the_runs_on_loopback(project, first_repro):
     port = _free_port()
-    proc = subprocess.Popen(["make", "--no-print-directory", "ui", f"UI_PORT={port}"], cwd=project, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "--no-print-directory", "ui", f"UI_PORT={port}"],
+        cwd=project,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/get?name=speedstructure-ensemble"
         deadline, body = time.time() + 120, None
@@ -228,8 +309,13 @@ def test_dvc_remote_round_trip(project, first_repro, tmp_path):
     remote = tmp_path / "remote"
     dvc("remote", "add", "-f", "-d", "local", str(remote), cwd=project)
     dvc("push", "-q", cwd=project)
-    tracked = [project / "data" / "train.zip", project / "models/tiny_a/fold_0/best.pt",
-               project / "folds/folds.csv", project / "ensemble/ensemble.json", project / "submission/submission.npz"]
+    tracked = [
+        project / "data" / "train.zip",
+        project / "models/tiny_a/fold_0/best.pt",
+        project / "folds/folds.csv",
+        project / "ensemble/ensemble.json",
+        project / "submission/submission.npz",
+    ]
     before = {p: p.read_bytes() for p in tracked}
     shutil.rmtree(project / ".dvc" / "cache")
     for p in tracked:

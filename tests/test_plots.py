@@ -6,34 +6,18 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
+from conftest import random_gathers, sample_id
 from speedstructure import cli
-from speedstructure.dataio import ZipWriter
+from speedstructure.config import SynthConfig
 from speedstructure.plots import plot_sample, plot_velocity_grid
-from speedstructure.velocity import FAMILIES, generate_velocity
+from speedstructure.synth.velocity import FAMILIES, generate_velocity
 
-CFG = {"v_min": 1.5, "v_max": 4.5, "water_velocity": 1.5, "water_depth": [150, 400]}
-IDS = ("AAAAAAAAAAAAAAAAA1", "BBBBBBBBBBBBBBBBB2")
-
-
-@pytest.fixture(autouse=True)
-def only_plots_command(monkeypatch):
-    # The CLI under test is the real one, limited to this module's subcommand so
-    # the test does not depend on the other (independently developed) modules.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["speedstructure.plots"])
+IDS = (sample_id("train", 0), sample_id("train", 1))
 
 
-def _gathers(rng: np.random.Generator) -> np.ndarray:
-    return (rng.standard_normal((5, 10001, 31)) * 0.01).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def train_zip(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.zip"
-    with ZipWriter(path) as zw:
-        for sid in IDS:
-            zw.add(sid, _gathers(rng), generate_velocity(rng, "faulted", CFG))
-    return path
+@pytest.fixture
+def train_zip(tiny_zips):
+    return tiny_zips["train"]
 
 
 def _check_png(path, min_w=600, min_h=300):
@@ -57,30 +41,58 @@ def test_plot_sample_cli_default_first_sample(train_zip, tmp_path, capsys):
 
 def test_plot_sample_cli_named_sample(train_zip, tmp_path):
     out = tmp_path / "b.png"
-    assert cli.main(["plot-sample", "--zip", str(train_zip), "--sample-id", IDS[1], "--output", str(out)]) == 0
+    assert (
+        cli.main(
+            ["plot-sample", "--zip", str(train_zip), "--sample-id", IDS[1], "--output", str(out)]
+        )
+        == 0
+    )
     _check_png(out)
 
 
 def test_plot_sample_cli_missing_sample(train_zip, tmp_path, capsys):
     out = tmp_path / "x.png"
-    rc = cli.main(["plot-sample", "--zip", str(train_zip), "--sample-id", "ZZZZZZZZZZZZZZZZZ9", "--output", str(out)])
+    rc = cli.main(
+        [
+            "plot-sample",
+            "--zip",
+            str(train_zip),
+            "--sample-id",
+            "ZZZZZZZZZZZZZZZZZ9",
+            "--output",
+            str(out),
+        ]
+    )
     assert rc != 0
     assert "ZZZZZZZZZZZZZZZZZ9" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_plot_sample_cli_missing_zip(tmp_path):
-    assert cli.main(["plot-sample", "--zip", str(tmp_path / "nope.zip"), "--output", str(tmp_path / "x.png")]) != 0
+    assert (
+        cli.main(
+            [
+                "plot-sample",
+                "--zip",
+                str(tmp_path / "nope.zip"),
+                "--output",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        != 0
+    )
 
 
 def test_plot_sample_without_velocity(tmp_path):
-    out = plot_sample(_gathers(np.random.default_rng(1)), None, tmp_path / "g.png", title="test set")
+    out = plot_sample(
+        random_gathers(np.random.default_rng(1)), None, tmp_path / "g.png", title="test set"
+    )
     _check_png(out)
 
 
 def test_plot_velocity_grid(tmp_path):
     rng = np.random.default_rng(2)
-    models = [generate_velocity(rng, f, CFG) for f in FAMILIES]
+    models = [generate_velocity(rng, f, SynthConfig()) for f in FAMILIES]
     out = plot_velocity_grid(models, list(FAMILIES), tmp_path / "grid.png", ncols=3)
     _check_png(out)
     with pytest.raises(ValueError):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from speedstructure import cli
-from speedstructure.config import ConfigError
+from speedstructure.config import ConfigError, load_params
 from speedstructure.profiles import differences, profile_names, switch
 
 REAL = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -57,8 +57,9 @@ def test_switch_to_competition(params_copy):
     assert after["ensemble"] != before["ensemble"]
     assert after["tune"]["n_trials"] == comp["tune"]["n_trials"] != before["tune"]["n_trials"]
     # the rest of tune, and every unrelated section, is untouched
-    assert {k: v for k, v in after["tune"].items() if k != "n_trials"} == \
-           {k: v for k, v in before["tune"].items() if k != "n_trials"}
+    assert {k: v for k, v in after["tune"].items() if k != "n_trials"} == {
+        k: v for k, v in before["tune"].items() if k != "n_trials"
+    }
     for key in set(before) - PROFILE_KEYS:
         assert after[key] == before[key], key
     assert set(after) == set(before)
@@ -67,24 +68,32 @@ def test_switch_to_competition(params_copy):
 
     # comments are kept: every full-line comment, and distinctive end-of-line ones
     assert _comment_lines(text) == _comment_lines(original_text)
-    for c in ("# K-Means clusters of the velocity-model features (seed: 6)",
-              "# learning rate of the Muon group; null = lr",
-              "# the seed's hand-set weights, for comparison",
-              "# Optuna TPE trials per study (3 studies per fold: two halves + the whole fold)",
-              "# ---------------------------------------------------------------- training runs",
-              "#   competition: the seed's 1st-place setup: EVA02-Large at 560 px (weights from the hub, GPU),"):
+    for c in (
+        "# K-Means clusters of the velocity-model features (seed: 6)",
+        "# learning rate of the Muon group; null = lr",
+        "# the seed's hand-set weights, for comparison",
+        "# Optuna TPE trials per study (3 studies per fold: two halves + the whole fold)",
+        "# ---------------------------------------------------------------- training runs",
+        "#   competition: the seed's 1st-place setup: EVA02-Large at 560 px "
+        "(weights from the hub, GPU),",
+    ):
         assert c in text, c
     # the profile definitions are written out in full, not as YAML anchors/aliases,
     # and lines outside the switched keys keep their tokens (e.g. `null` stays `null`)
     assert "&id" not in text and "*id" not in text
     assert text.count(": null") == original_text.count(": null")
     start = original_text.index("\nprofiles:")
-    assert text[text.index("\nprofiles:"):].rstrip("\n") == original_text[start:].rstrip("\n")
-    assert text[:text.index("\nruns:")].replace("profile: competition", "profile: default", 1) == \
-           original_text[:original_text.index("\nruns:")]
+    assert text[text.index("\nprofiles:") :].rstrip("\n") == original_text[start:].rstrip("\n")
+    assert (
+        text[: text.index("\nruns:")].replace("profile: competition", "profile: default", 1)
+        == original_text[: original_text.index("\nruns:")]
+    )
 
     assert differences(after, "competition") == []
     assert "runs" in differences(after, "default")
+    typed = load_params(params_copy)  # the typed params agree with the raw mapping
+    assert typed.profile == "competition" and differences(typed, "competition") == []
+    assert "runs" in differences(typed, "default")
 
 
 def test_switch_back_restores_the_original(params_copy):
@@ -137,7 +146,7 @@ def test_cli_profile(params_copy, monkeypatch, capsys):
     assert "no profile 'nope'" in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------- the repository's params.yaml
+# ------------------------------------------------------------------ the repository's params.yaml
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +158,9 @@ def test_real_params_active_profile_agrees(real):
     assert real["profile"] in profile_names(real)
     assert set(profile_names(real)) >= {"default", "competition"}
     assert differences(real, real["profile"]) == []
+    typed = load_params(REAL)
+    assert profile_names(typed) == profile_names(real)
+    assert differences(typed, typed.profile) == []
 
 
 def test_real_params_profiles_are_consistent(real):

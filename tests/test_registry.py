@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from speedstructure import registry as R
 from speedstructure.errors import UserError
 from speedstructure.model import build_model
+from speedstructure.stages import register as R
 
 
 def _trend_checkpoint(path, velocity: float):
@@ -22,22 +22,35 @@ def _trend_checkpoint(path, velocity: float):
 
 
 @pytest.fixture
-def project(tmp_path):
+def project(tmp_path, tiny_params):
     _trend_checkpoint(tmp_path / "models/a/fold_0/best.pt", 2.0)
     _trend_checkpoint(tmp_path / "models/b/fold_0/best.pt", 4.0)
-    params = {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns/mlflow.db'}",
-                         "artifact_root": str(tmp_path / "mlruns/artifacts"), "experiment": "reg-test",
-                         "registered_model": "ens-test"}}
-    yield tmp_path, params
+    mlflow_cfg = {
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns/mlflow.db'}",
+        "artifact_root": str(tmp_path / "mlruns/artifacts"),
+        "experiment": "reg-test",
+        "registered_model": "ens-test",
+    }
+    yield tmp_path, tiny_params(tmp_path, mlflow=mlflow_cfg)
     import mlflow
 
     mlflow.set_tracking_uri(None)
 
 
 def _spec(root, cv: float, w_a: float):
-    spec = {"format": 1, "cv_mape": cv, "folds": [{"fold": 0, "members": [
-        {"variant": "a", "checkpoint": "models/a/fold_0/best.pt", "weight": w_a},
-        {"variant": "b", "checkpoint": "models/b/fold_0/best.pt", "weight": 1.0 - w_a}]}]}
+    spec = {
+        "format": 1,
+        "cv_mape": cv,
+        "folds": [
+            {
+                "fold": 0,
+                "members": [
+                    {"variant": "a", "checkpoint": "models/a/fold_0/best.pt", "weight": w_a},
+                    {"variant": "b", "checkpoint": "models/b/fold_0/best.pt", "weight": 1.0 - w_a},
+                ],
+            }
+        ],
+    }
     path = root / f"ensemble_{cv}.json"
     path.write_text(json.dumps(spec))
     return path
@@ -47,9 +60,9 @@ def test_champion_moves_only_to_a_better_version(project):
     import mlflow
 
     root, params = project
-    r1 = R.register_ensemble(_spec(root, 0.05, 0.25), params=params, root=root)
+    r1 = R.register_ensemble(_spec(root, 0.05, 0.25), params)
     assert (r1["version"], r1["champion"]) == (1, True)
-    r2 = R.register_ensemble(_spec(root, 0.08, 0.5), params=params, root=root)  # worse: alias stays
+    r2 = R.register_ensemble(_spec(root, 0.08, 0.5), params)  # worse: alias stays
     assert (r2["version"], r2["champion"], r2["champion_version"]) == (2, False, 1)
     client = mlflow.MlflowClient()
     assert int(client.get_model_version_by_alias("ens-test", R.CHAMPION).version) == 1
@@ -60,8 +73,13 @@ def test_champion_moves_only_to_a_better_version(project):
     np.testing.assert_allclose(r2_model.predict(x), 3.0, atol=1e-6)
     with pytest.raises(Exception, match="shape"):  # the signature asks for a batch axis
         model.predict(x[0])
-    r3 = R.register_ensemble(_spec(root, 0.03, 1.0 - 1e-9), params=params, root=root)  # better: alias moves
+    # better: alias moves; the stage registers paths.ensemble and writes paths.registered
+    params.path("ensemble").parent.mkdir(parents=True)
+    _spec(root, 0.03, 1.0 - 1e-9).rename(params.path("ensemble"))
+    r3 = R.run_register(params)
     assert (r3["version"], r3["champion"]) == (3, True)
+    assert json.loads(params.path("registered").read_text()) == r3
+    assert r3["model_uri"] == "models:/ens-test/3" and r3["cv_mape"] == 0.03
     assert int(client.get_model_version_by_alias("ens-test", R.CHAMPION).version) == 3
     versions = {int(v.version) for v in client.search_model_versions("name='ens-test'")}
     assert versions == {1, 2, 3}  # every version stays
@@ -77,9 +95,9 @@ def test_missing_checkpoint_and_cv_are_named(project):
     bad = root / "bad.json"
     bad.write_text(json.dumps(spec))
     with pytest.raises(UserError, match=r"models/none/best\.pt not found"):
-        R.register_ensemble(bad, params=params, root=root)
+        R.register_ensemble(bad, params)
     spec = json.loads(_spec(root, 0.05, 0.5).read_text())
     del spec["cv_mape"]
     bad.write_text(json.dumps(spec))
     with pytest.raises(UserError, match="cv_mape"):
-        R.register_ensemble(bad, params=params, root=root)
+        R.register_ensemble(bad, params)

@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 from scipy.signal import fftconvolve
 
+from speedstructure.config import ConfigError, SimParams, SynthConfig
 from speedstructure.dataio import NX, NZ
-from speedstructure.simulate import (
+from speedstructure.synth.simulate import (
     RECEIVER_DEPTH_M,
     RECEIVER_X_M,
     SOURCE_DEPTH_M,
     SOURCE_X_M,
-    SimConfig,
     Simulator,
+    check_sim,
     coarsen_slowness,
 )
 
@@ -21,7 +22,7 @@ DT = 1e-4
 @pytest.fixture(scope="module")
 def homogeneous():
     v = np.full((NX, NZ), 2.0, np.float32)
-    return Simulator(SimConfig())(v)
+    return Simulator(SimParams())(v)
 
 
 def analytic_2d(offset_m: float, c: float, f0: float, nt: int) -> np.ndarray:
@@ -44,7 +45,8 @@ def analytic_2d(offset_m: float, c: float, f0: float, nt: int) -> np.ndarray:
 
 def test_direct_arrival_timing_homogeneous(homogeneous):
     """Direct-wave peak at every receiver of every shot agrees with the analytic 2-D solution
-    within 1 ms, near offsets of the off-grid sources (74, 149, 224, 299 m on a 5 m grid) included."""
+    within 1 ms, near offsets of the off-grid sources (74, 149, 224, 299 m on a 5 m grid)
+    included."""
     g = homogeneous
     for s, sx in enumerate(SOURCE_X_M):
         for r in range(len(RECEIVER_X_M)):
@@ -59,7 +61,7 @@ def test_direct_arrival_timing_homogeneous(homogeneous):
 
 def test_polarity_and_scale_in_water():
     v = np.full((NX, NZ), 1.5, np.float32)
-    g = Simulator(SimConfig())(v)
+    g = Simulator(SimParams())(v)
     for s, r in ((0, 0), (2, 15), (4, 30)):
         tr = g[s, :, r]
         i = int(np.argmax(np.abs(tr)))
@@ -70,13 +72,14 @@ def test_polarity_and_scale_in_water():
 
 
 def test_reflection_two_way_time():
-    """One flat interface at 400 m: the reflection arrives at the predicted two-way time within 2 ms."""
+    """One flat interface at 400 m: the reflection arrives at the predicted two-way time
+    within 2 ms."""
     depth = 400
     v = np.full((NX, NZ), 1.5, np.float32)
     v[:, depth:] = 3.0
-    g = Simulator(SimConfig())(v)
+    g = Simulator(SimParams())(v)
     w = np.full((NX, NZ), 1.5, np.float32)
-    direct = Simulator(SimConfig())(w)
+    direct = Simulator(SimParams())(w)
     refl = g - direct  # the reflection alone
     s, sx = 2, SOURCE_X_M[2]
     for r in (15, 5, 25):
@@ -91,12 +94,12 @@ def test_reflection_two_way_time():
 
 def test_fidelity_coarse_vs_fine_layered():
     """Default 5 m grid against a 2 m run of a layered model: corr > 0.99, rel. L2 < 10 %."""
-    from speedstructure.velocity import generate_velocity
+    from speedstructure.synth.velocity import generate_velocity
 
-    cfg = {"v_min": 1.5, "v_max": 4.5, "water_velocity": 1.5, "water_depth": [150, 400]}
+    cfg = SynthConfig(v_min=1.5, v_max=4.5, water_velocity=1.5, water_depth=(150, 400))
     v = generate_velocity(np.random.default_rng(3), "gentle_fold", cfg)
-    coarse = Simulator(SimConfig())(v).astype(np.float64)
-    fine = Simulator(SimConfig(dx=2.0))(v).astype(np.float64)
+    coarse = Simulator(SimParams())(v).astype(np.float64)
+    fine = Simulator(SimParams(dx=2.0))(v).astype(np.float64)
     corr = np.corrcoef(coarse.ravel(), fine.ravel())[0, 1]
     rel = np.linalg.norm(coarse - fine) / np.linalg.norm(fine)
     assert corr > 0.99, corr
@@ -113,8 +116,13 @@ def test_coarsen_slowness_harmonic_mean():
     assert np.allclose(coarsen_slowness(np.full((NX, NZ), 3.0, np.float32), 5), 3.0)
 
 
-def test_bad_config():
+def test_bad_config(tiny_params, tmp_path):
     with pytest.raises(ValueError, match="integer multiple"):
-        SimConfig(dt=0.00025 + 1e-6)
-    with pytest.raises(ValueError, match="unknown keys"):
-        SimConfig.from_params({"dx": 5, "bogus": 1})
+        Simulator(SimParams(dt=0.00025 + 1e-6))
+    with pytest.raises(ConfigError, match="dx"):
+        check_sim(SimParams(dx=12.0))
+    with pytest.raises(ConfigError, match=r"synth\.sim: unknown key\(s\) bogus"):
+        tiny_params(tmp_path, synth={"sim": {"dx": 5, "bogus": 1}})
+    # whole numbers given for float settings become floats, as the simulator expects
+    sim = check_sim(tiny_params(tmp_path, synth={"sim": {"dx": 5, "freq": 15}}).synth.sim)
+    assert sim == SimParams() and isinstance(sim.dx, float) and isinstance(sim.freq, float)

@@ -1,9 +1,11 @@
+import os
 import zipfile
 
 import numpy as np
 import pytest
 
 from speedstructure import cli, submission
+from speedstructure.config import V_MAX, V_MIN
 from speedstructure.dataio import ZipWriter
 from speedstructure.errors import DataError
 from speedstructure.submission import SubmissionWriter, validate_submission, write_submission
@@ -85,10 +87,11 @@ class _CountingFile:
 
 
 def _write_counted(tmp_path, monkeypatch, n):
-    files = []
+    files, temps = [], []
     real_open_temp = submission._open_temp
 
     def counting_open_temp(path):
+        temps.append(path)
         files.append(_CountingFile(real_open_temp(path)))
         return files[-1]
 
@@ -110,6 +113,8 @@ def _write_counted(tmp_path, monkeypatch, n):
     out = write_submission(tmp_path / f"sub{n}.npz", ((sid, np.full(SHAPE, 3.0)) for sid in ids))
     monkeypatch.undo()
     assert len(files) == 1
+    # the temporary of fsutil.atomic_output, beside the target
+    assert temps == [out.with_name(f".{out.name}.tmp{os.getpid()}")]
     written = sum(size for _, size in files[0].writes)
     return out, ids, written, opened
 
@@ -124,7 +129,9 @@ def test_writer_io_is_linear_and_writes_each_member_once(tmp_path, monkeypatch):
         # Everything on disk was written once; only the small local headers are
         # patched afterwards (sizes and CRC), far less than one array per member.
         assert final <= written <= final + n * 200
-        assert sorted(opened) == sorted(f"{sid}.npy" for sid in ids)  # each member opened for writing once
+        assert sorted(opened) == sorted(
+            f"{sid}.npy" for sid in ids
+        )  # each member opened for writing once
         with np.load(out) as z:
             assert sorted(z.files) == ids
         sizes[n] = written
@@ -146,7 +153,9 @@ def test_exception_midway_leaves_nothing(tmp_path):
 
     # An existing submission is left untouched when a rewrite fails.
     target.write_bytes(b"previous submission")
-    with pytest.raises(DataError, match=r"sub.npz: sample 'BBBBBBBBBBBBBBBBB2': shape \(300, 1258\)"):
+    with pytest.raises(
+        DataError, match=r"sub.npz: sample 'BBBBBBBBBBBBBBBBB2': shape \(300, 1258\)"
+    ):
         with SubmissionWriter(target) as sw:
             sw.add(IDS[0], _vp(0))
             sw.add(IDS[1], np.ones((300, 1258)))
@@ -208,18 +217,42 @@ def _changed(arrays, **changes):
 
 CASES = {
     # name: (the changed arrays, problem kind, distinctive message, id named)
-    "missing": (lambda d: _changed(d, **{IDS[1]: None}), "missing_keys",
-                "missing keys: 1 of 3 test samples have no array: 'BBBBBBBBBBBBBBBBB2'", IDS[1]),
-    "extra": (lambda d: _changed(d, ZZZZZZZZZZZZZZZZZ9=_vp(9)), "extra_keys",
-              "extra keys: 1 arrays are not test samples: 'ZZZZZZZZZZZZZZZZZ9'", "ZZZZZZZZZZZZZZZZZ9"),
-    "float32": (lambda d: _changed(d, **{IDS[0]: d[IDS[0]].astype(np.float32)}), "dtype",
-                "dtype float32, expected float64", IDS[0]),
-    "shape": (lambda d: _changed(d, **{IDS[2]: d[IDS[2]][:, :1258]}), "shape",
-              "shape (300, 1258), expected (300, 1259)", IDS[2]),
-    "nan": (lambda d: _changed(d, **{IDS[1]: _nan(d[IDS[1]])}), "non_finite",
-            "2 non-finite values (1 NaN, 1 inf)", IDS[1]),
-    "range": (lambda d: _changed(d, **{IDS[0]: _low(d[IDS[0]])}), "out_of_range",
-              "10 values outside [1.5, 4.5] km/s (min 1.2, max", IDS[0]),
+    "missing": (
+        lambda d: _changed(d, **{IDS[1]: None}),
+        "missing_keys",
+        "missing keys: 1 of 3 test samples have no array: 'BBBBBBBBBBBBBBBBB2'",
+        IDS[1],
+    ),
+    "extra": (
+        lambda d: _changed(d, ZZZZZZZZZZZZZZZZZ9=_vp(9)),
+        "extra_keys",
+        "extra keys: 1 arrays are not test samples: 'ZZZZZZZZZZZZZZZZZ9'",
+        "ZZZZZZZZZZZZZZZZZ9",
+    ),
+    "float32": (
+        lambda d: _changed(d, **{IDS[0]: d[IDS[0]].astype(np.float32)}),
+        "dtype",
+        "dtype float32, expected float64",
+        IDS[0],
+    ),
+    "shape": (
+        lambda d: _changed(d, **{IDS[2]: d[IDS[2]][:, :1258]}),
+        "shape",
+        "shape (300, 1258), expected (300, 1259)",
+        IDS[2],
+    ),
+    "nan": (
+        lambda d: _changed(d, **{IDS[1]: _nan(d[IDS[1]])}),
+        "non_finite",
+        "2 non-finite values (1 NaN, 1 inf)",
+        IDS[1],
+    ),
+    "range": (
+        lambda d: _changed(d, **{IDS[0]: _low(d[IDS[0]])}),
+        "out_of_range",
+        "10 values outside [1.5, 4.5] km/s (min 1.2, max",
+        IDS[0],
+    ),
 }
 
 
@@ -246,8 +279,9 @@ def test_messages_are_distinct_and_all_problems_listed(tmp_path, test_zip):
         arrays[f"X{i:017d}"] = _vp(i)
     path = _save(tmp_path / "bad.npz", arrays)
     report = validate_submission(path, test_zip)
-    assert sorted(report.kinds) == sorted(["missing_keys", "extra_keys", "dtype", "out_of_range", "shape",
-                                          "non_finite"])
+    assert sorted(report.kinds) == sorted(
+        ["missing_keys", "extra_keys", "dtype", "out_of_range", "shape", "non_finite"]
+    )
     assert len(report.problems) == 6 and len(set(report.messages())) == 6
     extra = next(p for p in report.problems if p.kind == "extra_keys")
     assert "7 arrays are not test samples" in extra.message and "(+2 more)" in extra.message
@@ -259,27 +293,35 @@ def test_messages_are_distinct_and_all_problems_listed(tmp_path, test_zip):
 
 def test_validator_unreadable_inputs(tmp_path, test_zip):
     report = validate_submission(tmp_path / "none.npz", test_zip)
-    assert report.kinds == {"unreadable_file"} and "none.npz: submission file not found" in report.messages()[0]
+    assert (
+        report.kinds == {"unreadable_file"}
+        and "none.npz: submission file not found" in report.messages()[0]
+    )
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip at all")
     assert "junk.npz: not a readable .npz archive" in validate_submission(junk, IDS).messages()[0]
     with zipfile.ZipFile(tmp_path / "txt.npz", "w") as zf:
         zf.writestr(f"{IDS[0]}.npy", b"hello")
     report = validate_submission(tmp_path / "txt.npz", IDS[:1])
-    assert report.kinds == {"unreadable_array"} and "is not a readable .npy array" in report.messages()[0]
+    assert (
+        report.kinds == {"unreadable_array"}
+        and "is not a readable .npy array" in report.messages()[0]
+    )
 
 
 # ----------------------------------------------------------------------------- command line
 
 
 @pytest.fixture
-def run_cli(monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["speedstructure.submission"])
-
+def run_cli():
     def run(*argv):
         return cli.main(["validate-submission", *map(str, argv)])
 
     return run
+
+
+def test_default_range_is_the_challenges():
+    assert (submission.V_MIN_DEFAULT, submission.V_MAX_DEFAULT) == (V_MIN, V_MAX) == (1.5, 4.5)
 
 
 def test_cli(tmp_path, test_zip, run_cli, capsys):
@@ -288,7 +330,9 @@ def test_cli(tmp_path, test_zip, run_cli, capsys):
     assert capsys.readouterr().out.strip() == "OK: 3 arrays, float64 (300, 1259), within [1.5, 4.5]"
 
     # A tighter range turns the same file into a failure.
-    assert run_cli("--submission", good, "--test-zip", test_zip, "--v-min", "2", "--v-max", "4") == 1
+    assert (
+        run_cli("--submission", good, "--test-zip", test_zip, "--v-min", "2", "--v-max", "4") == 1
+    )
     captured = capsys.readouterr()
     assert "values outside [2, 4] km/s" in captured.out + captured.err
 

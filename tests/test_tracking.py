@@ -11,8 +11,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from speedstructure import tracking
+from speedstructure.config import parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,19 +43,28 @@ def test_home_root(tmp_path):
     assert tracking.home_root(repo / ".dvc" / "tmp" / "exps" / "tmpabc" / "sub") == repo.resolve()
     assert tracking.home_root(repo / ".dvc" / "tmp" / "exps" / "tmpabc") == repo.resolve()
     # ordinary paths (and look-alikes) are left alone
-    for p in (repo, repo / "sub", repo / ".dvc" / "tmp" / "other" / "x", repo / "dvc" / "tmp" / "exps" / "x",
-              repo / ".dvc" / "tmp"):
+    for p in (
+        repo,
+        repo / "sub",
+        repo / ".dvc" / "tmp" / "other" / "x",
+        repo / "dvc" / "tmp" / "exps" / "x",
+        repo / ".dvc" / "tmp",
+    ):
         assert tracking.home_root(p) == p.resolve()
 
 
-def test_settings_resolve_relative_paths_under_the_home_root(tmp_path):
+def test_settings_resolve_relative_paths_under_the_home_root(tmp_path, tiny_params):
     repo = tmp_path / "repo"
-    params = {"mlflow": {"tracking_uri": "sqlite:///mlruns/m.db", "artifact_root": "mlruns/art", "experiment": "e1"}}
+    mlflow_cfg = {
+        "tracking_uri": "sqlite:///mlruns/m.db",
+        "artifact_root": "mlruns/art",
+        "experiment": "e1",
+    }
     want_uri = f"sqlite:///{(repo / 'mlruns' / 'm.db').resolve()}"
     want_art = (repo / "mlruns" / "art").resolve().as_uri()
     copy = repo / ".dvc" / "tmp" / "exps" / "tmpq1w2" / "x"
     for root in (repo, copy):
-        s = tracking.settings(params, root)
+        s = tracking.settings(tiny_params(root, mlflow=mlflow_cfg))
         assert s["tracking_uri"] == want_uri and s["tracking_uri"].startswith("sqlite:////")
         assert s["artifact_root"] == want_art
         assert s["experiment"] == "e1"
@@ -63,29 +74,44 @@ def test_settings_resolve_relative_paths_under_the_home_root(tmp_path):
 
     # without params: read from the root's params.yaml (the copy's own file)
     copy.mkdir(parents=True, exist_ok=True)
-    (copy / "params.yaml").write_text("mlflow:\n  tracking_uri: sqlite:///db/x.db\n  artifact_root: arts\n")
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    shipped["mlflow"] = {"tracking_uri": "sqlite:///db/x.db", "artifact_root": "arts"}
+    (copy / "params.yaml").write_text(yaml.safe_dump(shipped))
     s = tracking.settings(None, copy)
+    assert tracking.settings(root=copy) == s
     assert s["tracking_uri"] == f"sqlite:///{(repo / 'db' / 'x.db').resolve()}"
     assert s["artifact_root"] == (repo / "arts").resolve().as_uri()
     assert s["experiment"] == "speedstructure"
 
     # absolute paths pass through
-    abs_params = {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/abs/a.db", "artifact_root": str(tmp_path / "A")}}
-    s = tracking.settings(abs_params, copy)
+    abs_cfg = {
+        "tracking_uri": f"sqlite:///{tmp_path}/abs/a.db",
+        "artifact_root": str(tmp_path / "A"),
+    }
+    s = tracking.settings(tiny_params(copy, mlflow=abs_cfg))
     assert s["tracking_uri"] == f"sqlite:///{tmp_path}/abs/a.db"
     assert s["artifact_root"] == (tmp_path / "A").as_uri()
 
 
-def test_environment_wins(tmp_path, monkeypatch):
-    params = {"mlflow": {"tracking_uri": "sqlite:///mlruns/m.db", "experiment": "from-params"}}
+def test_settings_default_without_a_params_file(tmp_path):
+    s = tracking.settings(root=tmp_path)
+    assert s["tracking_uri"] == f"sqlite:///{(tmp_path / 'mlruns' / 'mlflow.db').resolve()}"
+    assert s["artifact_root"] == (tmp_path / "mlruns" / "artifacts").resolve().as_uri()
+    assert s["experiment"] == "speedstructure"
+    assert s["registered_model"] == "speedstructure-ensemble"
+    assert tracking.project_params(root=tmp_path).root == tmp_path
+
+
+def test_environment_wins(tmp_path, monkeypatch, tiny_params):
+    cfg = {"tracking_uri": "sqlite:///mlruns/m.db", "experiment": "from-params"}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
-    s = tracking.settings(params, tmp_path)
+    s = tracking.settings(tiny_params(tmp_path, mlflow=cfg))
     assert s["tracking_uri"] == "http://mlflow.example:5000"
     assert s["experiment"] == "from-env"
     # a relative SQLite URI from the environment is under the home root too
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env/e.db")
-    s = tracking.settings(params, tmp_path / ".dvc" / "tmp" / "exps" / "t")
+    s = tracking.settings(tiny_params(tmp_path / ".dvc" / "tmp" / "exps" / "t", mlflow=cfg))
     assert s["tracking_uri"] == f"sqlite:///{(tmp_path / 'env' / 'e.db').resolve()}"
 
 
@@ -94,10 +120,12 @@ def test_environment_wins(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    """One MLflow store for this module's runs; every test names its own runs."""
     base = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{base}/m.db"
-    params = {"mlflow": {"tracking_uri": uri, "artifact_root": str(base / "art"), "experiment": "t"}}
-    return uri, params, base
+    cfg = {"tracking_uri": uri, "artifact_root": str(base / "art"), "experiment": "t"}
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    return uri, parse_params({**shipped, "mlflow": cfg}, root=REPO), base
 
 
 def _run(uri: str, run_id: str):
@@ -111,10 +139,13 @@ def _runs_named(uri: str, name: str):
 
 
 def test_finished_run_logs_flat_params_and_git_commit(store):
-    uri, params, base = store
-    with tracking.start_run("ok", tags={"stage": "unit", "fold": 3},
-                            params={"train": {"lr": 0.001, "betas": [0.9, 0.95]}, "seed": 7},
-                            project_params=params, root=REPO) as run:
+    uri, project, base = store
+    with tracking.start_run(
+        "ok",
+        project,
+        tags={"stage": "unit", "fold": 3},
+        params={"train": {"lr": 0.001, "betas": [0.9, 0.95]}, "seed": 7},
+    ) as run:
         assert mlflow.active_run().info.run_id == run.info.run_id
         tracking.log_metrics({"loss": 0.5})
     assert mlflow.active_run() is None
@@ -136,37 +167,37 @@ def test_finished_run_logs_flat_params_and_git_commit(store):
 
 
 def test_git_commit_from_dvc_experiment(store, monkeypatch):
-    uri, params, _ = store
+    uri, project, _ = store
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123456789abcdef")
-    with tracking.start_run("dvcexp", project_params=params) as run:
+    with tracking.start_run("dvcexp", project) as run:
         pass
     assert _run(uri, run.info.run_id).data.tags["git_commit"] == "0123456789abcdef"
 
 
 def test_exception_ends_failed_and_propagates(store):
-    uri, params, _ = store
+    uri, project, _ = store
     with pytest.raises(ValueError, match="boom"):
-        with tracking.start_run("fails", project_params=params) as run:
+        with tracking.start_run("fails", project) as run:
             raise ValueError("boom")
     assert mlflow.active_run() is None
     assert _run(uri, run.info.run_id).info.status == "FAILED"
 
 
 def test_keyboard_interrupt_ends_killed(store):
-    uri, params, _ = store
+    uri, project, _ = store
     with pytest.raises(KeyboardInterrupt):
-        with tracking.start_run("ctrl-c", project_params=params) as run:
+        with tracking.start_run("ctrl-c", project) as run:
             raise KeyboardInterrupt
     assert mlflow.active_run() is None
     assert _run(uri, run.info.run_id).info.status == "KILLED"
 
 
 def test_sigterm_ends_killed_and_restores_the_handler(store):
-    uri, params, _ = store
+    uri, project, _ = store
     before = signal.getsignal(signal.SIGTERM)
     reached = False
     with pytest.raises(tracking.Terminated):
-        with tracking.start_run("sigterm", project_params=params) as run:
+        with tracking.start_run("sigterm", project) as run:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # interrupted by the handler
             reached = True
@@ -178,19 +209,38 @@ def test_sigterm_ends_killed_and_restores_the_handler(store):
 
 
 def test_no_run_is_left_running(store):
-    uri, _, _ = store
+    uri, project, _ = store
+    with tracking.start_run("left-ok", project):
+        pass
+    for exc in (ValueError, KeyboardInterrupt):
+        with pytest.raises(exc):
+            with tracking.start_run(f"left-{exc.__name__}", project):
+                raise exc
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("t")
     runs = client.search_runs([exp.experiment_id])
-    assert runs  # the tests above ran in this store
+    assert {"left-ok", "left-ValueError", "left-KeyboardInterrupt"} <= {
+        r.info.run_name for r in runs
+    }
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
 
 def test_log_metrics_ignores_nan_and_non_numbers(store):
-    uri, params, _ = store
-    with tracking.start_run("metrics", project_params=params) as run:
-        tracking.log_metrics({"a": 1.5, "b": float("nan"), "c": "text", "d": True, "e": 3,
-                              "f": math.inf, "g": None, "h": [1.0]}, step=2)
+    uri, project, _ = store
+    with tracking.start_run("metrics", project) as run:
+        tracking.log_metrics(
+            {
+                "a": 1.5,
+                "b": float("nan"),
+                "c": "text",
+                "d": True,
+                "e": 3,
+                "f": math.inf,
+                "g": None,
+                "h": [1.0],
+            },
+            step=2,
+        )
         tracking.log_metrics({"only_nan": float("nan")})  # nothing left: no call at all
     r = _run(uri, run.info.run_id)
     assert r.data.metrics == {"a": 1.5, "e": 3.0}

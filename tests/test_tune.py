@@ -1,19 +1,25 @@
-"""Tests of ensemble-weight tuning (speedstructure.tune): real Optuna, small arrays."""
+"""Tests of ensemble-weight tuning (speedstructure.weights and the tune stage): real Optuna,
+small arrays."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
 import pytest
+import yaml
 
-from speedstructure import tune as TU
+from speedstructure import weights as W
 from speedstructure.config import ConfigError
 from speedstructure.dataio import ZipWriter
 from speedstructure.errors import UserError
+from speedstructure.stages import tune as TU
+
+SHIPPED = Path(__file__).resolve().parents[1] / "params.yaml"
 
 TRUE_W = np.array([0.6, 0.3, 0.1])
 
@@ -26,14 +32,28 @@ def _problem(seed: int = 0, n: int = 12, shape=(30, 40)):
     """
     rng = np.random.default_rng(seed)
     x, z = np.linspace(0, 1, shape[0])[:, None], np.linspace(0, 1, shape[1])
-    truth = np.stack([np.clip(rng.uniform(1.5, 2.5) + rng.uniform(0.5, 1.5) * z
-                              + 0.2 * np.sin(6 * x + rng.uniform(0, 6)), 1.5, 4.5) for _ in range(n)])
+    truth = np.stack(
+        [
+            np.clip(
+                rng.uniform(1.5, 2.5)
+                + rng.uniform(0.5, 1.5) * z
+                + 0.2 * np.sin(6 * x + rng.uniform(0, 6)),
+                1.5,
+                4.5,
+            )
+            for _ in range(n)
+        ]
+    )
     e1 = np.stack([np.sin(3 * x * rng.uniform(1, 3) + 4 * z + rng.uniform(0, 6)) for _ in range(n)])
     e2 = np.stack([np.cos(5 * z * rng.uniform(1, 3) - 2 * x + rng.uniform(0, 6)) for _ in range(n)])
     a, b = (1.0, -1.0, -3.0), (1.0, -3.0, 3.0)
     assert abs(TRUE_W @ a) < 1e-12 and abs(TRUE_W @ b) < 1e-12
-    preds = np.stack([truth * (1 + 0.2 * (am * e1 + bm * e2) + rng.normal(0, 0.005, truth.shape))
-                      for am, bm in zip(a, b)])
+    preds = np.stack(
+        [
+            truth * (1 + 0.2 * (am * e1 + bm * e2) + rng.normal(0, 0.005, truth.shape))
+            for am, bm in zip(a, b, strict=True)
+        ]
+    )
     return preds.astype(np.float32), truth.astype(np.float32)
 
 
@@ -51,37 +71,39 @@ def test_weighted_mape_matches_reference_any_dtype_and_subset():
     preds, truth = preds.reshape(3, 7, 5, 6, 2), truth.reshape(7, 5, 6, 2)  # any trailing dims
     w = np.array([0.2, 0.5, 0.3])
     for p in (preds, preds.astype(np.float16), preds.astype(np.float64)):
-        assert TU.weighted_mape(p, truth, w) == pytest.approx(_ref_mape(p, truth, w), rel=1e-6)
-    sc = TU.Scorer(preds, truth, chunk_cells=130)  # chunks of 2 samples
+        assert W.weighted_mape(p, truth, w) == pytest.approx(_ref_mape(p, truth, w), rel=1e-6)
+    sc = W.Scorer(preds, truth, chunk_cells=130)  # chunks of 2 samples
     idx = [6, 0, 3, 4, 1]
     assert sc(w, idx) == pytest.approx(_ref_mape(preds[:, idx], truth[idx], w), rel=1e-6)
-    assert sc.member_mapes() == pytest.approx([_ref_mape(preds, truth, e) for e in np.eye(3)], rel=1e-6)
-    with pytest.raises(TU.TuneError, match="sum to 1"):
+    assert sc.member_mapes() == pytest.approx(
+        [_ref_mape(preds, truth, e) for e in np.eye(3)], rel=1e-6
+    )
+    with pytest.raises(W.TuneError, match="sum to 1"):
         sc([0.5, 0.5, 0.5])
-    with pytest.raises(TU.TuneError, match="do not match"):
-        TU.Scorer(preds, truth[:, :4])
+    with pytest.raises(W.TuneError, match="do not match"):
+        W.Scorer(preds, truth[:, :4])
     bad = preds.copy()
     bad[1, 2, 0, 0, 0] = np.nan
-    with pytest.raises(TU.TuneError, match="not finite"):
-        TU.Scorer(bad, truth)
+    with pytest.raises(W.TuneError, match="not finite"):
+        W.Scorer(bad, truth)
 
 
 def test_dirichlet_weights_on_simplex():
-    assert TU.dirichlet_weights([0.5, 0.5, 0.5]) == pytest.approx([1 / 3] * 3)
-    w = TU.dirichlet_weights([0.0, 0.3, 1.0])  # u = 0 and u = 1 are safe
+    assert W.dirichlet_weights([0.5, 0.5, 0.5]) == pytest.approx([1 / 3] * 3)
+    w = W.dirichlet_weights([0.0, 0.3, 1.0])  # u = 0 and u = 1 are safe
     assert np.isfinite(w).all() and w.sum() == pytest.approx(1.0) and w[2] == 0.0
-    assert TU.dirichlet_weights([1.0, 1.0]) == pytest.approx([0.5, 0.5])
+    assert W.dirichlet_weights([1.0, 1.0]) == pytest.approx([0.5, 0.5])
 
 
 def test_tuning_recovers_known_weights():
     preds, truth = _problem()
-    sc = TU.Scorer(preds, truth)
+    sc = W.Scorer(preds, truth)
     equal = sc(np.full(3, 1 / 3))
     assert sc.member_mapes().min() > 0.1 and equal > 0.1  # no member, nor the plain mean, is good
-    w, study = TU.fit_weights(preds, truth, n_trials=100, seed=0)
+    w, study = W.fit_weights(preds, truth, n_trials=100, seed=0)
     assert w.shape == (3,) and w.sum() == pytest.approx(1.0) and (w >= 0).all()
     np.testing.assert_allclose(w, TRUE_W, atol=0.05)
-    assert TU.weighted_mape(preds, truth, w) < 0.2 * equal
+    assert W.weighted_mape(preds, truth, w) < 0.2 * equal
     assert len(study.trials) == 100
     first = study.trials[0]
     assert first.user_attrs["weights"] == pytest.approx([1 / 3] * 3)  # equal weights enqueued first
@@ -90,15 +112,16 @@ def test_tuning_recovers_known_weights():
 
 def test_single_member_needs_no_study():
     preds, truth = _problem(n=3)
-    w, study = TU.fit_weights(preds[:1], truth, n_trials=10, seed=0)
+    w, study = W.fit_weights(preds[:1], truth, n_trials=10, seed=0)
     assert w.tolist() == [1.0] and study is None
 
 
 def test_split_half_never_scores_on_tuned_samples():
     preds, truth = _problem(n=7)
     names = ["a", "b", "c"]
-    rep = TU.split_half_report(preds, truth, names, {"a": 2.0, "b": 1.0, "zz": 5.0},
-                               n_trials=20, seed=1, split_seed=3)
+    rep = W.split_half_report(
+        preds, truth, names, {"a": 2.0, "b": 1.0, "zz": 5.0}, n_trials=20, seed=1, split_seed=3
+    )
     assert rep["strategies"] == ["best_single", "equal", "hand", "tuned"]
     assert len(rep["halves"]) == 2
     seen = []
@@ -110,11 +133,15 @@ def test_split_half_never_scores_on_tuned_samples():
         held_l, tune_l = h["heldout_idx"], h["tune_idx"]
         # scores are on the held-out half only ...
         w = np.array([h["tuned_weights"][n] for n in names])
-        assert h["heldout"]["tuned"] == pytest.approx(_ref_mape(preds[:, held_l], truth[held_l], w), rel=1e-6)
+        assert h["heldout"]["tuned"] == pytest.approx(
+            _ref_mape(preds[:, held_l], truth[held_l], w), rel=1e-6
+        )
         assert h["heldout"]["hand"] == pytest.approx(
-            _ref_mape(preds[:, held_l], truth[held_l], [2 / 3, 1 / 3, 0]), rel=1e-6)
-        # ... and the tuning saw only the tuning half: the same fit on that half alone gives the same weights
-        w_alone, _ = TU.fit_weights(preds[:, tune_l], truth[tune_l], n_trials=20, seed=1)
+            _ref_mape(preds[:, held_l], truth[held_l], [2 / 3, 1 / 3, 0]), rel=1e-6
+        )
+        # ... and the tuning saw only the tuning half: the same fit on that half alone gives
+        # the same weights
+        w_alone, _ = W.fit_weights(preds[:, tune_l], truth[tune_l], n_trials=20, seed=1)
         np.testing.assert_allclose(w, w_alone, atol=1e-9)
         member = [_ref_mape(preds[:, tune_l], truth[tune_l], e) for e in np.eye(3)]
         assert h["best_single"] == names[int(np.argmin(member))]
@@ -128,21 +155,26 @@ def test_split_half_never_scores_on_tuned_samples():
     rng = np.random.default_rng(2)
     err = 0.3 * np.abs(rng.standard_normal(truth.shape)) + 0.05
     in_a = np.isin(np.arange(7), half_a)[:, None, None]
-    opp = np.stack([truth * (1 + np.where(in_a, 0, err)), truth * (1 + err),
-                    truth * (1 + np.where(in_a, err, 0))]).astype(np.float32)
-    rep2 = TU.split_half_report(opp, truth, names, None, n_trials=40, seed=1, split_seed=3)
+    opp = np.stack(
+        [
+            truth * (1 + np.where(in_a, 0, err)),
+            truth * (1 + err),
+            truth * (1 + np.where(in_a, err, 0)),
+        ]
+    ).astype(np.float32)
+    rep2 = W.split_half_report(opp, truth, names, None, n_trials=40, seed=1, split_seed=3)
     h_ab, h_ba = rep2["halves"]
     assert h_ab["tune_idx"] == half_a
     assert h_ab["best_single"] == "a" and h_ba["best_single"] == "c"
     assert h_ab["tuned_weights"]["a"] > 0.8 and h_ba["tuned_weights"]["c"] > 0.8
     assert h_ab["heldout"]["tuned"] > 5 * h_ab["tune_mape"]["tuned"]  # fitted on A, scored on B
-    no_hand = TU.split_half_report(preds, truth, names, None, n_trials=5, seed=1, split_seed=3)
+    no_hand = W.split_half_report(preds, truth, names, None, n_trials=5, seed=1, split_seed=3)
     assert "hand" not in no_hand["heldout"]
-    with pytest.raises(TU.TuneError, match="at least 2"):
-        TU.split_half_report(preds[:, :1], truth[:1], names, None, n_trials=5, seed=1, split_seed=3)
+    with pytest.raises(W.TuneError, match="at least 2"):
+        W.split_half_report(preds[:, :1], truth[:1], names, None, n_trials=5, seed=1, split_seed=3)
 
 
-def test_study_resumes_by_name(tmp_path):
+def test_study_resumes_by_name(tmp_path, caplog):
     preds, truth = _problem(n=4)
     db = tmp_path / "sub" / "optuna.db"
     url = f"sqlite:///{db}"
@@ -151,22 +183,27 @@ def test_study_resumes_by_name(tmp_path):
         st = optuna.load_study(study_name="w", storage=url)
         return len([t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE])
 
-    w1, s1 = TU.fit_weights(preds, truth, n_trials=6, seed=0, storage=db, study_name="w")
+    w1, s1 = W.fit_weights(preds, truth, n_trials=6, seed=0, storage=db, study_name="w")
     assert db.is_file() and n_complete() == 6
-    w2, _ = TU.fit_weights(preds, truth, n_trials=6, seed=0, storage=db, study_name="w")
+    w2, _ = W.fit_weights(preds, truth, n_trials=6, seed=0, storage=db, study_name="w")
     assert n_complete() == 6  # nothing new to run
     np.testing.assert_array_equal(w1, w2)
-    w3, s3 = TU.fit_weights(preds, truth, n_trials=9, seed=0, storage=str(db), study_name="w")
+    w3, s3 = W.fit_weights(preds, truth, n_trials=9, seed=0, storage=str(db), study_name="w")
     assert n_complete() == 9  # only the 3 missing trials ran
     assert s3.best_value <= s1.best_value
     params = [tuple(t.params.values()) for t in s3.trials]
     assert len(set(params)) == len(params)  # resumed trials do not replay the first ones
     # another objective under the same name: refused, or restarted on request
     other = preds[::-1].copy()
-    with pytest.raises(TU.TuneError, match="other members or predictions"):
-        TU.fit_weights(other, truth, n_trials=9, seed=0, storage=db, study_name="w")
-    TU.fit_weights(other, truth, n_trials=2, seed=0, storage=db, study_name="w", restart_stale=True)
+    with pytest.raises(W.TuneError, match="other members or predictions"):
+        W.fit_weights(other, truth, n_trials=9, seed=0, storage=db, study_name="w")
+    with caplog.at_level("WARNING", logger="speedstructure.weights"):
+        W.fit_weights(
+            other, truth, n_trials=2, seed=0, storage=db, study_name="w", restart_stale=True
+        )
     assert n_complete() == 2
+    assert "study 'w' in the Optuna storage was tuned on other members" in caplog.text
+    assert "starting it afresh" in caplog.text
 
 
 # --------------------------------------------------------------------------- stage
@@ -197,49 +234,58 @@ def shared_data(tmp_path_factory):
     return d, targets
 
 
-def _project(root: Path, shared_data, n_trials: int = 6) -> dict:
-    from speedstructure.train import save_val_preds
+def _sections(n_trials: int = 6) -> dict[str, Any]:
+    """The ``params.yaml`` sections of the test project (the rest: the shipped file)."""
+    trend = {"arch": "depth_trend"}
+    return {
+        "variants": {"tiny_a": trend, "tiny_b": trend, "baseline_depth_trend": trend},
+        "runs": {
+            **{f"{v}-f{k}": {"variant": v, "fold": k} for v in ("tiny_a", "tiny_b") for k in FOLDS},
+            "baseline_depth_trend-f0": {"variant": "baseline_depth_trend", "fold": 0},
+        },
+        "ensemble": {
+            "variants": ["tiny_a", "tiny_b"],
+            "hand_weights": {"tiny_a": 0.8, "tiny_b": 0.5, "x": 1.0},
+        },
+        "tune": {"n_trials": n_trials, "seed": 42, "study_prefix": "sw", "split_seed": 0},
+    }
 
+
+def _project(root: Path, shared_data, tiny_params, n_trials: int = 6):
+    """A project in ``root``: data, fold table and every run's val_preds.npz; its Params."""
+    from speedstructure.engine.checkpoint import save_val_preds
+
+    params = tiny_params(root, **_sections(n_trials))
     data_dir, targets = shared_data
-    (root / "data").symlink_to(data_dir, target_is_directory=True)
-    (root / "folds").mkdir()
+    params.path("data").symlink_to(data_dir, target_is_directory=True)
     rows = ["sample_id,zip,split,group,fold"]
     for k in FOLDS:
         rows += [f"{_sid(10 * k + i)},data/fold{k}.zip,train,g{k},{k}" for i in range(N_VAL)]
-    (root / "folds" / "folds.csv").write_text("\n".join(rows) + "\n")
+    params.path("folds_table").parent.mkdir(parents=True)
+    params.path("folds_table").write_text("\n".join(rows) + "\n")
     rng = np.random.default_rng(7)
     for variant, scale in (("tiny_a", 0.04), ("tiny_b", 0.08)):
         for k in FOLDS:
             ids = [_sid(10 * k + i) for i in range(N_VAL)]
             if variant == "tiny_b":
                 ids = ids[::-1]  # another id order than the fold table's
-            preds = np.stack([targets[s] * (1 + scale * rng.standard_normal((300, 1259))) for s in ids])
-            out = root / "models" / variant / f"fold_{k}"
+            preds = np.stack(
+                [targets[s] * (1 + scale * rng.standard_normal((300, 1259))) for s in ids]
+            )
+            out = params.run_dir(variant, k)
             out.mkdir(parents=True)
             save_val_preds(out / "val_preds.npz", ids, preds.astype(np.float32))
             (out / "best.pt").write_bytes(b"")
-    return {
-        "variants": {"tiny_a": {}, "tiny_b": {}, "baseline_depth_trend": {}},
-        "runs": {
-            **{f"{v}-f{k}": {"variant": v, "fold": k} for v in ("tiny_a", "tiny_b") for k in FOLDS},
-            "baseline_depth_trend-f0": {"variant": "baseline_depth_trend", "fold": 0},
-        },
-        "ensemble": {"variants": ["tiny_a", "tiny_b"], "hand_weights": {"tiny_a": 0.8, "tiny_b": 0.5, "x": 1.0}},
-        "tune": {"n_trials": n_trials, "seed": 42, "storage": "mlruns/optuna.db",
-                 "study_prefix": "sw", "split_seed": 0},
-        "folds": {"table": "folds/folds.csv"},
-        "train": {"models_dir": "models"},
-    }
+    return params
 
 
-def test_run_tune_end_to_end(tmp_path, shared_data, monkeypatch):
-    import yaml
+def test_run_tune_end_to_end(tmp_path, shared_data, tiny_params, monkeypatch):
+    from speedstructure.engine.checkpoint import load_val_preds
 
-    from speedstructure.train import load_val_preds
-
-    params = _project(tmp_path, shared_data)
-    res = TU.run_tune(params, tmp_path, track=False)
-    ens = json.loads((tmp_path / "ensemble" / "ensemble.json").read_text())
+    params = _project(tmp_path, shared_data, tiny_params)
+    res = TU.run_tune(params, track=False)
+    assert res["files"]["ensemble"] == tmp_path / "ensemble" / "ensemble.json"
+    ens = json.loads(params.path("ensemble").read_text())
     assert ens == json.loads(json.dumps(res["ensemble"]))
     assert ens["format"] == 1 and ens["variants"] == ["tiny_a", "tiny_b"]
     assert [f["fold"] for f in ens["folds"]] == [0, 1]
@@ -248,7 +294,9 @@ def test_run_tune_end_to_end(tmp_path, shared_data, monkeypatch):
         k = f["fold"]
         assert f["n_val"] == N_VAL
         assert [m["variant"] for m in f["members"]] == ["tiny_a", "tiny_b"]
-        assert [m["checkpoint"] for m in f["members"]] == [f"models/{v}/fold_{k}/best.pt" for v in ("tiny_a", "tiny_b")]
+        assert [m["checkpoint"] for m in f["members"]] == [
+            f"models/{v}/fold_{k}/best.pt" for v in ("tiny_a", "tiny_b")
+        ]
         w = np.array([m["weight"] for m in f["members"]])
         assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
         assert w[0] > w[1]  # the less noisy member weighs more
@@ -258,85 +306,110 @@ def test_run_tune_end_to_end(tmp_path, shared_data, monkeypatch):
         tgt = np.stack([targets[s] for s in ids])
         preds = []
         for v in ("tiny_a", "tiny_b"):
-            got, arr = load_val_preds(tmp_path / "models" / v / f"fold_{k}" / "val_preds.npz")
+            got, arr = load_val_preds(params.run_dir(v, k) / "val_preds.npz")
             preds.append(arr[[got.index(s) for s in ids]])
         preds = np.stack(preds)
         assert f["val_mape"] == pytest.approx(_ref_mape(preds, tgt, w), rel=1e-5)
         assert f["val_mape"] <= _ref_mape(preds, tgt, [0.5, 0.5]) + 1e-7
-        for m, e in zip(f["members"], np.eye(2)):
+        for m, e in zip(f["members"], np.eye(2), strict=True):
             assert m["val_mape"] == pytest.approx(_ref_mape(preds, tgt, e), rel=1e-5)
     assert ens["cv_mape"] == pytest.approx(np.mean([f["heldout"]["tuned"] for f in ens["folds"]]))
-    metrics = json.loads((tmp_path / "metrics" / "tune.json").read_text())
+    metrics = json.loads(params.path("tune_metrics").read_text())
     assert metrics["cv_mape"] == pytest.approx(ens["cv_mape"])
     assert set(metrics["folds"]) == {"fold0", "fold1"}
     assert set(metrics["heldout"]) == {"best_single", "equal", "hand", "tuned"}
     assert metrics["heldout"]["tuned"] == pytest.approx(ens["cv_mape"])
-    csv_rows = (tmp_path / "plots" / "tune_weights.csv").read_text().splitlines()
+    csv_rows = params.path("tune_weights").read_text().splitlines()
     assert csv_rows[0] == "fold,variant,weight" and len(csv_rows) == 5
-    assert (tmp_path / "plots" / "tune_heldout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "mlruns" / "optuna.db").is_file()
+    assert params.path("tune_plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert params.path("optuna_db").is_file()
 
     # the CLI, run again: the stored studies resume (no new trials) and give the same weights
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    raw = {**yaml.safe_load(SHIPPED.read_text()), **_sections()}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("SPEEDSTRUCTURE_ROOT", str(tmp_path))
     parser = argparse.ArgumentParser()
-    TU.register(parser.add_subparsers(dest="command"))
+    TU.add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["tune", "--no-mlflow"])
     assert args.func(args) == 0
-    again = json.loads((tmp_path / "ensemble" / "ensemble.json").read_text())
-    assert [[m["weight"] for m in f["members"]] for f in again["folds"]] == \
-        [[m["weight"] for m in f["members"]] for f in ens["folds"]]
-    st = optuna.load_study(study_name="sw-fold0", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    again = json.loads(params.path("ensemble").read_text())
+    assert [[m["weight"] for m in f["members"]] for f in again["folds"]] == [
+        [m["weight"] for m in f["members"]] for f in ens["folds"]
+    ]
+    st = optuna.load_study(study_name="sw-fold0", storage=f"sqlite:///{params.path('optuna_db')}")
     assert len(st.trials) == 6
 
 
-def test_run_tune_missing_val_preds_and_bad_config(tmp_path, shared_data):
-    params = _project(tmp_path, shared_data, n_trials=2)
-    (tmp_path / "models" / "tiny_b" / "fold_1" / "val_preds.npz").unlink()
-    with pytest.raises(UserError, match=r"tiny_b/fold_1/val_preds\.npz: not found.*'tiny_b-f1'.*"
-                                        r"train --variant tiny_b --fold 1"):
-        TU.run_tune(params, tmp_path, track=False)
-    bad = {**params, "ensemble": {**params["ensemble"], "variants": ["tiny_a", "nope"]}}
+def test_run_tune_missing_val_preds_and_bad_config(tmp_path, shared_data, tiny_params):
+    params = _project(tmp_path, shared_data, tiny_params, n_trials=2)
+    (params.run_dir("tiny_b", 1) / "val_preds.npz").unlink()
+    with pytest.raises(
+        UserError,
+        match=r"tiny_b/fold_1/val_preds\.npz: not found.*'tiny_b-f1'.*"
+        r"train --variant tiny_b --fold 1",
+    ):
+        TU.run_tune(params, track=False)
+    sections = _sections(n_trials=2)
+    bad = {**sections, "ensemble": {**sections["ensemble"], "variants": ["tiny_a", "nope"]}}
     with pytest.raises(ConfigError, match="unknown variant 'nope'"):
-        TU.run_tune(bad, tmp_path, track=False)
-    no_run = {**params, "variants": {**params["variants"], "tiny_c": {}},
-              "ensemble": {**params["ensemble"], "variants": ["tiny_a", "tiny_c"]}}
+        TU.run_tune(tiny_params(tmp_path, **bad), track=False)
+    no_run = {
+        **sections,
+        "variants": {**sections["variants"], "tiny_c": {"arch": "depth_trend"}},
+        "ensemble": {**sections["ensemble"], "variants": ["tiny_a", "tiny_c"]},
+    }
     with pytest.raises(ConfigError, match="'tiny_c'.*no training run"):
-        TU.run_tune(no_run, tmp_path, track=False)
+        TU.run_tune(tiny_params(tmp_path, **no_run), track=False)
+    with pytest.raises(UserError, match="--n-trials must be >= 1"):
+        TU.run_tune(params, track=False, n_trials=0)
 
 
-def test_run_tune_rejects_mismatched_ids(tmp_path, shared_data):
-    from speedstructure.train import load_val_preds, save_val_preds
+def test_run_tune_rejects_mismatched_ids(tmp_path, shared_data, tiny_params):
+    from speedstructure.engine.checkpoint import load_val_preds, save_val_preds
 
-    params = _project(tmp_path, shared_data, n_trials=2)
-    path = tmp_path / "models" / "tiny_b" / "fold_0" / "val_preds.npz"
+    params = _project(tmp_path, shared_data, tiny_params, n_trials=2)
+    path = params.run_dir("tiny_b", 0) / "val_preds.npz"
     ids, arr = load_val_preds(path)
     save_val_preds(path, ids[:-1], arr[:-1])
-    with pytest.raises(UserError, match=r"tiny_b/fold_0/val_preds\.npz: holds other sample ids than .*tiny_a"):
-        TU.run_tune(params, tmp_path, track=False)
+    with pytest.raises(
+        UserError, match=r"tiny_b/fold_0/val_preds\.npz: holds other sample ids than .*tiny_a"
+    ):
+        TU.run_tune(params, track=False)
     save_val_preds(path, [_sid(99), *ids[:-1]], arr)
-    params["ensemble"]["variants"] = ["tiny_b", "tiny_a"]
-    with pytest.raises(UserError, match=r"tiny_b/fold_0/val_preds\.npz: sample ids differ .* fold 0"):
-        TU.run_tune(params, tmp_path, track=False)
+    sections = _sections(n_trials=2)
+    sections["ensemble"]["variants"] = ["tiny_b", "tiny_a"]
+    with pytest.raises(
+        UserError, match=r"tiny_b/fold_0/val_preds\.npz: sample ids differ .* fold 0"
+    ):
+        TU.run_tune(tiny_params(tmp_path, **sections), track=False)
 
 
 @pytest.mark.slow
-def test_mlflow_logging(tmp_path, shared_data):
-    """``run_tune(track=True)`` logs through speedstructure.tracking to the project's SQLite store."""
+def test_mlflow_logging(tmp_path, shared_data, tiny_params):
+    """``run_tune(track=True)`` logs through speedstructure.tracking to the project's store."""
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = _project(tmp_path, shared_data, n_trials=4)
-    params["mlflow"] = {"tracking_uri": uri, "artifact_root": str(tmp_path / "artifacts"), "experiment": "tune-test"}
-    TU.run_tune(params, tmp_path, track=True)
+    _project(tmp_path, shared_data, tiny_params, n_trials=4)
+    mlflow_cfg = {
+        "tracking_uri": uri,
+        "artifact_root": str(tmp_path / "artifacts"),
+        "experiment": "tune-test",
+    }
+    params = tiny_params(tmp_path, **_sections(n_trials=4), mlflow=mlflow_cfg)
+    TU.run_tune(params, track=True)
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("tune-test")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert set(runs) == {"tune", "tune-fold0", "tune-fold1"}
+    assert runs["tune"].data.params["storage"] == params.paths.optuna_db
+    assert runs["tune"].data.params["n_trials"] == "4"
     fold0 = runs["tune-fold0"]
     assert fold0.data.tags["mlflow.parentRunId"] == runs["tune"].info.run_id
     assert fold0.data.params["members"] == "tiny_a,tiny_b"
     hist = client.get_metric_history(fold0.info.run_id, "trial_mape")
     assert sorted(m.step for m in hist) == [0, 1, 2, 3]
-    assert {"weight_tiny_a", "weight_tiny_b", "heldout_tuned", "heldout_hand", "val_mape"} <= set(fold0.data.metrics)
+    assert {"weight_tiny_a", "weight_tiny_b", "heldout_tuned", "heldout_hand", "val_mape"} <= set(
+        fold0.data.metrics
+    )
     arts = {a.path for a in client.list_artifacts(runs["tune"].info.run_id, "tune")}
     assert {"tune/ensemble.json", "tune/tune_heldout.png"} <= arts

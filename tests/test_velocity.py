@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speedstructure.config import load_params
-from speedstructure.velocity import FAMILIES, _structure, _water_floor, generate_velocity, sample_family
+from speedstructure.config import ConfigError, SynthConfig, load_params
+from speedstructure.synth.velocity import (
+    FAMILIES,
+    _structure,
+    _water_floor,
+    generate_velocity,
+    sample_family,
+)
 
-CFG = {
-    "v_min": 1.5,
-    "v_max": 4.5,
-    "water_velocity": 1.5,
-    "water_depth": [150, 400],
-    "families": list(FAMILIES),
-}
+CFG = SynthConfig(v_min=1.5, v_max=4.5, water_velocity=1.5, water_depth=(150, 400))
 N_PER_FAMILY = 12
 
 
@@ -33,7 +33,7 @@ def models() -> dict[str, list[np.ndarray]]:
 
 def _floor(v: np.ndarray) -> np.ndarray:
     """Index of the first non-water cell in every column."""
-    return np.argmax(v != CFG["water_velocity"], axis=1)
+    return np.argmax(v != CFG.water_velocity, axis=1)
 
 
 def _lateral_std(v: np.ndarray) -> float:
@@ -42,8 +42,9 @@ def _lateral_std(v: np.ndarray) -> float:
 
 
 def test_params_families_are_known():
-    synth = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["synth"]
-    assert set(synth["families"]) <= set(FAMILIES)
+    synth = load_params(Path(__file__).resolve().parents[1] / "params.yaml").synth
+    assert set(synth.families) <= set(FAMILIES)
+    assert set(SynthConfig().families) == set(FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -52,18 +53,18 @@ def test_shape_dtype_range(models, family):
         assert v.shape == (300, 1259)
         assert v.dtype == np.float32
         assert np.isfinite(v).all()
-        assert v.min() >= CFG["v_min"] and v.max() <= CFG["v_max"]
+        assert v.min() >= CFG.v_min and v.max() <= CFG.v_max
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_water_layer_on_top(models, family):
-    lo, hi = CFG["water_depth"]
+    lo, hi = CFG.water_depth
     for v in models[family]:
-        assert (v[:, 0] == CFG["water_velocity"]).all()
+        assert (v[:, 0] == CFG.water_velocity).all()
         floor = _floor(v)
         assert floor.min() >= lo and floor.max() <= hi
         z = np.arange(v.shape[1])[None, :]
-        water = v == CFG["water_velocity"]
+        water = v == CFG.water_velocity
         # water exactly above the floor, none below it
         assert (water == (z < floor[:, None])).all()
         # gently curved floor: no steps between neighbouring columns
@@ -158,10 +159,13 @@ def test_unknown_family_raises():
         generate_velocity(np.random.default_rng(0), "volcano", CFG)
 
 
-def test_missing_config_key_raises():
-    cfg = {k: v for k, v in CFG.items() if k != "water_depth"}
-    with pytest.raises(ValueError, match="water_depth"):
-        generate_velocity(np.random.default_rng(0), "flat", cfg)
+def test_bad_water_depth_raises(tiny_params, tmp_path):
+    for depth in ((400, 150), (150, 1259)):
+        cfg = SynthConfig(water_depth=depth)
+        with pytest.raises(ValueError, match="water_depth"):
+            generate_velocity(np.random.default_rng(0), "flat", cfg)
+    with pytest.raises(ConfigError, match="synth.water_depth"):  # a missing value: params.yaml
+        tiny_params(tmp_path, synth={"water_depth": [150]})
 
 
 def test_sample_family_uniform():

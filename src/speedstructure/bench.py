@@ -20,12 +20,14 @@ on this machine, and the achieved FLOP rate (forward FLOPs counted on the meta
 device, x 3 for training) as a fraction of the measured fp32 matrix-multiply
 peak (median of several large matmuls).
 
-Results are printed and, with ``--json``, written to a file.
+Results are printed as JSON; ``--json FILE`` writes them to FILE too (``-``: only to
+standard output).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -35,18 +37,17 @@ from typing import Any
 
 import numpy as np
 
-from speedstructure.config import load_params, section
+from speedstructure.config import SPLITS, V_MAX, V_MIN, Params, SimParams, SynthConfig, load_params
 
 
-def fidelity(v: np.ndarray, coarse: dict[str, Any], fine_dx: float) -> dict[str, float]:
+def fidelity(v: np.ndarray, sim: SimParams, fine_dx: float) -> dict[str, float]:
     """Compare the delivered gathers of ``v`` on the configured grid and on a fine grid."""
-    from speedstructure.simulate import SimConfig, Simulator
+    from speedstructure.synth.simulate import Simulator
 
-    c = SimConfig.from_params(coarse)
     # The fine run keeps the same output interval; deepwave sub-steps as CFL needs.
-    f = SimConfig.from_params({**coarse, "dx": fine_dx})
-    g_c = Simulator(c)(v).astype(np.float64)
-    g_f = Simulator(f)(v).astype(np.float64)
+    fine = dataclasses.replace(sim, dx=float(fine_dx))
+    g_c = Simulator(sim)(v).astype(np.float64)
+    g_f = Simulator(fine)(v).astype(np.float64)
     corr = float(np.corrcoef(g_c.ravel(), g_f.ravel())[0, 1])
     rel = float(np.linalg.norm(g_c - g_f) / np.linalg.norm(g_f))
     # After the direct wave: from 0.25 s on, where the reflections live.
@@ -61,67 +62,89 @@ def fidelity(v: np.ndarray, coarse: dict[str, Any], fine_dx: float) -> dict[str,
     }
 
 
-def bench_data(cfg: dict[str, Any], samples: int, repeats: int, fine_dx: float, families: int) -> dict[str, Any]:
-    from speedstructure.synth import generate
-    from speedstructure.velocity import FAMILIES, generate_velocity
+def generation_rates(cfg: SynthConfig, samples: int, repeats: int) -> list[float]:
+    """Samples per second of ``repeats`` runs of the generator, ``samples`` samples each."""
+    from speedstructure.synth.dataset import generate
 
     rates = []
     for r in range(repeats):
-        small = {**cfg, "seed": int(cfg["seed"]) + r, "n_train": samples, "n_extended_1": 0,
-                 "n_extended_2": 0, "n_test": 0}
+        small = dataclasses.replace(
+            cfg, seed=int(cfg.seed) + r, n_train=samples, n_extended_1=0, n_extended_2=0, n_test=0
+        )
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             generate(small, Path(tmp), progress=False)
             rates.append(samples / (time.perf_counter() - t0))
+    return rates
+
+
+def bench_data(
+    cfg: SynthConfig, samples: int, repeats: int, fine_dx: float, families: int
+) -> dict[str, Any]:
+    from speedstructure.synth.velocity import FAMILIES, generate_velocity
+
+    rates = generation_rates(cfg, samples, repeats)
     fid: dict[str, Any] = {}
     for fam in FAMILIES[:families]:
         v = generate_velocity(np.random.default_rng(7), fam, cfg)
         t0 = time.perf_counter()
-        fid[fam] = {k: round(val, 5) for k, val in fidelity(v, cfg["sim"], fine_dx).items()}
+        fid[fam] = {k: round(val, 5) for k, val in fidelity(v, cfg.sim, fine_dx).items()}
         fid[fam]["seconds"] = round(time.perf_counter() - t0, 1)
     return {
         "generation": {
             "samples_per_run": samples,
-            "workers": int(cfg.get("workers", 1)),
+            "workers": int(cfg.workers),
             "runs": repeats,
             "samples_per_second_median": round(statistics.median(rates), 3),
             "samples_per_second_all": [round(x, 3) for x in rates],
         },
-        "fidelity": {"coarse_dx": cfg["sim"]["dx"], "fine_dx": fine_dx, "per_family": fid,
-                     "min_corr": min(f["corr"] for f in fid.values()) if fid else None,
-                     "max_rel_l2": max(f["rel_l2"] for f in fid.values()) if fid else None},
+        "fidelity": {
+            "coarse_dx": cfg.sim.dx,
+            "fine_dx": fine_dx,
+            "per_family": fid,
+            "min_corr": min(f["corr"] for f in fid.values()) if fid else None,
+            "max_rel_l2": max(f["rel_l2"] for f in fid.values()) if fid else None,
+        },
     }
 
 
-def bench_store(params: dict[str, Any], repeats: int, samples: int) -> dict[str, Any]:
-    """Samples per second of random whole-sample reads: store vs zips (median of ``repeats``)."""
-    from speedstructure.config import project_root, resolve_path
-    from speedstructure.dataio import ZipSamples
-    from speedstructure.ingest import StoreSamples, data_config, zip_paths
-
-    root = project_root()
-    store = StoreSamples(resolve_path(data_config(params)["store"], root))
-    zips = {s: ZipSamples(p) for s, p in zip_paths(params, root).items() if s != "test"}
-    where = {sid: z for z in zips.values() for sid in z.sample_ids}
-    ids = [i for i in store.sample_ids if i in where]
-    if not ids:
-        raise ValueError("the store holds no training samples: run `dvc repro ingest` first")
+def _read_rates(readers: dict[str, Any], ids: list[str], repeats: int, samples: int):
+    """Samples per second of each reader (name -> read function) over random picks of ``ids``."""
     rng = np.random.default_rng(0)
-    res: dict[str, list[float]] = {"store": [], "zip": []}
+    res: dict[str, list[float]] = {name: [] for name in readers}
     for _ in range(repeats):
         pick = [ids[i] for i in rng.integers(len(ids), size=samples)]
-        for name, read in (("zip", lambda s: where[s].read(s)), ("store", store.read)):
+        for name, read in readers.items():
             t0 = time.perf_counter()
             for sid in pick:
                 read(sid)
             res[name].append(samples / (time.perf_counter() - t0))
-    for z in zips.values():
-        z.close()
-    med = {k: statistics.median(v) for k, v in res.items()}
-    return {"samples_per_pass": samples, "passes": repeats,
-            "store_samples_per_second_median": round(med["store"], 1),
-            "zip_samples_per_second_median": round(med["zip"], 1),
-            "store_speedup": round(med["store"] / med["zip"], 2)}
+    return {k: statistics.median(v) for k, v in res.items()}
+
+
+def bench_store(params: Params, repeats: int, samples: int) -> dict[str, Any]:
+    """Samples per second of random whole-sample reads: store vs zips (median of ``repeats``)."""
+    from speedstructure.dataio import StoreSamples, ZipSamples
+
+    store = StoreSamples(params.path("store"))
+    zips = [ZipSamples(params.zip_path(s)) for s in SPLITS if s != "test"]
+    try:
+        where = {sid: z for z in zips for sid in z.sample_ids}
+        ids = [i for i in store.sample_ids if i in where]
+        if not ids:
+            raise ValueError("the store holds no training samples: run `dvc repro ingest` first")
+        readers = {"zip": lambda s: where[s].read(s), "store": store.read}
+        med = _read_rates(readers, ids, repeats, samples)
+    finally:
+        for z in zips:
+            z.close()
+    return {
+        "samples_per_pass": samples,
+        "passes": repeats,
+        "store_samples_per_second_median": round(med["store"], 1),
+        "zip_samples_per_second_median": round(med["zip"], 1),
+        "store_speedup": round(med["store"] / med["zip"], 2),
+    }
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -138,44 +161,57 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     return statistics.median(rates)
 
 
-def bench_model(params: dict[str, Any], variants: list[str], repeats: int, batch: int) -> dict[str, Any]:
+def _step_times(model, opt, x, y, repeats: int) -> tuple[float, float]:
+    """Median seconds of one training step and of one inference pass (after a warm-up)."""
+    import torch
+
+    from speedstructure.metrics import mape
+
+    train_t, infer_t = [], []
+    for r in range(repeats + 1):  # the first pass warms up
+        t0 = time.perf_counter()
+        loss = mape(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            model.eval()
+            model(x)
+            model.train()
+        t2 = time.perf_counter()
+        if r:
+            train_t.append(t1 - t0)
+            infer_t.append(t2 - t1)
+    return statistics.median(train_t), statistics.median(infer_t)
+
+
+def bench_model(params: Params, variants: list[str], repeats: int, batch: int) -> dict[str, Any]:
     """Training and inference samples/s of each variant on random inputs (CPU), and the FLOP
     rate as a fraction of the matmul peak."""
     import torch
 
+    from speedstructure.engine.optim import build_optimizer
     from speedstructure.model import build_model, forward_flops
-    from speedstructure.train import build_optimizer, mape_loss, train_config
 
     peak = matmul_peak()
-    out: dict[str, Any] = {"matmul_peak_gflops": round(peak / 1e9, 1), "batch": batch,
-                           "threads": torch.get_num_threads(), "variants": {}}
+    out: dict[str, Any] = {
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "variants": {},
+    }
     x = torch.randn(batch, 5, 10001, 31) * 0.015
-    y = 1.5 + 3 * torch.rand(batch, 300, 1259)
+    y = V_MIN + (V_MAX - V_MIN) * torch.rand(batch, 300, 1259)
     for name in variants:
-        cfg = params["variants"][name]
-        if cfg.get("arch") == "depth_trend":
+        variant = params.variant(name)
+        if variant.arch == "depth_trend":
             continue
-        fwd = forward_flops(build_model(cfg, meta=True)) * batch
+        fwd = forward_flops(build_model(variant, meta=True)) * batch
         torch.manual_seed(0)
-        model = build_model(cfg)
-        opt = build_optimizer(model, train_config(params, cfg))
-        train_t, infer_t = [], []
-        for r in range(repeats + 1):  # the first pass warms up
-            t0 = time.perf_counter()
-            loss = mape_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                model.eval()
-                model(x)
-                model.train()
-            t2 = time.perf_counter()
-            if r:
-                train_t.append(t1 - t0)
-                infer_t.append(t2 - t1)
-        tr, inf = statistics.median(train_t), statistics.median(infer_t)
+        model = build_model(variant)
+        opt = build_optimizer(model, params.train_for(name))
+        tr, inf = _step_times(model, opt, x, y, repeats)
         out["variants"][name] = {
             "forward_gflops_per_sample": round(fwd / batch / 1e9, 2),
             "train_samples_per_second": round(batch / tr, 2),
@@ -187,32 +223,41 @@ def bench_model(params: dict[str, Any], variants: list[str], repeats: int, batch
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    from speedstructure.cli import write_json_output
+
     params = load_params()
     out: dict[str, Any] = {}
     if args.what in ("data", "all"):
-        out["data"] = bench_data(dict(section(params, "synth")), args.samples, args.repeats, args.fine_dx,
-                                 args.families)
+        out["data"] = bench_data(
+            params.synth, args.samples, args.repeats, args.fine_dx, args.families
+        )
     if args.what in ("store", "all"):
         out["store"] = bench_store(params, args.repeats, max(args.samples, 16))
     if args.what in ("model", "all"):
-        names = args.variants or [k for k, v in params["variants"].items() if v.get("profile") == "default"]
+        names = args.variants or [k for k, v in params.variants.items() if v.profile == "default"]
         out["model"] = bench_model(params, names, args.repeats, args.batch)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    if args.json != "-":
+        print(json.dumps(out, indent=2))
+    write_json_output(args.json, out)
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: data generation, store reads, model speed")
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from speedstructure.cli import add_json_option
+
+    p = subparsers.add_parser(
+        "bench", description="Benchmarks: data generation, store reads, model speed."
+    )
     p.add_argument("what", nargs="?", default="all", choices=["data", "store", "model", "all"])
     p.add_argument("--samples", type=int, default=8, help="samples generated per timing run")
     p.add_argument("--repeats", type=int, default=3, help="timing runs (the median is reported)")
-    p.add_argument("--fine-dx", type=float, default=2.0, help="grid spacing (m) of the reference run")
-    p.add_argument("--families", type=int, default=6, help="velocity families in the fidelity check")
+    p.add_argument(
+        "--fine-dx", type=float, default=2.0, help="grid spacing (m) of the reference run"
+    )
+    p.add_argument(
+        "--families", type=int, default=6, help="velocity families in the fidelity check"
+    )
     p.add_argument("--variants", nargs="*", help="model variants (default: the default profile's)")
     p.add_argument("--batch", type=int, default=2, help="batch size of the model benchmark")
-    p.add_argument("--json", help="also write the results to this file")
+    add_json_option(p)
     p.set_defaults(func=_cmd)

@@ -1,55 +1,167 @@
 """The ``speedstructure`` command line.
 
-Each pipeline module that offers a subcommand defines ``register(subparsers)``,
-which adds its parser and sets ``func`` (called with the parsed arguments and
-returning an exit code).  Modules are listed in ``COMMAND_MODULES``.
+Every subcommand lives in the module named in :data:`COMMANDS`; that module defines
+``add_commands(subparsers)``, which adds its parser(s) and sets ``func`` (called with
+the parsed arguments, returning an exit code).  Only the module of the command being
+run is imported, so ``speedstructure --help`` answers without loading torch.
+
+Flags mean the same everywhere: ``--output`` names what a command writes,
+``--json FILE`` writes the command's result as JSON to FILE (``-`` for standard
+output), ``--mlflow/--no-mlflow`` switches tracking (on by default for pipeline
+stages), ``--quiet`` hides progress bars.  Diagnostics go through :mod:`logging`
+(``-v`` for debug messages); a :class:`~speedstructure.errors.UserError` becomes
+one line on standard error and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import logging
 import sys
+from typing import Any
 
-COMMAND_MODULES = [
-    "speedstructure.synth",
-    "speedstructure.ingest",
-    "speedstructure.folds",
-    "speedstructure.plots",
-    "speedstructure.bench",
-    "speedstructure.train",
-    "speedstructure.model",
-    "speedstructure.tune",
-    "speedstructure.registry",
-    "speedstructure.ensemble",
-    "speedstructure.submission",
-    "speedstructure.evaluate",
-    "speedstructure.profiles",
-]
+from speedstructure import __version__
+
+# command -> (module, one-line help); the order is the order of `--help`
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": (
+        "speedstructure.synth.dataset",
+        "generate the synthetic dataset (the challenge's four zips)",
+    ),
+    "ingest": (
+        "speedstructure.stages.ingest",
+        "validate the four zips and pack them into the sample store",
+    ),
+    "folds": (
+        "speedstructure.stages.folds",
+        "K-Means groups of the velocity models and stratified folds",
+    ),
+    "train": ("speedstructure.stages.train", "train one model variant on one fold"),
+    "tune": ("speedstructure.stages.tune", "tune ensemble weights per fold with Optuna"),
+    "register": (
+        "speedstructure.stages.register",
+        "log the tuned ensemble to the MLflow model registry",
+    ),
+    "predict": (
+        "speedstructure.stages.predict",
+        "predict a zip or folder of samples into a submission .npz",
+    ),
+    "evaluate": ("speedstructure.stages.evaluate", "score the submission against the test targets"),
+    "report": (
+        "speedstructure.stages.evaluate",
+        "print the test MAPE table of the last evaluation",
+    ),
+    "validate-submission": (
+        "speedstructure.submission",
+        "check a submission .npz against a test zip",
+    ),
+    "profile": (
+        "speedstructure.profiles",
+        "show or switch the configuration profile (default | competition)",
+    ),
+    "model-summary": (
+        "speedstructure.model",
+        "parameter counts, shapes and FLOPs of a model variant",
+    ),
+    "plot-sample": (
+        "speedstructure.plots",
+        "draw one sample's five shot gathers and its velocity model",
+    ),
+    "bench": ("speedstructure.bench", "benchmarks: data generation, store reads, model speed"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _listing() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "commands:\n" + "\n".join(lines)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the module of ``command`` (if any) is imported and registered."""
     parser = argparse.ArgumentParser(
         prog="speedstructure",
         description="Seismic velocity inversion pipeline (Speed & Structure).",
+        epilog=_listing() + "\n\n`speedstructure COMMAND --help` describes one command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"speedstructure {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command][0]).add_commands(sub)
     return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The first argument that names a command (options before it are global)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     from speedstructure.errors import UserError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_of(argv)
+    if command is not None and command not in COMMANDS:
+        _unknown(command)
+    args = build_parser(command).parse_args(argv)  # no command: --help, --version or a usage error
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
     try:
         rc = args.func(args)
     except UserError as exc:
         print(f"speedstructure {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def _unknown(command: str) -> None:
+    print(f"speedstructure: error: unknown command '{command}'\n{_listing()}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def add_mlflow_option(parser: argparse.ArgumentParser, default: bool = True) -> None:
+    parser.add_argument(
+        "--mlflow",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help=f"log the run to MLflow (default: {'on' if default else 'off'})",
+    )
+
+
+def add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        metavar="FILE",
+        default=None,
+        help="also write the result as JSON to FILE ('-': standard output)",
+    )
+
+
+def write_json_output(dest: str | None, obj: Any) -> None:
+    """The ``--json`` result: to standard output for ``-``, else atomically to the file."""
+    if dest is None:
+        return
+    if dest == "-":
+        print(json.dumps(obj, indent=2))
+        return
+    from speedstructure.fsutil import atomic_write_json
+
+    atomic_write_json(dest, obj)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,15 +1,32 @@
-"""The one source of configuration: ``params.yaml`` at the project root.
+"""The one typed configuration: ``params.yaml`` read once into frozen dataclasses.
 
-Every stage reads its section through :func:`load_params`.  Paths inside the
-project are resolved against :func:`project_root`, so commands work from any
-working directory inside the checkout (and inside the temporary copies that
-``dvc exp run --queue`` makes).
+``params.yaml`` is the single source of configuration.  :func:`load_params`
+reads it once per command and returns a :class:`Params`: one frozen dataclass
+per section (``paths``, ``data``, ``folds``, ``mlflow``, ``synth``, ``train``,
+``variants``, ``runs``, ``ensemble``, ``tune``, ``predict``, ``evaluate``),
+validated on load with errors that name the key (``params.yaml: train.lr must
+be a number, got 'x'``).  The defaults below are the default profile's values
+(a test proves they agree with ``params.yaml`` for both profiles), so a key
+left out of ``params.yaml`` means what the shipped file says.
+
+Every file the pipeline reads or writes is spelled once, in ``paths``; the
+code resolves it with :meth:`Params.path` and ``dvc.yaml`` reads it through
+templating (``${paths.folds_table}``).  Paths are resolved against
+:func:`project_root`, so commands work from any working directory inside the
+checkout and inside the temporary copies that ``dvc exp run --queue`` makes.
+
+A model variant is one of :class:`EvaFusionVariant`, :class:`InversionNetVariant`
+or :class:`DepthTrendVariant` (key ``arch``); its ``train`` mapping overrides
+keys of the ``train`` section for that variant (:meth:`Params.train_for`).
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import os
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +35,336 @@ import yaml
 from speedstructure.errors import UserError
 
 PARAMS_FILE = "params.yaml"
+V_MIN, V_MAX = (
+    1.5,
+    4.5,
+)  # km/s: the challenge's velocity range (output bounds, clipping, colour scales)
 
 
 class ConfigError(UserError, ValueError):
     """A problem with ``params.yaml`` (names the file and the key)."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Every file and folder the pipeline reads or writes, relative to the project root."""
+
+    data: str = "data"
+    store: str = "store"
+    folds_table: str = "folds/folds.csv"
+    kmeans: str = "folds/kmeans.joblib"
+    folds_summary: str = "folds/summary.json"
+    group_counts: str = "folds/group_counts.csv"
+    folds_plots: str = "plots/folds"
+    models: str = "models"
+    ensemble: str = "ensemble/ensemble.json"
+    tune_metrics: str = "metrics/tune.json"
+    tune_weights: str = "plots/tune_weights.csv"
+    tune_plot: str = "plots/tune_heldout.png"
+    optuna_db: str = "mlruns/optuna.db"
+    registered: str = "registry/registered.json"
+    submission: str = "submission/submission.npz"
+    evaluate_metrics: str = "metrics/evaluate.json"
+    evaluate_per_sample: str = "plots/evaluate/per_sample.csv"
+    evaluate_figure: str = "plots/evaluate/best_median_worst.png"
+
+
+SPLITS: tuple[str, ...] = ("train", "train_extended_1", "train_extended_2", "test")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The four challenge zips (in ``paths.data``) and the test targets, if any."""
+
+    zips: dict[str, str] = field(default_factory=lambda: {s: f"{s}.zip" for s in SPLITS})
+    test_labels: str = "test_labels.npz"
+
+
+@dataclass(frozen=True)
+class FoldsConfig:
+    """K-Means groups of the training velocity models and the stratified folds (``folds:``)."""
+
+    k_groups: int = 6
+    n_folds: int = 5
+    seed: int = 42
+    kmeans_seed: int = 42
+    examples_per_group: int = 4
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Experiment tracking (``mlflow:``); MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME override."""
+
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_root: str = "mlruns/artifacts"
+    experiment: str = "speedstructure"
+    registered_model: str = "speedstructure-ensemble"
+
+
+@dataclass(frozen=True)
+class SimParams:
+    """Simulation settings of the synthetic data (``synth.sim``)."""
+
+    dx: float = 5.0
+    dt: float = 0.0005
+    accuracy: int = 4
+    pml_width: int = 40
+    freq: float = 15.0
+    record_dt: float = 0.0001
+    n_time: int = 10001
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The physics-based generator of the embedded default data (``synth:``)."""
+
+    seed: int = 2025
+    n_train: int = 240
+    n_extended_1: int = 60
+    n_extended_2: int = 60
+    n_test: int = 24
+    workers: int = 2
+    v_min: float = V_MIN
+    v_max: float = V_MAX
+    water_velocity: float = 1.5
+    water_depth: tuple[int, int] = (150, 400)
+    families: tuple[str, ...] = (
+        "flat",
+        "dipping",
+        "gentle_fold",
+        "strong_fold",
+        "faulted",
+        "intrusion",
+    )
+    sim: SimParams = field(default_factory=SimParams)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training engine's settings (``train:``; a variant's ``train:`` overrides them)."""
+
+    epochs: int = 8
+    batch_size: int = 4
+    val_batch_size: int = 4
+    accum_steps: int = 1
+    lr: float = 3.0e-3
+    muon_lr: float | None = None
+    muon_adjust_lr: str = "match_rms_adamw"
+    weight_decay: float = 0.01
+    momentum: float = 0.95
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+    clip: float = 3.0
+    amp: str = "none"
+    ema_decay: float = 0.99
+    T_0: int | None = None
+    min_lr: float = 1.0e-5
+    cosine_epochs: int = 8
+    const_factor: float = 0.02
+    flip_prob: float = 0.5
+    patience: int = 3
+    seed: int = 42
+    num_workers: int = 0
+    tta_val: bool = False
+    device: str = "auto"
+    progress: bool = True
+    ddp_find_unused: bool = False
+    grad_checkpointing: bool = False
+
+
+ARCHS = ("eva_fusion", "inversionnet", "depth_trend")
+FUSIONS = ("mean", "single", "dual")
+FLIP_MODES = ("consistent", "receivers")
+POOL_QUERIES = ("shared", "per_token")
+HEAD_RESIZES = ("area", "linear")
+NORMS = ("batch", "group", "none")
+PRIORS = ("none", "depth_trend")
+AMPS = ("none", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """Keys every model variant accepts (``variants.<name>``)."""
+
+    arch: str
+    profile: str | None = (
+        None  # the profile whose runs use it (documentation; the profile switch sets runs)
+    )
+    description: str = ""
+    v_min: float = V_MIN
+    v_max: float = V_MAX
+    tta_flip: str = "consistent"
+    input_scale: float = 1.0e3
+    train: dict[str, Any] = field(default_factory=dict)  # overrides of the train section
+
+    def model_dict(self) -> dict[str, Any]:
+        """The keys that define the network (what a checkpoint records to rebuild it)."""
+        skip = ("profile", "description", "train")
+        return {k: v for k, v in as_plain(self).items() if k not in skip}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaFusionVariant(Variant):
+    arch: str = "eva_fusion"
+    backbone: str
+    split_at: int
+    prior: str = "none"
+    pretrained: str = "none"
+    img_size: int = 224
+    depth: int | None = None
+    fusion: str = "dual"
+    channel_heads: int | None = 4
+    fusion_heads: int | None = 2
+    pool_query: str = "shared"
+    head_resize: str = "area"
+    drop_path_rate: float = 0.0
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InversionNetVariant(Variant):
+    arch: str = "inversionnet"
+    prior: str = "none"
+    width: int = 32
+    time_samples: int = 1000
+    norm: str = "batch"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DepthTrendVariant(Variant):
+    arch: str = "depth_trend"
+
+
+VARIANT_TYPES: dict[str, type[Variant]] = {
+    "eva_fusion": EvaFusionVariant,
+    "inversionnet": InversionNetVariant,
+    "depth_trend": DepthTrendVariant,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: a variant trained with one fold held out (``runs.<key>``)."""
+
+    variant: str
+    fold: int
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """The ensemble's member variants and the seed's hand-set weights, for comparison."""
+
+    variants: tuple[str, ...] = ("tiny_dual42", "tiny_single4")
+    hand_weights: dict[str, float] = field(
+        default_factory=lambda: {"tiny_dual42": 0.8, "tiny_single4": 0.3}
+    )
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Optuna's search for the ensemble weights of each fold (``tune:``)."""
+
+    n_trials: int = 60
+    seed: int = 42
+    study_prefix: str = "speedstructure-weights"
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """The predict stage (``predict:``)."""
+
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The evaluate stage (``evaluate:``): the baseline variant and the depth bands (m)."""
+
+    baseline: str = "baseline_depth_trend"
+    batch_size: int = 4
+    depth_bands: tuple[int, ...] = (0, 150, 300, 450, 600, 800, 1000, 1259)
+
+
+SECTIONS: dict[str, type] = {
+    "paths": PathsConfig,
+    "data": DataConfig,
+    "folds": FoldsConfig,
+    "mlflow": MlflowConfig,
+    "synth": SynthConfig,
+    "train": TrainConfig,
+    "ensemble": EnsembleConfig,
+    "tune": TuneConfig,
+    "predict": PredictConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of ``params.yaml``, typed; ``root`` is the project root paths resolve against."""
+
+    root: Path
+    profile: str = "default"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    variants: dict[str, Variant] = field(default_factory=dict)
+    runs: dict[str, RunConfig] = field(default_factory=dict)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = PARAMS_FILE
+
+    def path(self, key: str) -> Path:
+        """The absolute path of ``paths.<key>``."""
+        if key not in PATH_KEYS:
+            raise ConfigError(f"{self.source}: no key paths.{key}")
+        return resolve_path(getattr(self.paths, key), self.root)
+
+    def zip_path(self, split: str) -> Path:
+        """The absolute path of one split's challenge zip."""
+        return self.path("data") / self.data.zips[split]
+
+    def test_labels_path(self) -> Path:
+        return self.path("data") / self.data.test_labels
+
+    def run_dir(self, variant: str, fold: int) -> Path:
+        """Where a training run writes its checkpoints: ``paths.models/<variant>/fold_<k>``."""
+        return self.path("models") / variant / f"fold_{int(fold)}"
+
+    def variant(self, name: str) -> Variant:
+        if name not in self.variants:
+            known = ", ".join(sorted(self.variants)) or "(none defined)"
+            raise ConfigError(f"{self.source}: unknown variant '{name}'; known variants: {known}")
+        return self.variants[name]
+
+    def train_for(self, variant: str | Variant) -> TrainConfig:
+        """The ``train`` section with the variant's own ``train`` overrides applied."""
+        v = self.variant(variant) if isinstance(variant, str) else variant
+        return replace_checked(
+            self.train, v.train, f"{self.source}: variants.{_name_of(self, v)}.train"
+        )
+
+
+PATH_KEYS = frozenset(f.name for f in dataclasses.fields(PathsConfig))
+
+
+def _name_of(params: Params, v: Variant) -> str:
+    return next((k for k, x in params.variants.items() if x is v), "?")
+
+
+# --------------------------------------------------------------------------- loading
 
 
 def project_root(start: str | os.PathLike | None = None) -> Path:
@@ -39,37 +382,261 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
     return here
 
 
-def load_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Read ``params.yaml`` (or ``path``) into a plain dict."""
-    p = Path(path) if path is not None else project_root() / PARAMS_FILE
+def resolve_path(p: str | os.PathLike, root: Path | None = None) -> Path:
+    """``p`` made absolute against the project root (absolute paths pass through)."""
+    p = Path(p)
+    return p if p.is_absolute() else (root or project_root()) / p
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """``params.yaml`` (or ``path``) as a plain mapping, with one-line errors."""
+    p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: parameter file not found")
     try:
-        with open(p, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     return data
 
 
-def section(params: dict[str, Any], key: str, source: str = PARAMS_FILE) -> dict[str, Any]:
-    """``params[key]`` as a dict, with an error naming the file and key when missing."""
-    if key not in params or not isinstance(params[key], dict):
-        raise ConfigError(f"{source}: missing or invalid section '{key}'")
-    return params[key]
+def load_params(path: str | os.PathLike | None = None, *, root: Path | None = None) -> Params:
+    """Read and validate ``params.yaml`` (default: the one at the project root)."""
+    p = Path(path) if path is not None else project_root() / PARAMS_FILE
+    raw = read_yaml(p)
+    return parse_params(
+        raw,
+        root=root or (p.resolve().parent if path is not None else project_root()),
+        source=str(path) if path is not None else PARAMS_FILE,
+    )
 
 
-def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
-    """A new dict: ``base`` with ``override`` merged in recursively (override wins)."""
-    out = copy.deepcopy(base)
-    for k, v in (override or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+def parse_params(
+    raw: dict[str, Any], *, root: Path | None = None, source: str = PARAMS_FILE
+) -> Params:
+    """A :class:`Params` from a plain mapping (what ``params.yaml`` holds)."""
+    known = {"profile", "variants", "runs", "profiles", *SECTIONS}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        known_keys = ", ".join(sorted(known))
+        raise ConfigError(
+            f"{source}: unknown top-level key(s) {', '.join(unknown)}; known: {known_keys}"
+        )
+    sections = {
+        name: build(cls, raw.get(name), f"{source}: {name}") for name, cls in SECTIONS.items()
+    }
+    variants = {
+        str(k): parse_variant(v, f"{source}: variants.{k}")
+        for k, v in _mapping(raw, "variants", source).items()
+    }
+    runs = {
+        str(k): build(RunConfig, v, f"{source}: runs.{k}")
+        for k, v in _mapping(raw, "runs", source).items()
+    }
+    params = Params(
+        root=Path(root or project_root()),
+        profile=str(raw.get("profile", "default")),
+        variants=variants,
+        runs=runs,
+        profiles=_mapping(raw, "profiles", source),
+        source=source,
+        **sections,
+    )
+    _check_references(params)
+    return params
+
+
+def _mapping(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def parse_variant(raw: Any, where: str = "variant") -> Variant:
+    """A typed variant from its mapping (a ``variants:`` entry or a checkpoint's record)."""
+    if isinstance(raw, Variant):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    arch = raw.get("arch")
+    if arch not in VARIANT_TYPES:
+        raise ConfigError(f"{where}.arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    variant = build(VARIANT_TYPES[arch], raw, where)
+    _check_variant(variant, where)
+    replace_checked(TrainConfig(), variant.train, f"{where}.train")  # overrides name real keys
+    return variant
+
+
+def _check_variant(v: Variant, where: str) -> None:
+    if not float(v.v_min) < float(v.v_max):
+        raise ConfigError(f"{where}: v_min must be below v_max")
+    choices: list[tuple[str, tuple[str, ...]]] = [("tta_flip", FLIP_MODES)]
+    if isinstance(v, EvaFusionVariant):
+        choices += [
+            ("fusion", FUSIONS),
+            ("pool_query", POOL_QUERIES),
+            ("head_resize", HEAD_RESIZES),
+            ("prior", PRIORS),
+        ]
+    if isinstance(v, InversionNetVariant):
+        choices += [("norm", NORMS), ("prior", PRIORS)]
+    for key, allowed in choices:
+        _check_choice(getattr(v, key), allowed, f"{where}.{key}")
+
+
+def _check_choice(value: Any, allowed: tuple[str, ...], where: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _check_references(p: Params) -> None:
+    """Cross-section checks: runs name variants, the ensemble names variants with runs."""
+    src = p.source
+    _check_choice(p.train.amp, AMPS, f"{src}: train.amp")
+    _check_choice(p.train.device, DEVICES, f"{src}: train.device")
+    for name in p.variants:
+        t = p.train_for(name)
+        _check_choice(t.amp, AMPS, f"{src}: variants.{name}.train.amp")
+    unknown_splits = sorted(set(p.data.zips) - set(SPLITS))
+    missing_splits = sorted(set(SPLITS) - set(p.data.zips))
+    if unknown_splits or missing_splits:
+        raise ConfigError(
+            f"{src}: data.zips must name the splits {', '.join(SPLITS)} "
+            f"(unknown: {unknown_splits or '-'}, missing: {missing_splits or '-'})"
+        )
+    for key, run in p.runs.items():
+        if run.variant not in p.variants:
+            raise ConfigError(f"{src}: runs.{key}.variant names unknown variant '{run.variant}'")
+    if len(set(p.ensemble.variants)) != len(p.ensemble.variants):
+        raise ConfigError(
+            f"{src}: ensemble.variants lists a variant twice: {list(p.ensemble.variants)}"
+        )
+    for name in p.ensemble.variants:
+        if name not in p.variants:
+            raise ConfigError(
+                f"{src}: ensemble.variants names unknown variant '{name}' (not under 'variants:')"
+            )
+    for name, w in p.ensemble.hand_weights.items():
+        if not w >= 0:
+            raise ConfigError(f"{src}: ensemble.hand_weights.{name} must be non-negative, got {w}")
+    if p.tune.n_trials < 1:
+        raise ConfigError(f"{src}: tune.n_trials must be >= 1, got {p.tune.n_trials}")
+
+
+# --------------------------------------------------------------------------- typed building
+
+
+def build(cls: type, raw: Any, where: str):
+    """An instance of dataclass ``cls`` from mapping ``raw`` (None: all defaults).
+
+    Unknown keys, missing required keys and values of the wrong type raise
+    :class:`ConfigError` naming ``where`` and the key.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(map(str, raw)) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = coerce(raw[name], hints[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key '{name}'")
+    return cls(**values)
+
+
+def replace_checked(obj, overrides: dict[str, Any] | None, where: str):
+    """``dataclasses.replace(obj, **overrides)`` with the overrides validated like :func:`build`."""
+    if not overrides:
+        return obj
+    merged = {**as_plain(obj), **overrides}
+    return build(type(obj), merged, where)
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against type ``hint`` (ints pass as floats; lists become tuples)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else build(hint, value, where)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if origin is tuple:
+        return _coerce_tuple(value, args, where)
+    if origin is dict:
+        return _coerce_dict(value, args, where)
+    raise TypeError(f"{where}: unsupported type {hint!r}")  # a schema error in this module
+
+
+def _coerce_tuple(value: Any, args: tuple, where: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list, got {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+    return tuple(
+        coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+    )
+
+
+def _coerce_dict(value: Any, args: tuple, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {value!r}")
+    key_t, val_t = args
+    return {
+        coerce(k, key_t, f"{where}"): coerce(v, val_t, f"{where}.{k}") for k, v in value.items()
+    }
+
+
+def as_plain(obj: Any) -> Any:
+    """Dataclasses, tuples and mappings as plain dicts and lists (JSON, MLflow, checkpoints)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: as_plain(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.name != "root"
+        }
+    if isinstance(obj, dict):
+        return {str(k): as_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [as_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 
 
 def flatten(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
@@ -82,9 +649,3 @@ def flatten(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, An
         else:
             out[key] = v
     return out
-
-
-def resolve_path(p: str | os.PathLike, root: Path | None = None) -> Path:
-    """``p`` made absolute against the project root (absolute paths pass through)."""
-    p = Path(p)
-    return p if p.is_absolute() else (root or project_root()) / p

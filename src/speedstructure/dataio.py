@@ -1,4 +1,4 @@
-"""Reading and writing samples in the challenge's zip layout.
+"""Reading and writing samples: the challenge's zips, the ingested store, sample folders.
 
 Layout of every zip (train, extended, test)::
 
@@ -18,6 +18,8 @@ member.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import io
 import os
 import re
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from speedstructure.errors import DataError
+from speedstructure.fsutil import atomic_output
 
 SOURCES: tuple[int, ...] = (1, 75, 150, 225, 300)
 N_TIME = 10001
@@ -113,7 +116,9 @@ class ZipSamples:
                 raise DataError(f"{self.path}: member '{name}' is not inside a sample folder")
             sid, fname = parts[-2], parts[-1]
             if not SAMPLE_ID_RE.match(sid):
-                raise DataError(f"{self.path}: member '{name}': folder '{sid}' is not an 18-character sample id")
+                raise DataError(
+                    f"{self.path}: member '{name}': folder '{sid}' is not an 18-character sample id"
+                )
             if fname not in GATHER_NAMES and fname != TARGET_NAME:
                 raise DataError(f"{self.path}: unexpected member '{name}'")
             files = self._members.setdefault(sid, {})
@@ -128,12 +133,13 @@ class ZipSamples:
             with_target += TARGET_NAME in files
         if with_target not in (0, len(self._members)):
             raise DataError(
-                f"{self.path}: {len(self._members) - with_target} of {len(self._members)} samples lack {TARGET_NAME}"
+                f"{self.path}: {len(self._members) - with_target} of {len(self._members)} "
+                f"samples lack {TARGET_NAME}"
             )
         self.has_targets = with_target > 0
         self.sample_ids: list[str] = sorted(self._members)
 
-    def __enter__(self) -> "ZipSamples":
+    def __enter__(self) -> ZipSamples:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -209,7 +215,7 @@ ZIP_EPOCH = (2025, 1, 1, 0, 0, 0)
 
 
 class ZipWriter:
-    """Writes a challenge-layout zip atomically (temp file, then rename).
+    """Writes a challenge-layout zip atomically (:func:`speedstructure.fsutil.atomic_output`).
 
     Members are stored uncompressed with a fixed timestamp, so equal inputs
     give byte-identical archives.  Use as a context manager; on an exception
@@ -218,9 +224,13 @@ class ZipWriter:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        self._zf = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._output = contextlib.ExitStack()
+        tmp = self._output.enter_context(atomic_output(self.path))
+        try:
+            self._zf = zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        except BaseException:
+            self._output.close()
+            raise
         self._ids: set[str] = set()
 
     def add(self, sample_id: str, gathers: np.ndarray, target: np.ndarray | None) -> None:
@@ -231,10 +241,12 @@ class ZipWriter:
         self._ids.add(sample_id)
         if gathers.shape != (len(SOURCES), *GATHER_SHAPE):
             raise ValueError(f"gathers shape {gathers.shape}")
-        for s, g in zip(SOURCES, gathers):
+        for s, g in zip(SOURCES, gathers, strict=True):
             self._write(f"{sample_id}/{gather_name(s)}", np.ascontiguousarray(g, dtype=np.float32))
         if target is not None:
-            self._write(f"{sample_id}/{TARGET_NAME}", np.ascontiguousarray(target, dtype=np.float32))
+            self._write(
+                f"{sample_id}/{TARGET_NAME}", np.ascontiguousarray(target, dtype=np.float32)
+            )
 
     def _write(self, name: str, arr: np.ndarray) -> None:
         info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
@@ -242,12 +254,146 @@ class ZipWriter:
         info.external_attr = 0o644 << 16
         self._zf.writestr(info, npy_bytes(arr))
 
-    def __enter__(self) -> "ZipWriter":
+    def __enter__(self) -> ZipWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._zf.close()
-        if exc_type is None:
-            os.replace(self._tmp, self.path)
-        else:
-            self._tmp.unlink(missing_ok=True)
+        try:
+            self._zf.close()
+        finally:  # renames the temporary onto ``path``, or removes it after an exception
+            self._output.__exit__(exc_type, exc, tb)
+
+
+# --------------------------------------------------------------------- the store and folders
+
+INDEX_NAME = "index.csv"
+MANIFEST_NAME = "manifest.json"
+
+
+class StoreSamples:
+    """Read access to the store the ``ingest`` stage writes, with ``ZipSamples``' interface.
+
+    ``store = StoreSamples("store"); x, y = store.read(sample_id)``.  Arrays are
+    memory-mapped; every read returns an owned copy.  ``split`` limits the
+    samples to one split.
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str | None = None):
+        self.path = Path(path)
+        index = self.path / INDEX_NAME
+        if not index.is_file():
+            raise DataError(
+                f"{self.path}: not a sample store (no {INDEX_NAME}; run the ingest stage)"
+            )
+        self._where: dict[str, tuple[str, int, bool]] = {}
+        with open(index, newline="") as fh:
+            for r in csv.DictReader(fh):
+                if split is None or r["split"] == split:
+                    self._where[r["sample_id"]] = (
+                        r["split"],
+                        int(r["row"]),
+                        r["has_target"] == "1",
+                    )
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        self.sample_ids = sorted(self._where)
+        self.has_targets = bool(self._where) and all(t for _, _, t in self._where.values())
+
+    def _array(self, split: str, name: str) -> np.ndarray:
+        key = (split, name)
+        if key not in self._arrays:
+            p = self.path / split / name
+            try:
+                self._arrays[key] = np.load(p, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise DataError(
+                    f"{p}: cannot be read ({exc}); rebuild the store (dvc repro ingest)"
+                ) from exc
+        return self._arrays[key]
+
+    def _locate(self, sample_id: str) -> tuple[str, int, bool]:
+        try:
+            return self._where[sample_id]
+        except KeyError:
+            raise DataError(f"{self.path}: no sample '{sample_id}'") from None
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self._where
+
+    def split_of(self, sample_id: str) -> str:
+        return self._locate(sample_id)[0]
+
+    def read_gathers(self, sample_id: str) -> np.ndarray:
+        split, row, _ = self._locate(sample_id)
+        return np.array(self._array(split, "gathers.npy")[row])
+
+    def read_target(self, sample_id: str) -> np.ndarray:
+        split, row, has = self._locate(sample_id)
+        if not has:
+            raise DataError(f"{self.path}: sample '{sample_id}' ({split}) has no target")
+        return np.array(self._array(split, "targets.npy")[row])
+
+    def read(self, sample_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+        has = self._locate(sample_id)[2]
+        return self.read_gathers(sample_id), (self.read_target(sample_id) if has else None)
+
+    def close(self) -> None:
+        self._arrays.clear()
+
+    def __enter__(self) -> StoreSamples:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+
+def open_samples(path: str | os.PathLike):
+    """A reader for ``path``: a store folder (``StoreSamples``) or a zip (``ZipSamples``)."""
+    p = Path(path)
+    return StoreSamples(p) if p.is_dir() else ZipSamples(p)
+
+
+class FolderSamples:
+    """Samples in a folder in the challenge layout (gathers only):
+    ``<dir>/<sample_id>/receiver_data_src_<s>.npy``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise DataError(f"{self.path}: folder not found")
+        self.sample_ids = sorted(
+            p.name for p in self.path.iterdir() if p.is_dir() and SAMPLE_ID_RE.match(p.name)
+        )
+        if not self.sample_ids:
+            raise DataError(f"{self.path}: no sample folders (18-character ids) found")
+        for sid in self.sample_ids:
+            missing = [g for g in GATHER_NAMES if not (self.path / sid / g).is_file()]
+            if missing:
+                raise DataError(f"{self.path / sid}: lacks {', '.join(missing)}")
+
+    def read_gathers(self, sample_id: str) -> np.ndarray:
+        out = []
+        for g in GATHER_NAMES:
+            f = self.path / sample_id / g
+            out.append(check_gather(_load_npy(f.read_bytes(), str(f)), str(f)))
+        return np.stack(out)
+
+    def close(self) -> None:
+        pass
+
+
+def open_input(path: str | os.PathLike):
+    """A challenge zip (``ZipSamples``), a store (``StoreSamples``) or a sample folder."""
+    p = Path(path)
+    if p.is_dir():
+        return StoreSamples(p) if (p / INDEX_NAME).is_file() else FolderSamples(p)
+    if p.is_file():
+        return ZipSamples(p)
+    raise DataError(f"{p}: input not found (expected a challenge zip or a folder of samples)")

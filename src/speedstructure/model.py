@@ -1,7 +1,8 @@
 """Velocity models: one configurable EVA02 source-fusion network and two baselines.
 
-Every model is built from one entry of the ``variants:`` section of ``params.yaml`` by
-:func:`build_model` and shares one interface:
+Every model is built from one typed variant (:class:`speedstructure.config.Variant`,
+an entry of the ``variants:`` section of ``params.yaml``) by :func:`build_model`, keeps it
+as ``model.variant``, and shares one interface:
 
 * ``forward(x)``: ``x`` is ``(B, 5, 10001, 31)`` float32 (the five shot gathers in source
   order 1, 75, 150, 225, 300); returns velocities ``(B, 300, 1259)`` in km/s, bounded to
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -50,7 +50,20 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from speedstructure.config import ConfigError, load_params, resolve_path
+from speedstructure.config import (
+    ARCHS,
+    FLIP_MODES,
+    FUSIONS,
+    ConfigError,
+    DepthTrendVariant,
+    EvaFusionVariant,
+    InversionNetVariant,
+    Params,
+    Variant,
+    load_params,
+    parse_variant,
+    resolve_path,
+)
 from speedstructure.dataio import GATHER_SHAPE, SOURCES, VP_SHAPE
 from speedstructure.errors import UserError
 
@@ -66,8 +79,6 @@ __all__ = [
     "InversionNet",
     "DepthTrend",
     "build_model",
-    "get_variant",
-    "variant_defaults",
     "flip_inputs",
     "flip_target",
     "fold_gathers",
@@ -76,16 +87,8 @@ __all__ = [
     "count_parameters",
     "forward_flops",
     "model_summary",
-    "register",
+    "add_commands",
 ]
-
-ARCHS = ("eva_fusion", "inversionnet", "depth_trend")
-FUSIONS = ("mean", "single", "dual")
-FLIP_MODES = ("consistent", "receivers")
-POOL_QUERIES = ("shared", "per_token")
-HEAD_RESIZES = ("area", "linear")
-NORMS = ("batch", "group", "none")
-PRIORS = ("none", "depth_trend")
 
 N_SOURCES = len(SOURCES)
 N_TIME, N_RECEIVERS = GATHER_SHAPE
@@ -93,41 +96,6 @@ NX, NZ = VP_SHAPE
 INPUT_SHAPE = (N_SOURCES, N_TIME, N_RECEIVERS)  # per sample
 OUTPUT_SHAPE = VP_SHAPE  # per sample
 FOLD = 100  # 10000 time samples folded into FOLD x FOLD
-
-# Keys any variant may carry that the model itself ignores: per-variant training
-# overrides (read by the training engine), the profile a variant belongs to, a note.
-PASS_THROUGH_KEYS = ("train", "profile", "description")
-
-_COMMON_DEFAULTS: dict[str, Any] = {
-    "v_min": 1.5,
-    "v_max": 4.5,
-    "tta_flip": "consistent",
-    "input_scale": 1.0e3,
-}
-_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "eva_fusion": {
-        "prior": "none",  # none (the seed's) | depth_trend: predict the deviation from the fold's depth trend
-        "backbone": None,  # required: a timm EVA/ViT model name
-        "pretrained": "none",  # none | timm | <path to .safetensors/.pth/.bin>
-        "img_size": 224,
-        "depth": None,  # transformer blocks (None: timm's default; fewer keeps the first pretrained ones)
-        "split_at": None,  # required: blocks run per source before fusion
-        "fusion": "dual",
-        "channel_heads": 4,  # heads of the self-attention across sources
-        "fusion_heads": 2,  # heads of the attention pooling (dual)
-        "pool_query": "shared",  # dual: one learned query shared by all tokens, or one per token
-        "head_resize": "area",  # g*g tokens -> 1259 depth cells
-        "drop_path_rate": 0.0,
-        "backbone_kwargs": {},  # further keyword arguments for timm.create_model
-    },
-    "inversionnet": {
-        "prior": "none",
-        "width": 32,  # OpenFWI's channel width; 8 is a small CPU version
-        "time_samples": 1000,  # time axis resampled (area) to this length first
-        "norm": "batch",
-    },
-    "depth_trend": {},
-}
 
 
 # ----------------------------------------------------------------------------- flips
@@ -175,12 +143,12 @@ class VelocityModel(nn.Module):
     arch: str = ""
     requires_training: bool = True
 
-    def __init__(self, *, v_min: float, v_max: float, tta_flip: str, input_scale: float, prior: str = "none"):
+    def __init__(self, variant: Variant, prior: str = "none"):
         super().__init__()
-        self.v_min = float(v_min)
-        self.v_max = float(v_max)
-        self.tta_flip = tta_flip
-        self.input_scale = float(input_scale)
+        self.v_min = float(variant.v_min)
+        self.v_max = float(variant.v_max)
+        self.tta_flip = variant.tta_flip
+        self.input_scale = float(variant.input_scale)
         self.prior = prior
         if prior == "depth_trend":
             # logit of the training fold's mean velocity per depth cell, added to the head's
@@ -210,7 +178,9 @@ class VelocityModel(nn.Module):
         return []
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, tta: bool = True, flip_mode: str | None = None) -> torch.Tensor:
+    def predict(
+        self, x: torch.Tensor, tta: bool = True, flip_mode: str | None = None
+    ) -> torch.Tensor:
         """Velocities ``(B, 300, 1259)`` in eval mode; with ``tta`` the median of the plain
         prediction and the flipped-back prediction of the flipped input."""
         was_training = self.training
@@ -279,7 +249,9 @@ class SourceFusion(nn.Module):
         if mode == "dual":
             self.source_embed = nn.Parameter(torch.zeros(1, n_sources, dim))
             nn.init.trunc_normal_(self.source_embed, std=0.02)
-            self.query = nn.Parameter(torch.zeros(n_tokens if pool_query == "per_token" else 1, dim))
+            self.query = nn.Parameter(
+                torch.zeros(n_tokens if pool_query == "per_token" else 1, dim)
+            )
             nn.init.trunc_normal_(self.query, std=0.02)
             self.pool_attn = nn.MultiheadAttention(dim, fusion_heads, batch_first=True)
             self.norm_out = nn.LayerNorm(dim)
@@ -304,42 +276,47 @@ class SourceFusion(nn.Module):
         return self.norm_out(pooled.reshape(b, n, c))
 
 
-def _create_backbone(cfg: dict[str, Any], *, load_weights: bool) -> nn.Module:
+def _create_backbone(v: EvaFusionVariant, *, load_weights: bool) -> nn.Module:
     import timm
 
-    kwargs = dict(
-        in_chans=1,
-        dynamic_img_size=True,
-        num_classes=0,
-        img_size=int(cfg["img_size"]),
-        drop_path_rate=float(cfg["drop_path_rate"]),
-    )
-    if cfg["depth"] is not None:
-        kwargs["depth"] = int(cfg["depth"])
-    kwargs.update(cfg["backbone_kwargs"] or {})
-    pretrained = str(cfg["pretrained"])
-    if load_weights and pretrained != "none":
-        kwargs["pretrained"] = True
-        if pretrained != "timm":
-            path = resolve_path(pretrained)
-            if not path.is_file():
-                raise UserError(f"pretrained weights file not found: {path}")
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
-        if cfg["depth"] is not None:
-            # a shallower backbone keeps the checkpoint's first `depth` blocks
-            kwargs["pretrained_strict"] = False
+    kwargs = {
+        "in_chans": 1,
+        "dynamic_img_size": True,
+        "num_classes": 0,
+        "img_size": int(v.img_size),
+        "drop_path_rate": float(v.drop_path_rate),
+    }
+    if v.depth is not None:
+        kwargs["depth"] = int(v.depth)
+    kwargs.update(v.backbone_kwargs or {})
+    if load_weights and v.pretrained != "none":
+        kwargs.update(_pretrained_kwargs(v))
     try:
-        return timm.create_model(cfg["backbone"], **kwargs)
+        return timm.create_model(v.backbone, **kwargs)
     except RuntimeError as exc:
         msg = str(exc)
         if "Unknown model" in msg or "Invalid pretrained tag" in msg:
-            raise ConfigError(f"unknown timm backbone {cfg['backbone']!r}: {msg}") from exc
+            raise ConfigError(f"unknown timm backbone {v.backbone!r}: {msg}") from exc
         if "pretrained_cfg_overlay" in kwargs:
             raise UserError(
                 f"{kwargs['pretrained_cfg_overlay']['file']}: weights do not fit backbone "
-                f"{cfg['backbone']!r}: {msg}"
+                f"{v.backbone!r}: {msg}"
             ) from exc
         raise
+
+
+def _pretrained_kwargs(v: EvaFusionVariant) -> dict[str, Any]:
+    """timm keyword arguments that load ``v.pretrained`` (``timm`` or a local file)."""
+    kwargs: dict[str, Any] = {"pretrained": True}
+    if v.pretrained != "timm":
+        path = resolve_path(v.pretrained)
+        if not path.is_file():
+            raise UserError(f"pretrained weights file not found: {path}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+    if v.depth is not None:
+        # a shallower backbone keeps the checkpoint's first `depth` blocks
+        kwargs["pretrained_strict"] = False
+    return kwargs
 
 
 class EvaFusionNet(VelocityModel):
@@ -348,46 +325,48 @@ class EvaFusionNet(VelocityModel):
 
     arch = "eva_fusion"
 
-    def __init__(self, cfg: dict[str, Any], *, load_weights: bool = True):
-        super().__init__(
-            v_min=cfg["v_min"], v_max=cfg["v_max"], tta_flip=cfg["tta_flip"], input_scale=cfg["input_scale"],
-            prior=cfg["prior"],
-        )
-        self.img_size = int(cfg["img_size"])
-        self.backbone = _create_backbone(cfg, load_weights=load_weights)
+    def __init__(self, v: EvaFusionVariant, *, load_weights: bool = True):
+        super().__init__(v, prior=v.prior)
+        self.img_size = int(v.img_size)
+        self.backbone = _create_backbone(v, load_weights=load_weights)
         bb = self.backbone
         for attr in ("blocks", "patch_embed", "_pos_embed"):
             if not hasattr(bb, attr):
-                raise ConfigError(f"backbone {cfg['backbone']!r} has no '{attr}': not an EVA/ViT model")
+                raise ConfigError(f"backbone {v.backbone!r} has no '{attr}': not an EVA/ViT model")
         depth = len(bb.blocks)
-        self.split_at = int(cfg["split_at"])
+        self.split_at = int(v.split_at)
         if not 0 <= self.split_at <= depth:
-            raise ConfigError(f"split_at={self.split_at} outside [0, {depth}] (backbone has {depth} blocks)")
+            raise ConfigError(
+                f"split_at={self.split_at} outside [0, {depth}] (backbone has {depth} blocks)"
+            )
         dim = bb.embed_dim
         used = {"mean": (), "single": ("channel_heads",), "dual": ("channel_heads", "fusion_heads")}
-        for key in used[cfg["fusion"]]:
-            if cfg[key] is None or int(cfg[key]) < 1 or dim % int(cfg[key]):
-                raise ConfigError(f"{key}={cfg[key]} must divide the backbone width {dim}")
+        for key in used[v.fusion]:
+            heads = getattr(v, key)
+            if heads is None or int(heads) < 1 or dim % int(heads):
+                raise ConfigError(f"{key}={heads} must divide the backbone width {dim}")
         grid = bb.patch_embed.dynamic_feat_size((self.img_size, self.img_size))
         self.grid = tuple(int(g) for g in grid)
         self.num_prefix_tokens = int(getattr(bb, "num_prefix_tokens", 1))
         n_tokens = self.num_prefix_tokens + self.grid[0] * self.grid[1]
         self.fusion = SourceFusion(
-            cfg["fusion"],
+            v.fusion,
             dim,
             n_tokens,
-            channel_heads=int(cfg["channel_heads"] or 1),
-            fusion_heads=int(cfg["fusion_heads"] or 1),
-            pool_query=cfg["pool_query"],
+            channel_heads=int(v.channel_heads or 1),
+            fusion_heads=int(v.fusion_heads or 1),
+            pool_query=v.pool_query,
         )
-        self.head_resize = cfg["head_resize"]
+        self.head_resize = v.head_resize
         self.head = nn.Linear(dim, NX)
         if self.prior != "none":  # start from the prior exactly; the network learns the deviation
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         # the per-token final norm: EVA02 with average pooling keeps it in fc_norm
         norm = getattr(bb, "norm", None)
-        self._final_norm_name = "norm" if norm is not None and not isinstance(norm, nn.Identity) else "fc_norm"
+        self._final_norm_name = (
+            "norm" if norm is not None and not isinstance(norm, nn.Identity) else "fc_norm"
+        )
 
     # -- pieces, public so tests and analyses can check them against timm
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -404,7 +383,9 @@ class EvaFusionNet(VelocityModel):
         x = bb.norm_pre(x) if hasattr(bb, "norm_pre") else x
         return x, rope
 
-    def run_blocks(self, x: torch.Tensor, rope: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+    def run_blocks(
+        self, x: torch.Tensor, rope: torch.Tensor | None, start: int, stop: int
+    ) -> torch.Tensor:
         """Backbone blocks ``start``..``stop-1`` with the rotary embedding, as timm does."""
         bb = self.backbone
         mixed = getattr(bb, "rope_mixed", False) and rope is not None
@@ -456,7 +437,9 @@ def _norm2d(kind: str, c: int) -> nn.Module:
 
 
 def _conv(cin, cout, k, s=1, p=0, norm="batch"):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, s, p), _norm2d(norm, cout), nn.LeakyReLU(0.2, inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, s, p), _norm2d(norm, cout), nn.LeakyReLU(0.2, inplace=True)
+    )
 
 
 def _deconv(cin, cout, k, s=1, p=0, norm="batch"):
@@ -481,25 +464,25 @@ class InversionNet(VelocityModel):
 
     arch = "inversionnet"
 
-    def __init__(self, cfg: dict[str, Any]):
-        super().__init__(
-            v_min=cfg["v_min"], v_max=cfg["v_max"], tta_flip=cfg["tta_flip"], input_scale=cfg["input_scale"],
-            prior=cfg["prior"],
-        )
-        w = int(cfg["width"])
-        norm = cfg["norm"]
-        self.time_samples = int(cfg["time_samples"])
+    def __init__(self, v: InversionNetVariant):
+        super().__init__(v, prior=v.prior)
+        w = int(v.width)
+        norm = v.norm
+        self.time_samples = int(v.time_samples)
         if w < 1 or self.time_samples < 64:
             raise ConfigError("inversionnet: width must be >= 1 and time_samples >= 64")
         t, r = self.time_samples, N_RECEIVERS
         layers = [_conv(N_SOURCES, w, (7, 1), (2, 1), (3, 0), norm)]
         t = _out_len(t, 7, 2, 3)
         chans = [w, 2 * w, 2 * w, 4 * w]
-        for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [_conv(cin, cout, (3, 1), (2, 1), (1, 0), norm), _conv(cout, cout, (3, 1), 1, (1, 0), norm)]
+        for cin, cout in zip(chans[:-1], chans[1:], strict=True):
+            layers += [
+                _conv(cin, cout, (3, 1), (2, 1), (1, 0), norm),
+                _conv(cout, cout, (3, 1), 1, (1, 0), norm),
+            ]
             t = _out_len(t, 3, 2, 1)
         chans = [4 * w, 4 * w, 8 * w, 8 * w]
-        for cin, cout in zip(chans[:-1], chans[1:]):
+        for cin, cout in zip(chans[:-1], chans[1:], strict=True):
             layers += [_conv(cin, cout, 3, 2, 1, norm), _conv(cout, cout, 3, 1, 1, norm)]
             t, r = _out_len(t, 3, 2, 1), _out_len(r, 3, 2, 1)
         # latent: no normalisation here (a 1 x 1 map cannot be batch-normalised at batch 1)
@@ -507,7 +490,7 @@ class InversionNet(VelocityModel):
         self.encoder = nn.Sequential(*layers)
         dec = [_deconv(16 * w, 16 * w, (5, 20), 1, 0, norm), _conv(16 * w, 16 * w, 3, 1, 1, norm)]
         chans = [16 * w, 8 * w, 4 * w, 2 * w, w, w]
-        for cin, cout in zip(chans[:-1], chans[1:]):
+        for cin, cout in zip(chans[:-1], chans[1:], strict=True):
             dec += [_deconv(cin, cout, 4, 2, 1, norm), _conv(cout, cout, 3, 1, 1, norm)]
         dec += [nn.Conv2d(w, 1, 3, 1, 1)]
         self.decoder = nn.Sequential(*dec)
@@ -557,15 +540,13 @@ class DepthTrend(VelocityModel):
     arch = "depth_trend"
     requires_training = False
 
-    def __init__(self, cfg: dict[str, Any]):
-        super().__init__(
-            v_min=cfg["v_min"], v_max=cfg["v_max"], tta_flip=cfg["tta_flip"], input_scale=cfg["input_scale"]
-        )
+    def __init__(self, v: DepthTrendVariant):
+        super().__init__(v)
         self.register_buffer("trend", torch.full((NZ,), 0.5 * (self.v_min + self.v_max)))
         self.register_buffer("n_fitted", torch.zeros((), dtype=torch.int64))
 
     @torch.no_grad()
-    def fit(self, targets: Iterable) -> "DepthTrend":
+    def fit(self, targets: Iterable) -> DepthTrend:
         """Set the trend to the per-depth mean over all targets (each ``(300, 1259)`` or a
         batch ``(B, 300, 1259)``, numpy or torch) and all x positions."""
         counter = [0]
@@ -576,91 +557,50 @@ class DepthTrend(VelocityModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.trend.device.type != "meta" and int(self.n_fitted) == 0:
-            raise UserError("depth_trend: the model is not fitted (call fit() with the training targets)")
+            raise UserError(
+                "depth_trend: the model is not fitted (call fit() with the training targets)"
+            )
         return self.trend.to(x.dtype).expand(x.shape[0], NX, NZ).clone()
 
 
 # ----------------------------------------------------------------------------- building
 
 
-def variant_defaults(arch: str) -> dict[str, Any]:
-    """The full set of keys (with defaults) that a variant of ``arch`` accepts."""
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown arch {arch!r}: expected one of {ARCHS}")
-    return {"arch": arch, **_COMMON_DEFAULTS, **_ARCH_DEFAULTS[arch]}
-
-
-def _resolve_cfg(variant_cfg: dict[str, Any], name: str | None) -> dict[str, Any]:
-    where = f"variant '{name}'" if name else "variant"
-    if not isinstance(variant_cfg, dict):
-        raise ConfigError(f"{where}: must be a mapping, got {type(variant_cfg).__name__}")
-    arch = variant_cfg.get("arch")
-    if arch not in ARCHS:
-        raise ConfigError(f"{where}: 'arch' must be one of {ARCHS}, got {arch!r}")
-    cfg = variant_defaults(arch)
-    unknown = sorted(set(variant_cfg) - set(cfg) - set(PASS_THROUGH_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; {arch} accepts {sorted(cfg)}")
-    cfg.update({k: v for k, v in variant_cfg.items() if k not in PASS_THROUGH_KEYS})
-    if not float(cfg["v_min"]) < float(cfg["v_max"]):
-        raise ConfigError(f"{where}: v_min must be below v_max")
-    if cfg["tta_flip"] not in FLIP_MODES:
-        raise ConfigError(f"{where}: tta_flip must be one of {FLIP_MODES}")
-    if arch == "eva_fusion":
-        for key in ("backbone", "split_at"):
-            if cfg[key] is None:
-                raise ConfigError(f"{where}: '{key}' is required for arch eva_fusion")
-        for key, allowed in (("fusion", FUSIONS), ("pool_query", POOL_QUERIES), ("head_resize", HEAD_RESIZES)):
-            if cfg[key] not in allowed:
-                raise ConfigError(f"{where}: {key} must be one of {allowed}, got {cfg[key]!r}")
-        if cfg["pretrained"] is None:
-            cfg["pretrained"] = "none"
-        if not isinstance(cfg["backbone_kwargs"] or {}, dict):
-            raise ConfigError(f"{where}: backbone_kwargs must be a mapping")
-    if arch in ("eva_fusion", "inversionnet") and cfg["prior"] not in PRIORS:
-        raise ConfigError(f"{where}: prior must be one of {PRIORS}, got {cfg['prior']!r}")
-    if arch == "inversionnet" and cfg["norm"] not in NORMS:
-        raise ConfigError(f"{where}: norm must be one of {NORMS}")
-    return cfg
-
-
 def build_model(
-    variant_cfg: dict[str, Any],
+    variant: Variant | dict[str, Any],
     *,
     device: str | torch.device | None = None,
     meta: bool = False,
     name: str | None = None,
 ) -> VelocityModel:
-    """Build the model described by one ``variants:`` entry of ``params.yaml``.
+    """Build the model described by a typed variant, or by its mapping: a ``variants:``
+    entry of ``params.yaml`` or the ``variant`` record of a checkpoint (new records hold
+    :meth:`Variant.model_dict`, older ones the raw or fully resolved mapping).
 
     ``meta=True`` builds on the meta device (no memory, pretrained weights not loaded,
     nothing downloaded): for parameter counts and FLOP estimates.  ``name`` only improves
-    error messages.  Keys in ``PASS_THROUGH_KEYS`` (``train``, ...) are ignored.
+    error messages.  The model keeps the typed variant as ``model.variant``.
     """
-    cfg = _resolve_cfg(variant_cfg, name)
+    v = parse_variant(_old_record(variant), f"variant '{name}'" if name else "variant")
     ctx = torch.device("meta") if meta else contextlib.nullcontext()
     with ctx:
-        if cfg["arch"] == "eva_fusion":
-            model: VelocityModel = EvaFusionNet(cfg, load_weights=not meta)
-        elif cfg["arch"] == "inversionnet":
-            model = InversionNet(cfg)
+        if isinstance(v, EvaFusionVariant):
+            model: VelocityModel = EvaFusionNet(v, load_weights=not meta)
+        elif isinstance(v, InversionNetVariant):
+            model = InversionNet(v)
         else:
-            model = DepthTrend(cfg)
-    model.variant_cfg = cfg
+            model = DepthTrend(v)
+    model.variant = v
     if device is not None and not meta:
         model = model.to(device)
     return model
 
 
-def get_variant(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``variants.<name>`` entry of ``params.yaml`` (or of ``params``)."""
-    params = load_params() if params is None else params
-    variants = params.get("variants")
-    if not isinstance(variants, dict):
-        raise ConfigError("params.yaml: missing or invalid section 'variants'")
-    if name not in variants:
-        raise ConfigError(f"params.yaml: no variant '{name}' (have: {', '.join(sorted(variants))})")
-    return variants[name]
+def _old_record(variant: Variant | dict[str, Any]) -> Variant | dict[str, Any]:
+    """A checkpoint record of the earlier format: ``pretrained: null`` meant ``none``."""
+    if isinstance(variant, dict) and "pretrained" in variant and variant["pretrained"] is None:
+        return {**variant, "pretrained": "none"}
+    return variant
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -701,7 +641,11 @@ def forward_flops(model: VelocityModel, batch: int = 1) -> int:
 
     p = next(model.parameters(), None)
     b = next(model.buffers(), None)
-    dev = (p if p is not None else b).device if (p is not None or b is not None) else torch.device("cpu")
+    dev = (
+        (p if p is not None else b).device
+        if (p is not None or b is not None)
+        else torch.device("cpu")
+    )
     if isinstance(model, DepthTrend):
         return 0
     x = torch.zeros(batch, *INPUT_SHAPE, device=dev)
@@ -719,35 +663,25 @@ def forward_flops(model: VelocityModel, batch: int = 1) -> int:
         model.train(was_training)
 
 
-def model_summary(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Parameter counts, shapes and forward FLOPs of a variant, built on the meta device
-    (nothing allocated, no weights loaded or downloaded)."""
-    vcfg = get_variant(name, params)
-    model = build_model(vcfg, meta=True, name=name)
-    cfg = model.variant_cfg
-    out: dict[str, Any] = {"variant": name, "arch": cfg["arch"]}
+def model_summary(name: str, params: Params) -> dict[str, Any]:
+    """Parameter counts, shapes and forward FLOPs of variant ``name`` of ``params``, built on
+    the meta device (nothing allocated, no weights loaded or downloaded)."""
+    model = build_model(params.variant(name), meta=True, name=name)
+    v = model.variant
+    out: dict[str, Any] = {"variant": name, "arch": v.arch}
     if isinstance(model, EvaFusionNet):
-        out.update(
-            backbone=cfg["backbone"],
-            pretrained=str(cfg["pretrained"]),
-            blocks=len(model.backbone.blocks),
-            split_at=model.split_at,
-            fusion=cfg["fusion"],
-            channel_heads=cfg["channel_heads"] if cfg["fusion"] != "mean" else None,
-            fusion_heads=cfg["fusion_heads"] if cfg["fusion"] == "dual" else None,
-            embed_dim=int(model.backbone.embed_dim),
-            image_shape_per_source=[1, model.img_size, model.img_size],
-            token_grid=list(model.grid),
-        )
+        out.update(_fusion_summary(model))
     counts = count_parameters(model)
     out["params"] = {
         "backbone": counts.get("backbone", 0),
         "fusion": counts.get("fusion", 0),
         "head": counts.get("head", 0),
-        **{k: v for k, v in counts.items() if k not in ("backbone", "fusion", "head", "total")},
+        **{k: n for k, n in counts.items() if k not in ("backbone", "fusion", "head", "total")},
         "total": counts["total"],
     }
-    out["params_muon"] = sum(p.numel() for n, p in model.named_parameters() if n in muon_param_names(model))
+    out["params_muon"] = sum(
+        p.numel() for n, p in model.named_parameters() if n in muon_param_names(model)
+    )
     out["input_shape"] = [1, *INPUT_SHAPE]
     out["output_shape"] = [1, *OUTPUT_SHAPE]
     out["forward_flops_per_sample"] = forward_flops(model, batch=1)
@@ -755,37 +689,73 @@ def model_summary(name: str, params: dict[str, Any] | None = None) -> dict[str, 
         "torch.utils.flop_counter.FlopCounterMode over one forward pass on meta tensors "
         "(matmul, convolution, attention; 2 FLOPs per multiply-add)"
     )
-    out["tta_flip"] = cfg["tta_flip"]
+    out["tta_flip"] = v.tta_flip
     return out
+
+
+def _fusion_summary(model: EvaFusionNet) -> dict[str, Any]:
+    v = model.variant
+    return {
+        "backbone": v.backbone,
+        "pretrained": str(v.pretrained),
+        "blocks": len(model.backbone.blocks),
+        "split_at": model.split_at,
+        "fusion": v.fusion,
+        "channel_heads": v.channel_heads if v.fusion != "mean" else None,
+        "fusion_heads": v.fusion_heads if v.fusion == "dual" else None,
+        "embed_dim": int(model.backbone.embed_dim),
+        "image_shape_per_source": [1, model.img_size, model.img_size],
+        "token_grid": list(model.grid),
+    }
 
 
 def _fmt_count(n: int) -> str:
     return f"{n / 1e6:,.3f} M" if n >= 1e5 else f"{n:,}"
 
 
-def _cmd_model_summary(args: argparse.Namespace) -> int:
-    params = load_params(args.params) if args.params else None
-    info = model_summary(args.variant, params)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
+_SUMMARY_KEYS = (
+    "backbone",
+    "pretrained",
+    "blocks",
+    "split_at",
+    "fusion",
+    "channel_heads",
+    "fusion_heads",
+    "embed_dim",
+    "image_shape_per_source",
+    "token_grid",
+    "tta_flip",
+)
+
+
+def _print_summary(info: dict[str, Any]) -> None:
     print(f"variant {info['variant']}  (arch {info['arch']})")
-    for key in ("backbone", "pretrained", "blocks", "split_at", "fusion", "channel_heads", "fusion_heads",
-                "embed_dim", "image_shape_per_source", "token_grid", "tta_flip"):
+    for key in _SUMMARY_KEYS:
         if info.get(key) is not None:
             print(f"  {key:24s} {info[key]}")
     print("  parameters")
-    for k, v in info["params"].items():
-        print(f"    {k:22s} {_fmt_count(v):>14s}")
+    for k, n in info["params"].items():
+        print(f"    {k:22s} {_fmt_count(n):>14s}")
     print(f"    {'(on Muon)':22s} {_fmt_count(info['params_muon']):>14s}")
     print(f"  {'input shape':24s} {tuple(info['input_shape'])}")
     print(f"  {'output shape':24s} {tuple(info['output_shape'])}")
     print(f"  {'forward FLOPs/sample':24s} {info['forward_flops_per_sample'] / 1e9:,.2f} G")
     print(f"  ({info['flops_method']})")
+
+
+def _cmd_model_summary(args: argparse.Namespace) -> int:
+    from speedstructure import cli
+
+    info = model_summary(args.variant, load_params(args.params))
+    if args.json != "-":  # JSON on standard output replaces the table
+        _print_summary(info)
+    cli.write_json_output(args.json, info)
     return 0
 
 
-def register(subparsers) -> None:
+def add_commands(subparsers) -> None:
+    from speedstructure import cli
+
     p = subparsers.add_parser(
         "model-summary",
         help="parameter counts, shapes and FLOPs of a model variant (no weights downloaded)",
@@ -793,6 +763,11 @@ def register(subparsers) -> None:
         "counts (backbone, fusion, head, total), input/output shapes and forward FLOPs per sample.",
     )
     p.add_argument("variant", help="a key of the 'variants' section of params.yaml")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--params", default=None, help="parameter file (default: params.yaml of the project)")
+    cli.add_json_option(p)
+    p.add_argument(
+        "--params",
+        metavar="FILE",
+        default=None,
+        help="parameter file (default: params.yaml of the project)",
+    )
     p.set_defaults(func=_cmd_model_summary)

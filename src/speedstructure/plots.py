@@ -1,8 +1,9 @@
 """Figures: one sample's shot gathers beside its velocity model, and grids of models.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas
-(no pyplot, no global backend state) and written atomically: to a temporary
-file in the target's folder, then ``os.replace``.
+(no pyplot, no global backend state) and written atomically by :func:`save_figure`
+(:func:`speedstructure.fsutil.atomic_output`).  Velocity panels share the colour
+range [``V_MIN``, ``V_MAX``] of :mod:`speedstructure.config`.
 
 Subcommand::
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,33 +21,32 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from speedstructure.config import V_MAX, V_MIN
 from speedstructure.dataio import SOURCES, ZipSamples
 from speedstructure.errors import UserError
+from speedstructure.fsutil import atomic_output
 
 DT = 1e-4  # s per time sample
 RECEIVER_SPACING = 10.0  # m
-V_RANGE = (1.5, 4.5)  # km/s, colour limits of velocity panels
+V_RANGE = (V_MIN, V_MAX)  # km/s, colour limits of velocity panels
 VELOCITY_CMAP = "jet"
 GATHER_CMAP = "gray"
 CLIP_PERCENTILE = 97.0  # the direct wave dominates; clip it so reflections show
+PLOT_SAMPLE_HELP = "Draw one sample's five shot gathers and (if any) its velocity model to a PNG."
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically; returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path
 
 
-def _velocity_panel(fig: Figure, ax, velocity: np.ndarray, title: str | None, colorbar: bool = True):
+def _velocity_panel(
+    fig: Figure, ax, velocity: np.ndarray, title: str | None, colorbar: bool = True
+):
     nx, nz = velocity.shape
     im = ax.imshow(
         velocity.T,
@@ -94,7 +93,7 @@ def plot_sample(
     ratios = [1.0] * len(SOURCES) + ([1.6] if velocity is not None else [])
     fig = Figure(figsize=(3.0 * n_panels, 7.0), layout="constrained")
     axes = fig.subplots(1, n_panels, gridspec_kw={"width_ratios": ratios})
-    for i, (ax, src) in enumerate(zip(axes, SOURCES)):
+    for i, (ax, src) in enumerate(zip(axes[: len(SOURCES)], SOURCES, strict=True)):
         im = ax.imshow(
             gathers[i],
             cmap=cmap,
@@ -140,7 +139,9 @@ def plot_velocity_grid(
         if i >= n:
             ax.set_axis_off()
             continue
-        im = _velocity_panel(fig, ax, np.asarray(models[i]), titles[i] if titles else None, colorbar=False)
+        im = _velocity_panel(
+            fig, ax, np.asarray(models[i]), titles[i] if titles else None, colorbar=False
+        )
         if i % ncols:
             ax.set_ylabel("")
     fig.colorbar(im, ax=list(axes[:n]), label="km/s", shrink=0.8)
@@ -149,36 +150,9 @@ def plot_velocity_grid(
     return save_figure(fig, path)
 
 
-# ---------------------------------------------------------------- command line
-
-
-def _cmd_plot_sample(args: argparse.Namespace) -> int:
-    with ZipSamples(args.zip) as z:
-        if not z.sample_ids:
-            raise UserError(f"{args.zip}: no samples")
-        sid = args.sample_id or z.sample_ids[0]
-        if sid not in z:
-            raise UserError(f"{args.zip}: no sample '{sid}' ({len(z)} samples, first '{z.sample_ids[0]}')")
-        gathers, target = z.read(sid)
-    output = Path(args.output) if args.output else Path("plots") / f"sample_{sid}.png"
-    out = plot_sample(gathers, target, output, title=f"{Path(args.zip).name}: {sid}")
-    print(out)
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "plot-sample",
-        help="draw one sample's five shot gathers and its velocity model to a PNG",
-        description="Draw one sample's five shot gathers and (if the zip has targets) its velocity model.",
-    )
-    p.add_argument("--zip", required=True, help="challenge-layout zip (e.g. data/train.zip)")
-    p.add_argument("--sample-id", default=None, help="sample id (default: the first in the zip)")
-    p.add_argument("--output", default=None, help="PNG path (default: plots/sample_<id>.png)")
-    p.set_defaults(func=_cmd_plot_sample)
-
-
-def plot_training_curves(history: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
+def plot_training_curves(
+    history: Sequence[dict], path: str | os.PathLike, title: str | None = None
+) -> Path:
     """PNG of training loss and validation MAPE per epoch (left) and the learning rate (right)."""
     epochs = [int(h["epoch"]) for h in history]
     fig = Figure(figsize=(9, 3.5), layout="constrained")
@@ -198,3 +172,30 @@ def plot_training_curves(history: Sequence[dict], path: str | os.PathLike, title
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _cmd_plot_sample(args: argparse.Namespace) -> int:
+    with ZipSamples(args.zip) as z:
+        if not z.sample_ids:
+            raise UserError(f"{args.zip}: no samples")
+        sid = args.sample_id or z.sample_ids[0]
+        if sid not in z:
+            raise UserError(
+                f"{args.zip}: no sample '{sid}' ({len(z)} samples, first '{z.sample_ids[0]}')"
+            )
+        gathers, target = z.read(sid)
+    output = Path(args.output) if args.output else Path("plots") / f"sample_{sid}.png"
+    out = plot_sample(gathers, target, output, title=f"{Path(args.zip).name}: {sid}")
+    print(out)
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("plot-sample", description=PLOT_SAMPLE_HELP)
+    p.add_argument("--zip", required=True, help="challenge-layout zip (e.g. data/train.zip)")
+    p.add_argument("--sample-id", default=None, help="sample id (default: the first in the zip)")
+    p.add_argument("--output", default=None, help="PNG path (default: plots/sample_<id>.png)")
+    p.set_defaults(func=_cmd_plot_sample)

@@ -18,11 +18,19 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from speedstructure.config import ConfigError, PARAMS_FILE, load_params, project_root
-from speedstructure.fsutil import atomic_write_bytes
+from speedstructure.config import (
+    PARAMS_FILE,
+    ConfigError,
+    Params,
+    as_plain,
+    load_params,
+    project_root,
+)
+from speedstructure.fsutil import atomic_write_text
 
 
 def _yaml():
@@ -34,16 +42,9 @@ def _yaml():
     y.indent(mapping=2, sequence=4, offset=2)
     # keep `null` as written (the round-trip default would write an empty value)
     y.representer.add_representer(
-        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     return y
-
-
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _set_path(doc, dotted: str, value) -> None:
@@ -78,16 +79,25 @@ def _get_path(d: dict[str, Any], dotted: str):
     return node
 
 
-def profile_names(params: dict[str, Any]) -> list[str]:
-    return sorted((params.get("profiles") or {}).keys())
+def _plain(params: Params | Mapping[str, Any]) -> dict[str, Any]:
+    """The settings as plain mappings and lists: typed params (defaults filled in) or the
+    mapping ``params.yaml`` holds."""
+    return as_plain(params if isinstance(params, Params) else dict(params))
 
 
-def differences(params: dict[str, Any], name: str) -> list[str]:
+def profile_names(params: Params | Mapping[str, Any]) -> list[str]:
+    return sorted((_plain(params).get("profiles") or {}).keys())
+
+
+def differences(params: Params | Mapping[str, Any], name: str) -> list[str]:
     """Dotted keys whose top-level value differs from what profile ``name`` sets."""
-    prof = (params.get("profiles") or {}).get(name)
+    plain = _plain(params)
+    prof = (plain.get("profiles") or {}).get(name)
     if prof is None:
-        raise ConfigError(f"{PARAMS_FILE}: no profile '{name}' (have: {', '.join(profile_names(params))})")
-    return [k for k, v in _leaves(prof).items() if _plain(_get_path(params, k)) != _plain(v)]
+        raise ConfigError(
+            f"{PARAMS_FILE}: no profile '{name}' (have: {', '.join(profile_names(plain))})"
+        )
+    return [k for k, v in _leaves(prof).items() if _get_path(plain, k) != v]
 
 
 def switch(name: str, path: Path | None = None) -> list[str]:
@@ -107,28 +117,33 @@ def switch(name: str, path: Path | None = None) -> list[str]:
     if changed:
         buf = io.StringIO()
         y.dump(doc, buf)
-        atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+        atomic_write_text(path, buf.getvalue())
     return changed
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    if args.name:
+        changed = switch(args.name)
+        if changed:
+            print(
+                f"profile {args.name}: set {', '.join(changed)} in {PARAMS_FILE}; "
+                "`dvc repro` reruns what they affect"
+            )
+        else:
+            print(f"profile {args.name}: already active")
+        return 0
     params = load_params()
-    if not args.name:
-        active = params.get("profile", "?")
-        diff = differences(params, active) if active in (params.get("profiles") or {}) else ["profile"]
-        state = "params.yaml agrees" if not diff else f"differs in {', '.join(diff)}"
-        print(f"profile: {active} ({state}); available: {', '.join(profile_names(params))}")
-        return 0 if not diff else 1
-    changed = switch(args.name)
-    if changed:
-        print(f"profile {args.name}: set {', '.join(changed)} in {PARAMS_FILE}; `dvc repro` reruns what they affect")
-    else:
-        print(f"profile {args.name}: already active")
-    return 0
+    active = params.profile
+    diff = differences(params, active) if active in params.profiles else ["profile"]
+    state = "params.yaml agrees" if not diff else f"differs in {', '.join(diff)}"
+    print(f"profile: {active} ({state}); available: {', '.join(profile_names(params))}")
+    return 0 if not diff else 1
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="show or switch the configuration profile (default | competition)",
-                       description="Apply a profile from params.yaml 'profiles:' to the top-level keys.")
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        description="Apply a profile from params.yaml 'profiles:' to the top-level keys.",
+    )
     p.add_argument("name", nargs="?", help="profile to switch to (omit to show the active one)")
     p.set_defaults(func=_cmd)

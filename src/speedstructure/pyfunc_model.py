@@ -25,7 +25,7 @@ class EnsembleModel(PythonModel):
         ckpts = {k: v for k, v in context.artifacts.items() if k != ENSEMBLE_ARTIFACT}
         self.ensemble = Ensemble(spec, ckpts)
 
-    def predict(self, context, model_input, params=None):  # noqa: ARG002
+    def predict(self, context, model_input, params=None):
         if isinstance(model_input, dict):  # a named-tensor caller: the one tensor it holds
             (model_input,) = model_input.values()
         return self.ensemble.predict(np.asarray(model_input, dtype=np.float32))

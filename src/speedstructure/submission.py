@@ -2,13 +2,13 @@
 
 A submission holds exactly one array per test sample, keyed by its 18-character
 sample id: float64, shape (300, 1259), finite, velocities in km/s within
-``[v_min, v_max]`` (default 1.5 to 4.5).
+``[v_min, v_max]`` (default: ``V_MIN`` to ``V_MAX`` of :mod:`speedstructure.config`).
 
 :class:`SubmissionWriter` streams the arrays into the archive in one pass: each
-``<id>.npy`` member is written once, straight into a temp file beside the
-target, which is renamed over the target only when everything went well.  The
-archive is what :func:`numpy.savez` makes (a zip of ``.npy`` members), so
-``np.load`` reads it.
+``<id>.npy`` member is written once, straight into the temporary file of
+:func:`speedstructure.fsutil.atomic_output` beside the target, which is renamed
+over the target only when everything went well.  The archive is what
+:func:`numpy.savez` makes (a zip of ``.npy`` members), so ``np.load`` reads it.
 
 :func:`validate_submission` checks a finished file against the test zip's
 sample ids, one array at a time, and lists every problem it finds.
@@ -22,9 +22,9 @@ sample ids, one array at a time, and lists every problem it finds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-import uuid
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,11 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from speedstructure.config import V_MAX, V_MIN
 from speedstructure.dataio import SAMPLE_ID_RE, VP_SHAPE, ZIP_EPOCH, list_sample_ids
 from speedstructure.errors import DataError, UserError
+from speedstructure.fsutil import atomic_output
 
-V_MIN_DEFAULT = 1.5
-V_MAX_DEFAULT = 4.5
+V_MIN_DEFAULT = V_MIN
+V_MAX_DEFAULT = V_MAX
 SUBMISSION_DTYPE = np.dtype(np.float64)
 NPY_SUFFIX = ".npy"
 
@@ -48,9 +50,13 @@ def _compression(value: str | int) -> int:
         try:
             return _COMPRESSION[value.lower()]
         except KeyError:
-            raise ValueError(f"compression {value!r}: expected one of {sorted(_COMPRESSION)}") from None
+            raise ValueError(
+                f"compression {value!r}: expected one of {sorted(_COMPRESSION)}"
+            ) from None
     if value not in _COMPRESSION.values():
-        raise ValueError(f"compression {value!r}: expected zipfile.ZIP_STORED or zipfile.ZIP_DEFLATED")
+        raise ValueError(
+            f"compression {value!r}: expected zipfile.ZIP_STORED or zipfile.ZIP_DEFLATED"
+        )
     return int(value)
 
 
@@ -65,9 +71,10 @@ class SubmissionWriter:
     Each :meth:`add` converts the array to float64 (C order), checks it, and
     writes it as one ``<sample_id>.npy`` member; nothing already written is
     ever rewritten, so the I/O is linear in the number of samples.  The archive
-    is built in a temp file in the target's folder and moved onto ``path``
-    (``os.replace``) when the ``with`` block ends without an exception; on an
-    exception the temp file is deleted and ``path`` is left as it was.
+    is built in the temporary file of :func:`~speedstructure.fsutil.atomic_output`
+    and moved onto ``path`` when the ``with`` block ends without an exception
+    (:meth:`commit`); on an exception (:meth:`abort`) the temporary is deleted and
+    ``path`` is left as it was.
 
     ``compression`` is ``"stored"`` (default, like ``np.savez``) or
     ``"deflated"``.  With ``v_range=(lo, hi)``, arrays with values outside it
@@ -90,17 +97,30 @@ class SubmissionWriter:
         self._ids: list[str] = []
         self._seen: set[str] = set()
         self._state = "open"  # open -> committed | aborted | failed
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-        self._fh = _open_temp(self._tmp)
+        self._output = contextlib.ExitStack()  # holds atomic_output until commit or abort
+        self._tmp = self._output.enter_context(atomic_output(self.path))
+        try:
+            self._fh = _open_temp(self._tmp)
+        except BaseException:
+            self._discard()
+            raise
         try:
             self._zf = zipfile.ZipFile(
-                self._fh, "w", compression=self._compression, compresslevel=compresslevel, allowZip64=True
+                self._fh,
+                "w",
+                compression=self._compression,
+                compresslevel=compresslevel,
+                allowZip64=True,
             )
         except BaseException:
             self._fh.close()
-            self._tmp.unlink(missing_ok=True)
+            self._discard()
             raise
+
+    def _discard(self) -> None:
+        """Leave ``atomic_output`` by its failure path: the temporary is removed."""
+        exc = RuntimeError(f"{self.path}: submission not committed")
+        self._output.__exit__(type(exc), exc, None)
 
     @property
     def sample_ids(self) -> list[str]:
@@ -110,7 +130,7 @@ class SubmissionWriter:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def __enter__(self) -> "SubmissionWriter":
+    def __enter__(self) -> SubmissionWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -122,7 +142,9 @@ class SubmissionWriter:
     def _prepare(self, sample_id: str, array) -> np.ndarray:
         where = f"{self.path}: sample '{sample_id}'"
         if not isinstance(sample_id, str) or not SAMPLE_ID_RE.match(sample_id):
-            raise DataError(f"{self.path}: bad sample id {sample_id!r} (expected 18 letters or digits)")
+            raise DataError(
+                f"{self.path}: bad sample id {sample_id!r} (expected 18 letters or digits)"
+            )
         if sample_id in self._seen:
             raise DataError(f"{where}: added twice")
         try:
@@ -140,7 +162,9 @@ class SubmissionWriter:
             lo, hi = self.v_range
             vmin, vmax = float(arr.min()), float(arr.max())
             if vmin < lo or vmax > hi:
-                raise DataError(f"{where}: values span [{vmin:.6g}, {vmax:.6g}], outside [{lo:g}, {hi:g}]")
+                raise DataError(
+                    f"{where}: values span [{vmin:.6g}, {vmax:.6g}], outside [{lo:g}, {hi:g}]"
+                )
         return arr
 
     def add(self, sample_id: str, array) -> None:
@@ -152,7 +176,9 @@ class SubmissionWriter:
         writer stays usable.
         """
         if self._state != "open":
-            raise RuntimeError(f"{self.path}: submission writer is {self._state}; cannot add '{sample_id}'")
+            raise RuntimeError(
+                f"{self.path}: submission writer is {self._state}; cannot add '{sample_id}'"
+            )
         arr = self._prepare(sample_id, array)
         info = zipfile.ZipInfo(sample_id + NPY_SUFFIX, date_time=ZIP_EPOCH)
         info.compress_type = self._compression
@@ -174,13 +200,15 @@ class SubmissionWriter:
             return self.path
         if self._state != "open":
             self.abort()
-            raise RuntimeError(f"{self.path}: submission writer is {self._state}; nothing was written")
+            raise RuntimeError(
+                f"{self.path}: submission writer is {self._state}; nothing was written"
+            )
         try:
             self._zf.close()
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
-            os.replace(self._tmp, self.path)
+            self._output.close()  # atomic_output renames the temporary onto path
         except BaseException:
             self.abort()
             raise
@@ -199,7 +227,7 @@ class SubmissionWriter:
             pass  # a half-written member can make close() fail; the file is deleted anyway
         finally:
             self._fh.close()
-            self._tmp.unlink(missing_ok=True)
+            self._discard()
 
 
 def write_submission(
@@ -209,7 +237,10 @@ def write_submission(
     compression: str | int = "stored",
     v_range: tuple[float, float] | None = None,
 ) -> Path:
-    """Writes ``(sample_id, velocity)`` pairs to a submission ``.npz`` in one pass; returns its path."""
+    """Writes ``(sample_id, velocity)`` pairs to a submission ``.npz`` in one pass.
+
+    Returns its path.
+    """
     with SubmissionWriter(path, compression=compression, v_range=v_range) as sw:
         for sample_id, array in items:
             sw.add(sample_id, array)
@@ -276,8 +307,8 @@ class SubmissionReport:
                 f"within [{self.v_min:g}, {self.v_max:g}]"
             )
         return (
-            f"{self.path}: {len(self.problems)} problem(s) in a submission of {self.n_arrays} arrays "
-            f"for {self.n_expected} test samples"
+            f"{self.path}: {len(self.problems)} problem(s) in a submission of "
+            f"{self.n_arrays} arrays for {self.n_expected} test samples"
         )
 
     def raise_if_problems(self) -> None:
@@ -321,8 +352,13 @@ def _check_array(zf, info, sid: str, report: SubmissionReport) -> None:
     try:
         shape, dtype = _read_header(zf, info)
     except Exception as exc:  # bad magic, bad header, CRC error, truncated member
-        add(Problem("unreadable_array", f"{where}: member '{info.filename}' is not a readable .npy array ({exc})",
-                    (sid,)))
+        add(
+            Problem(
+                "unreadable_array",
+                f"{where}: member '{info.filename}' is not a readable .npy array ({exc})",
+                (sid,),
+            )
+        )
         return
     if dtype != SUBMISSION_DTYPE:
         add(Problem("dtype", f"{where}: dtype {dtype}, expected float64", (sid,)))
@@ -335,7 +371,13 @@ def _check_array(zf, info, sid: str, report: SubmissionReport) -> None:
     try:
         arr = _read_array(zf, info)
     except Exception as exc:
-        add(Problem("unreadable_array", f"{where}: member '{info.filename}' data cannot be read ({exc})", (sid,)))
+        add(
+            Problem(
+                "unreadable_array",
+                f"{where}: member '{info.filename}' data cannot be read ({exc})",
+                (sid,),
+            )
+        )
         return
     if arr.size == 0:
         return
@@ -343,8 +385,14 @@ def _check_array(zf, info, sid: str, report: SubmissionReport) -> None:
     n_bad = int(arr.size - np.count_nonzero(finite))
     if n_bad:
         n_nan = int(np.count_nonzero(np.isnan(arr)))
-        add(Problem("non_finite",
-                    f"{where}: {n_bad} non-finite values ({n_nan} NaN, {n_bad - n_nan} inf) of {arr.size}", (sid,)))
+        add(
+            Problem(
+                "non_finite",
+                f"{where}: {n_bad} non-finite values ({n_nan} NaN, {n_bad - n_nan} inf) "
+                f"of {arr.size}",
+                (sid,),
+            )
+        )
         if n_bad == arr.size:
             return
         vals = arr[finite]
@@ -353,9 +401,14 @@ def _check_array(zf, info, sid: str, report: SubmissionReport) -> None:
     lo, hi = float(vals.min()), float(vals.max())
     if lo < report.v_min or hi > report.v_max:
         n_out = int(np.count_nonzero((vals < report.v_min) | (vals > report.v_max)))
-        add(Problem("out_of_range",
-                    f"{where}: {n_out} values outside [{report.v_min:g}, {report.v_max:g}] km/s "
-                    f"(min {lo:.6g}, max {hi:.6g})", (sid,)))
+        add(
+            Problem(
+                "out_of_range",
+                f"{where}: {n_out} values outside [{report.v_min:g}, {report.v_max:g}] km/s "
+                f"(min {lo:.6g}, max {hi:.6g})",
+                (sid,),
+            )
+        )
 
 
 def validate_submission(
@@ -380,7 +433,9 @@ def validate_submission(
         raise UserError(f"velocity range [{v_min}, {v_max}] is empty: v_min must be below v_max")
     path = Path(submission_path)
     expected = _expected_ids(test_zip_or_ids)
-    report = SubmissionReport(path=path, n_expected=len(expected), v_min=float(v_min), v_max=float(v_max))
+    report = SubmissionReport(
+        path=path, n_expected=len(expected), v_min=float(v_min), v_max=float(v_max)
+    )
     add = report.problems.append
     if not path.is_file():
         add(Problem("unreadable_file", f"{path}: submission file not found"))
@@ -403,22 +458,42 @@ def _validate_members(zf: zipfile.ZipFile, expected: list[str], report: Submissi
     for info in zf.infolist():
         if info.is_dir():
             continue
-        key = info.filename[: -len(NPY_SUFFIX)] if info.filename.endswith(NPY_SUFFIX) else info.filename
+        key = (
+            info.filename[: -len(NPY_SUFFIX)]
+            if info.filename.endswith(NPY_SUFFIX)
+            else info.filename
+        )
         members.setdefault(key, []).append(info)
     report.n_arrays = len(members)
     expected_set = set(expected)
     missing = [s for s in expected if s not in members]
     extra = sorted(k for k in members if k not in expected_set)
     if missing:
-        add(Problem("missing_keys",
-                    f"{path}: missing keys: {len(missing)} of {len(expected)} test samples have no array: "
-                    f"{_name_some(missing)}", tuple(missing)))
+        add(
+            Problem(
+                "missing_keys",
+                f"{path}: missing keys: {len(missing)} of {len(expected)} test samples "
+                f"have no array: {_name_some(missing)}",
+                tuple(missing),
+            )
+        )
     if extra:
-        add(Problem("extra_keys",
-                    f"{path}: extra keys: {len(extra)} arrays are not test samples: {_name_some(extra)}",
-                    tuple(extra)))
+        add(
+            Problem(
+                "extra_keys",
+                f"{path}: extra keys: {len(extra)} arrays are not test samples: "
+                f"{_name_some(extra)}",
+                tuple(extra),
+            )
+        )
     for key in sorted(k for k, infos in members.items() if len(infos) > 1):
-        add(Problem("duplicate_key", f"{path}: array '{key}': key stored {len(members[key])} times", (key,)))
+        add(
+            Problem(
+                "duplicate_key",
+                f"{path}: array '{key}': key stored {len(members[key])} times",
+                (key,),
+            )
+        )
     # In archive order, so the file is read front to back.
     for key, infos in members.items():
         if key in expected_set:
@@ -441,18 +516,33 @@ def _cmd(args: argparse.Namespace) -> int:
     return 1
 
 
-def register(subparsers) -> None:
+def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "validate-submission",
         help="check a submission .npz against the test zip (keys, dtype, shape, finiteness, range)",
         description=(
-            "Check that a submission .npz holds exactly one float64 (300, 1259) array per test sample, "
-            "all finite and within [v-min, v-max] km/s.  Exit code 0: valid; 1: problems (all listed); "
-            "2: unreadable input."
+            "Check that a submission .npz holds exactly one float64 (300, 1259) array per test "
+            "sample, all finite and within [v-min, v-max] km/s.  Exit code 0: valid; 1: problems "
+            "(all listed); 2: unreadable input."
         ),
     )
     p.add_argument("--submission", required=True, metavar="FILE", help="submission .npz")
-    p.add_argument("--test-zip", required=True, metavar="ZIP", help="challenge test zip (gives the expected ids)")
-    p.add_argument("--v-min", type=float, default=V_MIN_DEFAULT, help="lowest allowed velocity, km/s (default 1.5)")
-    p.add_argument("--v-max", type=float, default=V_MAX_DEFAULT, help="highest allowed velocity, km/s (default 4.5)")
+    p.add_argument(
+        "--test-zip",
+        required=True,
+        metavar="ZIP",
+        help="challenge test zip (gives the expected ids)",
+    )
+    p.add_argument(
+        "--v-min",
+        type=float,
+        default=V_MIN_DEFAULT,
+        help=f"lowest allowed velocity, km/s (default {V_MIN_DEFAULT:g})",
+    )
+    p.add_argument(
+        "--v-max",
+        type=float,
+        default=V_MAX_DEFAULT,
+        help=f"highest allowed velocity, km/s (default {V_MAX_DEFAULT:g})",
+    )
     p.set_defaults(func=_cmd)

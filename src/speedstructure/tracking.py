@@ -1,7 +1,8 @@
 """MLflow tracking for every stage: one experiment, one run per stage invocation.
 
-Configuration (``params.yaml`` ``mlflow:``; the environment wins, so a remote
-server is configuration, not code)::
+Configuration (``params.yaml`` ``mlflow:``, read as
+:class:`~speedstructure.config.MlflowConfig` with its defaults; the environment wins,
+so a remote server is configuration, not code)::
 
     mlflow:
       tracking_uri: sqlite:///mlruns/mlflow.db   # MLFLOW_TRACKING_URI overrides
@@ -13,6 +14,10 @@ Relative paths are resolved against the *home* checkout, not the working
 directory: ``dvc exp run --queue`` runs stages in a temporary copy under
 ``<repo>/.dvc/tmp/exps/``, and those runs must land in the same store as
 ordinary ones.  Telemetry is switched off before MLflow is imported.
+
+Every entry point takes ``project``, the :class:`~speedstructure.config.Params` of
+the command (its ``root`` and ``mlflow`` section); ``None`` reads ``params.yaml`` at
+the project root (the defaults where there is none).
 
 :func:`start_run` ends a run as ``FINISHED`` on success, ``KILLED`` on
 Ctrl-C or SIGTERM and ``FAILED`` on any other exception: a run is never left
@@ -32,17 +37,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from speedstructure.config import flatten, load_params, project_root
+from speedstructure.config import PARAMS_FILE, Params, flatten, load_params, project_root
 
-for _k, _v in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true"), ("DVC_NO_ANALYTICS", "1")):
+for _k, _v in (
+    ("MLFLOW_DISABLE_TELEMETRY", "true"),
+    ("DO_NOT_TRACK", "true"),
+    ("DVC_NO_ANALYTICS", "1"),
+):
     os.environ.setdefault(_k, _v)
 
-DEFAULTS = {
-    "tracking_uri": "sqlite:///mlruns/mlflow.db",
-    "artifact_root": "mlruns/artifacts",
-    "experiment": "speedstructure",
-    "registered_model": "speedstructure-ensemble",
-}
 _EXPS_MARKER = ("", ".dvc", "tmp", "exps")
 _MAX_PARAM_LEN = 6000
 
@@ -62,36 +65,48 @@ def home_root(root: Path | None = None) -> Path:
     return root
 
 
-def settings(params: Mapping[str, Any] | None = None, root: Path | None = None) -> dict[str, str]:
-    """The resolved MLflow settings: absolute tracking URI and artifact root."""
-    if params is None:
-        try:
-            params = load_params(Path(root or project_root()) / "params.yaml")
-        except Exception:  # no params file: defaults
-            params = {}
-    cfg = {**DEFAULTS, **(params.get("mlflow") or {})}
-    home = home_root(root)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or str(cfg["tracking_uri"])
+def project_params(project: Params | None = None, root: Path | None = None) -> Params:
+    """``project`` itself, or the params of ``root`` (default: the project root); the
+    defaults when that folder has no ``params.yaml``."""
+    if project is not None:
+        return project
+    root = Path(root or project_root())
+    if not (root / PARAMS_FILE).is_file():
+        return Params(root=root)
+    return load_params(root / PARAMS_FILE)
+
+
+def settings(project: Params | None = None, root: Path | None = None) -> dict[str, str]:
+    """The resolved MLflow settings of ``project`` (see :func:`project_params`): absolute
+    tracking URI and artifact root, experiment and registered model name."""
+    project = project_params(project, root)
+    cfg = project.mlflow
+    home = home_root(project.root)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         db = Path(uri[len("sqlite:///") :])
         uri = f"sqlite:///{(home / db).resolve()}"
     if uri.startswith("sqlite:////"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    art = Path(str(cfg["artifact_root"]))
+    art = Path(cfg.artifact_root)
     art = art if art.is_absolute() else home / art
     return {
         "tracking_uri": uri,
         "artifact_root": art.resolve().as_uri(),
-        "experiment": os.environ.get("MLFLOW_EXPERIMENT_NAME") or str(cfg["experiment"]),
-        "registered_model": str(cfg["registered_model"]),
+        "experiment": os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.experiment,
+        "registered_model": cfg.registered_model,
     }
 
 
-def setup(params: Mapping[str, Any] | None = None, root: Path | None = None) -> str:
-    """Point MLflow at the project's store and experiment; returns the experiment id."""
+def setup(project: Params | None = None, root: Path | None = None) -> str:
+    """Point MLflow at the project's store and experiment; returns the experiment id.
+
+    ``project`` gives the root and the ``mlflow`` settings; None: the params of ``root``
+    (default: the project root), or the defaults if it has no ``params.yaml``.
+    """
     import mlflow
 
-    s = settings(params, root)
+    s = settings(project, root)
     mlflow.set_tracking_uri(s["tracking_uri"])
     mlflow.set_registry_uri(s["tracking_uri"])
     client = mlflow.MlflowClient()
@@ -116,8 +131,13 @@ def git_commit(root: Path | None = None) -> str:
     if rev:
         return rev
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or project_root(),
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root or project_root(),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""
@@ -158,7 +178,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
 
-    def _raise(signum, frame):  # noqa: ARG001
+    def _raise(signum, frame):
         raise Terminated(f"signal {signum}")
 
     old = signal.signal(signal.SIGTERM, _raise)
@@ -171,22 +191,24 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 @contextlib.contextmanager
 def start_run(
     run_name: str,
+    project: Params | None = None,
     *,
     tags: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
     nested: bool = False,
-    project_params: Mapping[str, Any] | None = None,
-    root: Path | None = None,
 ):
     """An active MLflow run in the project's experiment, ended FINISHED / KILLED / FAILED.
 
-    Tags always include ``git_commit``; ``params`` (nested) are logged flattened.
+    ``project`` is the :class:`~speedstructure.config.Params` that give the root and the
+    ``mlflow`` settings (None: see :func:`setup`).  Tags always include ``git_commit``;
+    ``params`` (a nested mapping) are logged flattened.
     """
     import mlflow
 
+    project = project_params(project)
     if not nested or mlflow.active_run() is None:
-        setup(project_params, root)
-    all_tags = {"git_commit": git_commit(root), "project": "speedstructure"}
+        setup(project)
+    all_tags = {"git_commit": git_commit(project.root), "project": "speedstructure"}
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
     run = mlflow.start_run(run_name=run_name, tags=all_tags, nested=nested)
     status = "FAILED"

@@ -25,48 +25,37 @@ sample (last sample dropped, a zero prepended) as in the public reconstruction.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.signal import resample_poly
 
-from speedstructure.dataio import N_RECEIVERS, NX, NZ, SOURCES
+from speedstructure.config import ConfigError, SimParams
+from speedstructure.dataio import N_RECEIVERS, NX, SOURCES
 
 SOURCE_X_M = tuple(float(s - 1) for s in SOURCES)  # 0, 74, 149, 224, 299 m
 SOURCE_DEPTH_M = 20.0
 RECEIVER_X_M = tuple(10.0 * i for i in range(N_RECEIVERS))  # 0, 10, ..., 300 m
 RECEIVER_DEPTH_M = 10.0
-MODEL_DX_M = 1.0
-HICKS_HALFWIDTH = 4  # deepwave's default window for off-node sources/receivers  # the challenge's velocity models are on a 1 m grid
+MODEL_DX_M = 1.0  # the challenge's velocity models are on a 1 m grid
+HICKS_HALFWIDTH = 4  # deepwave's default window for off-node sources/receivers
 
 
-@dataclass(frozen=True)
-class SimConfig:
-    dx: float = 5.0
-    dt: float = 0.0005
-    accuracy: int = 4
-    pml_width: int = 40
-    freq: float = 15.0
-    record_dt: float = 0.0001
-    n_time: int = 10001
-
-    @classmethod
-    def from_params(cls, sim: dict) -> "SimConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(sim) - known
-        if unknown:
-            raise ValueError(f"params.yaml synth.sim: unknown keys {sorted(unknown)}")
-        return cls(**{k: type(getattr(cls, k))(v) for k, v in sim.items()})
-
-    def __post_init__(self) -> None:
-        ratio = self.dt / self.record_dt
-        if abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1:
-            raise ValueError(f"synth.sim.dt ({self.dt}) must be an integer multiple of record_dt ({self.record_dt})")
-        if self.dx <= 0 or self.dx > 10:
-            raise ValueError(f"synth.sim.dx ({self.dx}) must be in (0, 10] metres")
+def check_sim(sim: SimParams) -> SimParams:
+    """``sim`` (``synth.sim``) checked (``dt`` a whole multiple of ``record_dt``, ``dx`` in
+    (0, 10] metres), with its float settings as floats (``dx: 5`` in YAML is an int)."""
+    ratio = sim.dt / sim.record_dt
+    if abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1:
+        raise ConfigError(
+            f"synth.sim.dt ({sim.dt}) must be an integer multiple of record_dt ({sim.record_dt})"
+        )
+    if sim.dx <= 0 or sim.dx > 10:
+        raise ConfigError(f"synth.sim.dx ({sim.dx}) must be in (0, 10] metres")
+    floats = ("dx", "dt", "freq", "record_dt")
+    return dataclasses.replace(sim, **{k: float(getattr(sim, k)) for k in floats})
 
 
 def coarsen_slowness(v: np.ndarray, factor: int) -> np.ndarray:
@@ -81,7 +70,11 @@ def coarsen_slowness(v: np.ndarray, factor: int) -> np.ndarray:
     nzn = (v.shape[1] - 1) // factor + 1
     lo = factor // 2
     s = 1.0 / v.astype(np.float64)
-    s = np.pad(s, ((lo, nxn * factor - v.shape[0] - lo), (lo, max(0, nzn * factor - v.shape[1] - lo))), mode="edge")
+    s = np.pad(
+        s,
+        ((lo, nxn * factor - v.shape[0] - lo), (lo, max(0, nzn * factor - v.shape[1] - lo))),
+        mode="edge",
+    )
     s = s[: nxn * factor, : nzn * factor]
     s = s.reshape(nxn, factor, nzn, factor).mean(axis=(1, 3))
     return (1.0 / s).astype(np.float32)
@@ -104,12 +97,13 @@ def _band_limited_upsample(traces: np.ndarray, up: int) -> np.ndarray:
 class Simulator:
     """Forward-models the five shot gathers of one velocity model.
 
-    ``Simulator(cfg)(v)`` returns float32 (5, 10001, 31) for a (300, 1259)
-    model in km/s, in the challenge's amplitude scale and polarity.
+    ``Simulator(sim)(v)`` returns float32 (5, 10001, 31) for a (300, 1259)
+    model in km/s, in the challenge's amplitude scale and polarity; ``sim`` is
+    ``synth.sim`` (:class:`~speedstructure.config.SimParams`, default: its defaults).
     """
 
-    def __init__(self, cfg: SimConfig | None = None, device: str | torch.device = "cpu"):
-        self.cfg = cfg or SimConfig()
+    def __init__(self, cfg: SimParams | None = None, device: str | torch.device = "cpu"):
+        self.cfg = check_sim(cfg or SimParams())
         self.device = torch.device(device)
         c = self.cfg
         self.factor = c.dx / MODEL_DX_M
@@ -126,9 +120,26 @@ class Simulator:
         src = [[[SOURCE_DEPTH_M / c.dx + p, x / c.dx + p]] for x in SOURCE_X_M]
         rec = [[RECEIVER_DEPTH_M / c.dx + p, x / c.dx + p] for x in RECEIVER_X_M]
         self.source_locations = torch.tensor(src, dtype=torch.float32, device=self.device)
-        self.receiver_locations = torch.tensor([rec] * len(SOURCES), dtype=torch.float32, device=self.device)
+        self.receiver_locations = torch.tensor(
+            [rec] * len(SOURCES), dtype=torch.float32, device=self.device
+        )
         wavelet = ricker(c.freq, self.nt_sim, c.dt)
-        self.source_amplitudes = wavelet.reshape(1, 1, -1).repeat(len(SOURCES), 1, 1).to(self.device)
+        self.source_amplitudes = (
+            wavelet.reshape(1, 1, -1).repeat(len(SOURCES), 1, 1).to(self.device)
+        )
+
+    def _propagator_options(self) -> dict[str, object]:
+        """deepwave.scalar's settings besides the model: acquisition, stencil, boundaries."""
+        c = self.cfg
+        return {
+            "source_amplitudes": self.source_amplitudes,
+            "source_locations": self.source_locations,
+            "receiver_locations": self.receiver_locations,
+            "accuracy": c.accuracy,
+            "pml_width": c.pml_width,
+            "pml_freq": c.freq,
+            "location_interpolation_halfwidth": HICKS_HALFWIDTH,
+        }
 
     def raw(self, v: np.ndarray) -> np.ndarray:
         """deepwave's receiver data, (5, 31, nt_sim) at ``dt``, uncalibrated."""
@@ -142,18 +153,7 @@ class Simulator:
         vel = torch.from_numpy(np.ascontiguousarray(vc.T * 1000.0)).to(self.device)  # m/s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = deepwave.scalar(
-                vel,
-                c.dx,
-                c.dt,
-                source_amplitudes=self.source_amplitudes,
-                source_locations=self.source_locations,
-                receiver_locations=self.receiver_locations,
-                accuracy=c.accuracy,
-                pml_width=c.pml_width,
-                pml_freq=c.freq,
-                location_interpolation_halfwidth=HICKS_HALFWIDTH,
-            )
+            out = deepwave.scalar(vel, c.dx, c.dt, **self._propagator_options())
         return out[-1].detach().cpu().numpy()
 
     def __call__(self, v: np.ndarray) -> np.ndarray:

@@ -36,13 +36,13 @@ state gives the same array.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
+from speedstructure.config import SynthConfig
 from speedstructure.dataio import NX, NZ
 
-FAMILIES: tuple[str, ...] = ("flat", "dipping", "gentle_fold", "strong_fold", "faulted", "intrusion")
+FAMILIES: tuple[str, ...] = SynthConfig().families  # every family (synth.families' default)
 
 _X = np.arange(NX, dtype=np.float64)  # metres (cell index)
 _XN = (_X - (NX - 1) / 2) / ((NX - 1) / 2)  # [-1, 1]
@@ -57,12 +57,6 @@ def sample_family(rng: np.random.Generator, families: Sequence[str]) -> str:
     return str(families[int(rng.integers(len(families)))])
 
 
-def _cfg_value(cfg: dict[str, Any], key: str) -> Any:
-    if key not in cfg:
-        raise ValueError(f"synth config lacks '{key}'")
-    return cfg[key]
-
-
 def _water_floor(rng: np.random.Generator, lo: int, hi: int) -> np.ndarray:
     """Integer floor depth per column: a gently curved line within [lo, hi]."""
     relief = min(rng.uniform(6.0, 45.0), float(hi - lo))
@@ -75,7 +69,9 @@ def _water_floor(rng: np.random.Generator, lo: int, hi: int) -> np.ndarray:
     return np.clip(floor, lo, min(hi, NZ - 1)).astype(np.int64)
 
 
-def _fold(rng: np.random.Generator, amp: tuple[float, float], wavelength: tuple[float, float]) -> np.ndarray:
+def _fold(
+    rng: np.random.Generator, amp: tuple[float, float], wavelength: tuple[float, float]
+) -> np.ndarray:
     lam = rng.uniform(*wavelength)
     a = min(rng.uniform(*amp), 0.22 * lam)  # keeps flank slopes below ~55 degrees
     phase = rng.uniform(0, 2 * np.pi)
@@ -85,6 +81,55 @@ def _fold(rng: np.random.Generator, amp: tuple[float, float], wavelength: tuple[
 def _gentle_base(rng: np.random.Generator) -> np.ndarray:
     """Mild dip plus a low fold: the background structure of faulted/intrusion models."""
     return rng.uniform(-0.15, 0.15) * (_X - NX / 2) + _fold(rng, (0.0, 20.0), (400.0, 1200.0))
+
+
+def _fault_throws(rng: np.random.Generator) -> np.ndarray:
+    """Structural-depth offsets of one or two straight faults (dip 55-85 degrees)."""
+    zz = _Z[None, :]
+    extra = np.zeros((NX, NZ))
+    for _ in range(int(rng.integers(1, 3))):
+        x0 = rng.uniform(50.0, 250.0)  # fault position at mid depth
+        dip = np.deg2rad(rng.uniform(55.0, 85.0))
+        direction = rng.choice([-1.0, 1.0])
+        throw = rng.choice([-1.0, 1.0]) * rng.uniform(15.0, 70.0)
+        x_fault = x0 + direction * (zz - NZ / 2) / np.tan(dip)  # (1, NZ)
+        extra += throw * (_X[:, None] > x_fault)
+    return extra
+
+
+def _diapir(rng: np.random.Generator, top_min: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(uplift, body)`` of a salt diapir: an elliptical cap on a stem reaching the bottom."""
+    zz = _Z[None, :]
+    x0 = rng.uniform(60.0, 240.0)
+    z_top = rng.uniform(top_min, max(top_min, 750.0))
+    stem = rng.uniform(18.0, 50.0)
+    cap_w = rng.uniform(stem + 10.0, 110.0)
+    cap_h = rng.uniform(40.0, 120.0)
+    lean = rng.uniform(-0.06, 0.06)
+    xc = x0 + lean * (zz - z_top)  # (1, NZ)
+    dx = _X[:, None] - xc
+    cap = (dx / cap_w) ** 2 + ((zz - z_top - cap_h / 2) / (cap_h / 2)) ** 2 < 1.0
+    width = stem * (1.0 + 0.4 * (zz - z_top) / NZ)
+    body = cap | ((np.abs(dx) < width) & (zz > z_top + cap_h / 2))
+    # Layers dragged up along the flanks, the drag decaying away from the body.
+    below_cap = np.clip(zz - z_top - cap_h / 2, 0.0, None)
+    half = np.maximum(width, cap_w * np.exp(-below_cap / cap_h))
+    away = np.clip(np.abs(dx) - half, 0.0, None)
+    extra = rng.uniform(25.0, 90.0) * np.exp(-away / rng.uniform(30.0, 90.0))
+    return extra, body
+
+
+def _lens(rng: np.random.Generator, top_min: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(uplift, body)`` of a lens (laccolith) that lifted the layers above it."""
+    zz = _Z[None, :]
+    xc = rng.uniform(60.0, 240.0)
+    zc = rng.uniform(top_min + 50.0, max(top_min + 50.0, 850.0))
+    a = rng.uniform(50.0, 140.0)
+    b = rng.uniform(12.0, 45.0)
+    s = np.clip(1.0 - ((_X - xc) / a) ** 2, 0.0, None)[:, None]  # (NX, 1), lens profile
+    body = np.abs(zz - zc) < b * s
+    extra = 2.0 * b * s * (zz < zc)
+    return extra, body
 
 
 def _structure(
@@ -107,46 +152,20 @@ def _structure(
         a = min(rng.uniform(35.0, 100.0), 0.22 * lam)
         phase = rng.uniform(0, 2 * np.pi)
         k = 2 * np.pi / lam
-        h = a * np.sin(k * _X + phase) + 0.3 * a * rng.uniform(-1, 1) * np.sin(2 * k * _X + 2 * phase)
+        h = a * np.sin(k * _X + phase) + 0.3 * a * rng.uniform(-1, 1) * np.sin(
+            2 * k * _X + 2 * phase
+        )
         extra = None
     elif family == "faulted":
         h = _gentle_base(rng)
-        extra = np.zeros((NX, NZ))
-        for _ in range(int(rng.integers(1, 3))):
-            x0 = rng.uniform(50.0, 250.0)  # fault position at mid depth
-            dip = np.deg2rad(rng.uniform(55.0, 85.0))
-            direction = rng.choice([-1.0, 1.0])
-            throw = rng.choice([-1.0, 1.0]) * rng.uniform(15.0, 70.0)
-            x_fault = x0 + direction * (zz - NZ / 2) / np.tan(dip)  # (1, NZ)
-            extra += throw * (_X[:, None] > x_fault)
+        extra = _fault_throws(rng)
     elif family == "intrusion":
         h = _gentle_base(rng)
         top_min = float(floor.max()) + 60.0
         if rng.random() < 0.65:  # salt diapir: elliptical cap on a stem reaching the bottom
-            x0 = rng.uniform(60.0, 240.0)
-            z_top = rng.uniform(top_min, max(top_min, 750.0))
-            stem = rng.uniform(18.0, 50.0)
-            cap_w = rng.uniform(stem + 10.0, 110.0)
-            cap_h = rng.uniform(40.0, 120.0)
-            lean = rng.uniform(-0.06, 0.06)
-            xc = x0 + lean * (zz - z_top)  # (1, NZ)
-            dx = _X[:, None] - xc
-            cap = (dx / cap_w) ** 2 + ((zz - z_top - cap_h / 2) / (cap_h / 2)) ** 2 < 1.0
-            width = stem * (1.0 + 0.4 * (zz - z_top) / NZ)
-            body = cap | ((np.abs(dx) < width) & (zz > z_top + cap_h / 2))
-            # Layers dragged up along the flanks, the drag decaying away from the body.
-            below_cap = np.clip(zz - z_top - cap_h / 2, 0.0, None)
-            half = np.maximum(width, cap_w * np.exp(-below_cap / cap_h))
-            away = np.clip(np.abs(dx) - half, 0.0, None)
-            extra = rng.uniform(25.0, 90.0) * np.exp(-away / rng.uniform(30.0, 90.0))
+            extra, body = _diapir(rng, top_min)
         else:  # lens (laccolith) that lifted the layers above it by its thickness
-            xc = rng.uniform(60.0, 240.0)
-            zc = rng.uniform(top_min + 50.0, max(top_min + 50.0, 850.0))
-            a = rng.uniform(50.0, 140.0)
-            b = rng.uniform(12.0, 45.0)
-            s = np.clip(1.0 - ((_X - xc) / a) ** 2, 0.0, None)[:, None]  # (NX, 1), lens profile
-            body = np.abs(zz - zc) < b * s
-            extra = 2.0 * b * s * (zz < zc)
+            extra, body = _lens(rng, top_min)
     else:
         raise ValueError(f"unknown velocity family '{family}' (known: {', '.join(FAMILIES)})")
     u = zz - h[:, None]
@@ -155,18 +174,18 @@ def _structure(
     return u, body
 
 
-def generate_velocity(rng: np.random.Generator, family: str, cfg: dict[str, Any]) -> np.ndarray:
+def generate_velocity(rng: np.random.Generator, family: str, cfg: SynthConfig) -> np.ndarray:
     """One synthetic model, float32 ``(300, 1259)`` in km/s, clipped to [v_min, v_max].
 
     ``cfg`` is params.yaml's ``synth`` section (``v_min``, ``v_max``,
-    ``water_velocity``, ``water_depth``).
+    ``water_velocity``, ``water_depth`` are used).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown velocity family '{family}' (known: {', '.join(FAMILIES)})")
-    v_min = float(_cfg_value(cfg, "v_min"))
-    v_max = float(_cfg_value(cfg, "v_max"))
-    v_water = float(_cfg_value(cfg, "water_velocity"))
-    lo, hi = (int(v) for v in _cfg_value(cfg, "water_depth"))
+    v_min = float(cfg.v_min)
+    v_max = float(cfg.v_max)
+    v_water = float(cfg.water_velocity)
+    lo, hi = (int(v) for v in cfg.water_depth)
     if not 0 <= lo <= hi < NZ:
         raise ValueError(f"synth.water_depth must satisfy 0 <= min <= max < {NZ}, got {[lo, hi]}")
 

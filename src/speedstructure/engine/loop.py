@@ -1,0 +1,605 @@
+"""The training engine: one model trained on one fold, validated each epoch, checkpointed.
+
+:func:`train_model` trains a model on a training set and validates it on a validation
+set, writing into an output folder (see :mod:`speedstructure.engine.checkpoint`):
+
+* loss = MAPE (:func:`speedstructure.metrics.mape`, float32), the challenge metric;
+* :class:`~speedstructure.engine.optim.MuonAdamW` with the cosine-then-constant schedule,
+  stepped once per optimizer step;
+* gradient clipping, real gradient accumulation (``accum_steps`` micro-batches per
+  step; a last, partial group at the epoch end), mixed precision (``amp: none | bf16 |
+  fp16``, fp16 with a ``GradScaler``), EMA of the weights (timm ``ModelEmaV3``); the EMA
+  model is what is validated and saved;
+* the physically consistent horizontal flip as augmentation;
+* validation each epoch, early stopping and best checkpoint on validation MAPE;
+* resumable: ``last.pt`` holds a :class:`~speedstructure.engine.checkpoint.TrainState`
+  (written atomically at each epoch end); running the same call again continues;
+* distributed data parallel under ``torchrun`` (gloo on CPU, nccl on CUDA): the data
+  is sharded across ranks, only rank 0 writes files.
+
+The ``depth_trend`` baseline has no gradient-trained parameters (:func:`is_baseline`):
+it is fitted on the training targets, validated and saved, without an optimizer.
+
+Results are bit-identical to the engine before the split into modules: seeds, model
+preparation, optimizer, sampler and every random draw happen in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from speedstructure.config import TrainConfig, Variant, parse_variant
+from speedstructure.engine.checkpoint import (
+    BEST_NAME,
+    HISTORY_NAME,
+    LAST_NAME,
+    METRICS_NAME,
+    VAL_PREDS_NAME,
+    TrainState,
+    best_checkpoint,
+    fingerprint,
+    load_checkpoint,
+    load_val_preds,
+    resume_state,
+    save_checkpoint,
+    save_val_preds,
+    variant_record,
+    write_history,
+    write_metrics,
+)
+from speedstructure.engine.data import flip_batch, make_loader, targets
+from speedstructure.engine.optim import build_optimizer, build_scheduler
+from speedstructure.engine.runtime import (
+    Dist,
+    amp_dtype,
+    autocast,
+    gather_rng_states,
+    log_main,
+    progress_bar,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+    teardown_distributed,
+)
+from speedstructure.errors import UserError
+from speedstructure.metrics import mape, per_sample_mape
+
+EpochCallback = Callable[[dict], None]
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    best_val_mape: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    best_path: Path
+    last_path: Path
+    val_pred: np.ndarray | None = None  # float16 (N, 300, 1259), best EMA model on val_ds
+    val_ids: list[str] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+@dataclass
+class Run:
+    """What stays fixed during one training run: settings, output folder, ranks, device."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    dd: Dist
+    device: torch.device
+    variant: Variant | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    restart_on_change: bool = False
+    on_epoch_end: EpochCallback | None = None
+    amp_dtype: torch.dtype | None = None
+
+    @property
+    def progress(self) -> bool:
+        """Progress bars: on rank 0 when ``train.progress``."""
+        return bool(self.cfg.progress) and self.dd.main
+
+    def new_state(self, train_ds: Dataset) -> TrainState:
+        fp = fingerprint(self.cfg, self.variant, train_ds, self.dd.world)
+        return TrainState(fingerprint=fp, variant=variant_record(self.variant))
+
+    def saved_state(self, fp: dict) -> TrainState | None:
+        return resume_state(self.out_dir, fp, restart_on_change=self.restart_on_change, dd=self.dd)
+
+    def epoch_done(self, row: dict) -> None:
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(dict(row))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def train_model(
+    model: nn.Module,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    on_epoch_end: EpochCallback | None = None,
+    device: str | torch.device | None = None,
+    variant: Variant | dict | None = None,
+    meta: dict | None = None,
+    restart_on_change: bool = False,
+) -> TrainResult:
+    """Train ``model`` on ``train_ds``, validate on ``val_ds``; write checkpoints into ``out_dir``.
+
+    Resumes from ``out_dir/last.pt`` when present.  A ``last.pt`` written with other
+    settings or training samples is an error, or with ``restart_on_change`` is discarded
+    and training starts afresh.  ``variant`` (default: ``model.variant``, set by
+    :func:`~speedstructure.model.build_model`) is stored in ``best.pt`` so the model can
+    be rebuilt; ``device`` overrides ``cfg.device``.  Under ``torchrun`` only rank 0
+    writes files, and the returned ``val_pred`` is ``None`` on other ranks.
+    """
+    if variant is None:
+        variant = getattr(model, "variant", None)
+    dd, dev = setup_distributed(device if device is not None else cfg.device)
+    try:
+        out = Path(out_dir)
+        if dd.main:
+            out.mkdir(parents=True, exist_ok=True)
+        baseline = is_baseline(model)
+        run = Run(
+            cfg=cfg,
+            out_dir=out,
+            dd=dd,
+            device=dev,
+            variant=parse_variant(variant) if variant is not None else None,
+            meta=dict(meta or {}),
+            restart_on_change=restart_on_change,
+            on_epoch_end=on_epoch_end,
+            amp_dtype=None if baseline else amp_dtype(cfg.amp, dev),
+        )
+        if baseline:
+            return fit_baseline(run, model, train_ds, val_ds)
+        return Trainer(run, model, train_ds, val_ds).fit()
+    finally:
+        teardown_distributed(dd)
+
+
+def is_baseline(model: nn.Module) -> bool:
+    """A model fitted in closed form (``fit(targets)``) with no trainable parameters."""
+    if getattr(model, "requires_training", True) is False:
+        return True
+    return callable(getattr(model, "fit", None)) and not any(
+        p.requires_grad for p in model.parameters()
+    )
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """The epoch loop of one gradient-trained model.
+
+    The constructor prepares everything in the order the numerics depend on: seed,
+    depth-trend prior, gradient checkpointing, device, DDP wrapper, optimizer, sampler,
+    loader, scheduler, scaler, EMA.  :meth:`fit` resumes or starts, then runs epochs.
+    """
+
+    def __init__(self, run: Run, model: nn.Module, train_ds: Dataset, val_ds: Dataset | None):
+        from timm.utils import ModelEmaV3
+
+        cfg, dd = run.cfg, run.dd
+        self.run, self.model, self.train_ds, self.val_ds = run, model, train_ds, val_ds
+        self.accum = max(1, int(cfg.accum_steps))
+        self.clip = float(cfg.clip or 0)
+        self.flip_prob = float(cfg.flip_prob or 0)
+        seed_everything(int(cfg.seed) + dd.rank)
+        self._prepare_model()
+        self.net = self._wrapped()
+        self.optimizer = build_optimizer(model, cfg)
+        self.sampler = DistributedSampler(
+            train_ds, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=int(cfg.seed)
+        )
+        self.loader = make_loader(
+            train_ds,
+            cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=cfg.num_workers,
+            device=run.device,
+        )
+        self.n_batches = len(self.loader)
+        steps_per_epoch = math.ceil(self.n_batches / self.accum)
+        self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+        self.ema = ModelEmaV3(model, decay=float(cfg.ema_decay))
+        self.state = run.new_state(train_ds)
+
+    def _prepare_model(self) -> None:
+        """Prior, gradient checkpointing and device: before the EMA copy and DDP, so every
+        copy gets them."""
+        model = self.model
+        if getattr(model, "needs_prior", False):
+            model.fit_prior(targets(self.train_ds))
+        if self.run.cfg.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise UserError(
+                    "train.grad_checkpointing: this model has no transformer blocks to checkpoint"
+                )
+            model.set_grad_checkpointing(True)
+        model.to(self.run.device)
+
+    def _wrapped(self) -> nn.Module:
+        """The model under DDP (wrapping broadcasts rank 0's weights: every rank, and its
+        EMA, starts equal), or the model itself on one rank."""
+        run = self.run
+        if not run.dd.active:
+            return self.model
+        return nn.parallel.DistributedDataParallel(
+            self.model,
+            device_ids=[run.device.index] if run.device.type == "cuda" else None,
+            find_unused_parameters=bool(run.cfg.ddp_find_unused),
+        )
+
+    # -- the loop
+
+    def fit(self) -> TrainResult:
+        run, cfg = self.run, self.run.cfg
+        if self._resume():
+            return finish(run, self.ema.module, self.val_ds, self.state)
+        if run.dd.main:  # predictions of an earlier best model are stale once training goes on
+            (run.out_dir / VAL_PREDS_NAME).unlink(missing_ok=True)
+        for epoch in range(self.state.epoch + 1, int(cfg.epochs) + 1):
+            t0 = time.time()
+            train_loss = self.run_epoch(epoch)
+            val = validate(self.ema.module, self.val_ds, run)
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_mape": val,
+                "lr": float(self.optimizer.param_groups[0]["lr"]),
+                "seconds": time.time() - t0,
+            }
+            improved = self.state.record_epoch(
+                row,
+                has_val=self.val_ds is not None and len(self.val_ds) > 0,
+                patience=int(cfg.patience or 0),
+                epochs=int(cfg.epochs),
+            )
+            self.save_epoch(row, improved)
+            if self.state.finished:
+                if self.state.stop_reason == "early_stop":
+                    log_main(
+                        run.dd, "early stop: no improvement for %d epochs", self.state.bad_epochs
+                    )
+                break
+        if not self.state.finished:
+            self.state.stop_reason = "epochs"
+        return finish(run, self.ema.module, self.val_ds, self.state)
+
+    def run_epoch(self, epoch: int) -> float:
+        """One pass over this rank's shard; the mean training MAPE over all ranks."""
+        run = self.run
+        self.net.train()
+        self.sampler.set_epoch(epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=run.device)
+        desc = f"epoch {epoch}/{run.cfg.epochs}"
+        bar = progress_bar(self.loader, desc, enabled=run.progress, total=self.n_batches)
+        for i, batch in enumerate(bar):
+            x = batch[0].to(run.device, non_blocking=True)
+            y = batch[1].to(run.device, non_blocking=True)
+            x, y = flip_batch(x, y, self.flip_prob)
+            group_size, last_micro = self._group(i)
+            loss = self._backward(x, y, group_size, sync=last_micro, where=(epoch, i))
+            loss_sum[0] += loss.detach().double() * x.shape[0]
+            loss_sum[1] += x.shape[0]
+            if last_micro:
+                self._optimizer_step()
+            if run.progress:
+                bar.set_postfix(
+                    loss=f"{float(loss_sum[0] / loss_sum[1]):.5f}",
+                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                )
+        if run.dd.active:
+            dist.all_reduce(loss_sum)
+        return float(loss_sum[0] / loss_sum[1])
+
+    def _group(self, i: int) -> tuple[int, bool]:
+        """``(micro-batches in batch i's accumulation group, whether i is its last)``; the
+        epoch's last group may be partial."""
+        start = (i // self.accum) * self.accum
+        size = min(self.accum, self.n_batches - start)
+        return size, i == start + size - 1
+
+    def _backward(
+        self, x: torch.Tensor, y: torch.Tensor, group_size: int, *, sync: bool, where: tuple
+    ) -> torch.Tensor:
+        """Forward, MAPE loss and backward of one micro-batch (gradients are synchronised
+        across ranks only on the last micro-batch of a group)."""
+        run = self.run
+        no_sync = not sync and run.dd.active
+        with self.net.no_sync() if no_sync else contextlib.nullcontext():
+            with autocast(run.device, run.amp_dtype):
+                pred = self.net(x)
+            loss = mape(pred, y)
+            if run.cfg.amp != "fp16" and not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite training loss at epoch {where[0]}, batch {where[1]}"
+                )
+            self.scaler.scale(loss / group_size).backward()
+        return loss
+
+    def _optimizer_step(self) -> None:
+        """Clip, step (through the scaler), schedule, and update the EMA."""
+        if self.clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.opt_steps += 1
+        self.ema.update(self.model, step=self.state.opt_steps)
+
+    # -- state
+
+    def _resume(self) -> bool:
+        """Continue from ``last.pt`` if it matches; True when there is nothing left to do."""
+        run, cfg = self.run, self.run.cfg
+        saved = run.saved_state(self.state.fingerprint)
+        if saved is None:
+            return False
+        self.model.load_state_dict(saved.model)
+        self.ema.module.load_state_dict(saved.ema)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        if saved.scaler:
+            self.scaler.load_state_dict(saved.scaler)
+        if run.dd.rank < len(saved.rng):
+            set_rng_state(saved.rng[run.dd.rank])
+        self.state = _bookkeeping(saved, self.state)
+        st = self.state
+        if st.finished and st.stop_reason == "epochs" and cfg.epochs > st.epoch:
+            st.finished = False  # more epochs requested than the finished run had
+        if st.finished or st.epoch >= cfg.epochs:
+            st.stop_reason = st.stop_reason or "epochs"
+            log_main(
+                run.dd,
+                "%s: training finished (%s, %d epochs, best val MAPE %.5f at epoch %d); "
+                "nothing to do",
+                run.out_dir,
+                st.stop_reason,
+                st.epoch,
+                st.best_val_mape,
+                st.best_epoch,
+            )
+            return True
+        log_main(run.dd, "%s: resuming after epoch %d", run.out_dir, st.epoch)
+        return False
+
+    def save_epoch(self, row: dict, improved: bool) -> None:
+        """``best.pt`` (when improved), ``last.pt`` and the history, on rank 0."""
+        run, st = self.run, self.state
+        rngs = gather_rng_states(run.dd)
+        if run.dd.main:
+            if improved:
+                best = best_checkpoint(
+                    self.ema.module.state_dict(),
+                    run.variant,
+                    run.cfg,
+                    row["epoch"],
+                    row["val_mape"],
+                    run.meta,
+                )
+                save_checkpoint(best, run.out_dir / BEST_NAME)
+            self._snapshot(rngs).save(run.out_dir / LAST_NAME)
+            write_history(run.out_dir / HISTORY_NAME, st.history)
+            log_main(
+                run.dd,
+                "epoch %d: train MAPE %.5f  val MAPE %.5f  lr %.3g  %.1fs%s",
+                row["epoch"],
+                row["train_loss"],
+                row["val_mape"],
+                row["lr"],
+                row["seconds"],
+                "  *best*" if improved else "",
+            )
+            run.epoch_done(row)
+        run.dd.barrier()
+
+    def _snapshot(self, rngs: list[dict]) -> TrainState:
+        return dataclasses.replace(
+            self.state,
+            model=self.model.state_dict(),
+            ema=self.ema.module.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng=rngs,
+        )
+
+
+def _bookkeeping(saved: TrainState, fresh: TrainState) -> TrainState:
+    """The saved run's progress, with this run's fingerprint and no state dicts."""
+    return dataclasses.replace(
+        saved,
+        fingerprint=fresh.fingerprint,
+        variant=fresh.variant,
+        epoch=int(saved.epoch),
+        opt_steps=int(saved.opt_steps),
+        history=list(saved.history),
+        seconds=float(saved.seconds),
+        finished=bool(saved.finished),
+        rng=[],
+        model=None,
+        ema=None,
+        optimizer=None,
+        scheduler=None,
+        scaler=None,
+    )
+
+
+# --------------------------------------------------------------------------- the baseline
+
+
+def fit_baseline(
+    run: Run, model: nn.Module, train_ds: Dataset, val_ds: Dataset | None
+) -> TrainResult:
+    """Fit a closed-form model (``depth_trend``) on the training targets, validate, save."""
+    state = run.new_state(train_ds)
+    saved = run.saved_state(state.fingerprint)
+    if saved is not None and saved.finished:
+        log_main(
+            run.dd,
+            "%s: already fitted (val MAPE %.5f); nothing to do",
+            run.out_dir,
+            saved.best_val_mape,
+        )
+        model.load_state_dict(saved.model)
+        saved.stop_reason = saved.stop_reason or "fitted"
+        return finish(run, model, val_ds, saved)
+    t0 = time.time()
+    seed_everything(int(run.cfg.seed))
+    fit_bar = progress_bar(targets(train_ds), "fit", enabled=run.progress, total=len(train_ds))
+    model.fit(fit_bar)
+    model.to(run.device)
+    val = validate(model, val_ds, run)
+    secs = time.time() - t0
+    row = {"epoch": 1, "train_loss": float("nan"), "val_mape": val, "lr": 0.0, "seconds": secs}
+    state = dataclasses.replace(
+        state,
+        model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        epoch=1,
+        best_val_mape=val,
+        best_epoch=1,
+        history=[row],
+        seconds=secs,
+        finished=True,
+        stop_reason="fitted",
+    )
+    if run.dd.main:
+        run.epoch_done(row)
+        best = best_checkpoint(model.state_dict(), run.variant, run.cfg, 1, val, run.meta)
+        save_checkpoint(best, run.out_dir / BEST_NAME)
+        state.save(run.out_dir / LAST_NAME)
+        log_main(run.dd, "depth_trend fitted on %d targets: val MAPE %.5f", len(train_ds), val)
+    return finish(run, model, val_ds, state)
+
+
+# --------------------------------------------------------------------------- evaluation, results
+
+
+def _predict(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    pred_fn = getattr(model, "predict", None)
+    if callable(pred_fn):
+        return pred_fn(x, tta=tta)
+    return model(x)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, val_ds: Dataset | None, run: Run) -> float:
+    """Mean per-sample MAPE of ``model`` over ``val_ds`` (sharded across ranks, then reduced);
+    NaN without a validation set."""
+    if val_ds is None or len(val_ds) == 0:
+        return float("nan")
+    cfg, dd, dev = run.cfg, run.dd, run.device
+    model.eval()
+    idx = list(range(dd.rank, len(val_ds), dd.world))
+    loader = make_loader(
+        Subset(val_ds, idx), cfg.val_batch_size, num_workers=cfg.num_workers, device=dev
+    )
+    total = torch.zeros(2, dtype=torch.float64, device=dev)
+    for batch in progress_bar(loader, "val", enabled=run.progress, leave=False):
+        x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
+        with autocast(dev, run.amp_dtype):
+            p = _predict(model, x, bool(cfg.tta_val))
+        m = per_sample_mape(p, y)
+        total[0] += m.double().sum()
+        total[1] += m.numel()
+    if dd.active:
+        dist.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: nn.Module,
+    ds: Dataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """float16 ``(N, 300, 1259)`` predictions of ``model`` on every sample of ``ds``
+    (``cfg``: ``val_batch_size``, ``num_workers``, ``tta_val``; ``amp``: autocast dtype)."""
+    model.eval()
+    out = []
+    loader = make_loader(ds, cfg.val_batch_size, num_workers=cfg.num_workers, device=device)
+    for batch in progress_bar(loader, "predict val", enabled=progress, leave=False):
+        with autocast(device, amp):
+            p = _predict(model, batch[0].to(device), bool(cfg.tta_val))
+        out.append(p.float().cpu().numpy().astype(np.float16))
+    return np.concatenate(out) if out else np.zeros((0, 300, 1259), np.float16)
+
+
+def finish(run: Run, model: nn.Module, val_ds: Dataset | None, state: TrainState) -> TrainResult:
+    """The run's result; on rank 0 also ``val_preds.npz`` (the best model's validation
+    predictions, reused while they match the validation set), ``history.csv`` and
+    ``metrics.json``."""
+    out = run.out_dir
+    res = TrainResult(
+        history=state.history,
+        best_val_mape=state.best_val_mape,
+        best_epoch=state.best_epoch,
+        epochs_run=state.epoch,
+        seconds=state.seconds,
+        best_path=out / BEST_NAME,
+        last_path=out / LAST_NAME,
+        stop_reason=state.stop_reason,
+    )
+    if not run.dd.main:
+        return res
+    res.val_ids, res.val_pred = _val_predictions(run, model, val_ds)
+    write_history(out / HISTORY_NAME, state.history)
+    metrics = {
+        "best_val_mape": state.best_val_mape,
+        "best_epoch": state.best_epoch,
+        "epochs": state.epoch,
+        "seconds": round(state.seconds, 3),
+        "stop_reason": state.stop_reason,
+        "n_val": len(res.val_ids),
+    }
+    write_metrics(out / METRICS_NAME, metrics)
+    return res
+
+
+def _val_predictions(
+    run: Run, model: nn.Module, val_ds: Dataset | None
+) -> tuple[list[str], np.ndarray]:
+    """``val_preds.npz`` if it matches ``val_ds``, else the best model's predictions (saved)."""
+    preds_path, best_path = run.out_dir / VAL_PREDS_NAME, run.out_dir / BEST_NAME
+    ids = list(val_ds.sample_ids) if val_ds is not None else []
+    if preds_path.is_file():
+        pids, arr = load_val_preds(preds_path)
+        if pids == ids:
+            return pids, arr
+    if best_path.is_file() and val_ds is not None and len(val_ds):
+        model.load_state_dict(load_checkpoint(best_path)["model"])
+        model.to(run.device)
+        pred = predict_dataset(model, val_ds, run.cfg, run.device, run.amp_dtype, run.progress)
+    else:
+        pred = np.zeros((0, 300, 1259), np.float16)
+    save_val_preds(preds_path, ids, pred)
+    return ids, pred

@@ -1,0 +1,194 @@
+"""Where and how a training process runs: device, mixed precision, ranks, seeds, progress.
+
+* :func:`pick_device`: ``auto`` (CUDA when available) | ``cpu`` | ``cuda``; under
+  ``torchrun`` each rank takes ``cuda:<LOCAL_RANK>``.
+* :func:`amp_dtype` / :func:`autocast`: ``amp: none | bf16 | fp16`` (fp16 needs CUDA).
+* :func:`setup_distributed`: the process group under ``torchrun`` (gloo on CPU, nccl on
+  CUDA), described by a :class:`Dist`; without ``torchrun`` one rank of one.
+* :func:`seed_everything`, :func:`rng_state` / :func:`set_rng_state` (python, numpy,
+  torch and CUDA generators, in a form ``torch.load(weights_only=True)`` accepts) and
+  :func:`gather_rng_states` (one state per rank, for ``last.pt``).
+* :func:`progress_bar` (a tqdm bar on standard error, or the bare iterable) and
+  :func:`log_main` (a diagnostic from rank 0 only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from speedstructure.errors import UserError
+
+log = logging.getLogger("speedstructure.engine")  # the engine's diagnostics
+
+
+# --------------------------------------------------------------------------- device, AMP
+
+
+def pick_device(req: str | torch.device | None, local_rank: int | None = None) -> torch.device:
+    """The device for ``req`` (``None`` = ``auto``); ``cuda`` becomes ``cuda:<local_rank>``."""
+    req = "auto" if req is None else str(req)
+    if req == "auto":
+        req = "cuda" if torch.cuda.is_available() else "cpu"
+    if req.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("device 'cuda' requested but CUDA is not available")
+        if req == "cuda" and local_rank is not None:
+            req = f"cuda:{local_rank}"
+    elif req != "cpu":
+        raise UserError(f"unknown device '{req}' (use cpu, cuda or auto)")
+    return torch.device(req)
+
+
+def launcher_local_rank() -> int | None:
+    """``LOCAL_RANK`` when started by ``torchrun``, else None."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if "RANK" in os.environ else None
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and without ``torchrun``)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` (``none`` -> None); fp16 needs CUDA."""
+    amp = str(amp or "none").lower()
+    if amp not in ("none", "bf16", "fp16"):
+        raise UserError(f"train.amp must be none, bf16 or fp16, got '{amp}'")
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("train.amp fp16 needs CUDA (use bf16 or none on CPU)")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` in ``dtype``, or a no-op context without one."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this call created the process group (and destroys it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def setup_distributed(device_req: str | torch.device | None) -> tuple[Dist, torch.device]:
+    """The ranks (from ``torchrun``'s environment) and this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device_req, local if world > 1 else None)
+    d = Dist(rank=rank, world=world, local_rank=local)
+    if world > 1 and "RANK" in os.environ:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+            d.owns_group = True
+        d.rank, d.world = dist.get_rank(), dist.get_world_size()
+    else:
+        d.world, d.rank = 1, 0
+    return d, dev
+
+
+def teardown_distributed(d: Dist) -> None:
+    if d.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- seeds, RNG state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """This process's generator states (tensors and plain values only)."""
+    np_state = np.random.get_state()
+    st = {
+        "python": random.getstate(),
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def gather_rng_states(d: Dist) -> list[dict]:
+    """Every rank's :func:`rng_state`, in rank order (a collective call under DDP)."""
+    states = [rng_state()]
+    if d.active:
+        gathered: list = [None] * d.world
+        dist.all_gather_object(gathered, states[0])
+        states = gathered
+    return states
+
+
+# --------------------------------------------------------------------------- progress, logging
+
+
+def progress_bar(
+    it: Iterable, desc: str, *, enabled: bool, leave: bool = True, total: int | None = None
+):
+    """``it`` wrapped in a tqdm bar on standard error when ``enabled``."""
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, leave=leave, total=total, dynamic_ncols=True, file=sys.stderr)
+
+
+def log_main(d: Dist, msg: str, *args) -> None:
+    """An INFO diagnostic, from rank 0 only."""
+    if d.main:
+        log.info(msg, *args)

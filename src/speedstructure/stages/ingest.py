@@ -1,0 +1,201 @@
+"""The ``ingest`` stage: the four challenge zips -> a packed, memory-mapped sample store.
+
+Every member of every zip is read through the validating loader
+(:class:`speedstructure.dataio.ZipSamples`: shape, dtype, finiteness, positive
+velocities); the first bad member stops the stage with an error naming the zip
+and the member, and nothing is left behind.  The zips are ``data.zips`` in
+``paths.data``; the store goes to ``paths.store`` (or ``--output``).  It holds, per
+split::
+
+    store/<split>/gathers.npy    float32 (N, 5, 10001, 31)   memory-mapped on read
+    store/<split>/targets.npy    float32 (N, 300, 1259)      (not for the test split)
+    store/index.csv              sample_id, zip, split, row, has_target
+    store/manifest.json          sizes, the digest of each source zip, timings
+
+Training reads samples from it with :class:`speedstructure.dataio.StoreSamples`
+(:data:`~speedstructure.dataio.INDEX_NAME`, :data:`~speedstructure.dataio.MANIFEST_NAME`
+and the reader live in :mod:`speedstructure.dataio`), which has the same
+``read`` / ``read_gathers`` / ``read_target`` interface as ``ZipSamples`` but
+costs one ``memcpy`` per array instead of a zip member lookup and a ``.npy``
+parse (``speedstructure bench store`` measures both).  The whole store is built
+in a temporary folder (:func:`speedstructure.fsutil.atomic_output`) and renamed into
+place at the end: a failed run leaves the previous store untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from speedstructure.config import SPLITS, load_params, project_root, resolve_path
+from speedstructure.dataio import (
+    GATHER_SHAPE,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    SOURCES,
+    VP_SHAPE,
+    ZipSamples,
+)
+from speedstructure.errors import DataError
+from speedstructure.fsutil import atomic_output
+
+INDEX_COLUMNS = ("sample_id", "zip", "split", "row", "has_target")
+STORE_FORMAT = 1
+COMMAND_HELP = (
+    "Read every member of data.zips (in paths.data) through the validating loader and write "
+    "the memory-mapped sample store (paths.store)."
+)
+
+
+def _rel(p: Path, root: Path) -> str:
+    try:
+        return p.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(p.resolve())
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_zips(handles: dict[str, ZipSamples]) -> None:
+    """Targets in every zip but the test one, and no sample id in two zips."""
+    seen: dict[str, str] = {}
+    for split, z in handles.items():
+        want_targets = split != "test"
+        if z.has_targets != want_targets:
+            what = "has" if z.has_targets else "lacks"
+            raise DataError(f"{z.path}: the {split} zip {what} vp_model.npy members")
+        for sid in z.sample_ids:
+            if sid in seen:
+                raise DataError(f"{z.path}: sample '{sid}' also appears in {seen[sid]}")
+            seen[sid] = str(z.path)
+
+
+def _pack_split(folder: Path, z: ZipSamples, bar: tqdm) -> None:
+    """Every sample of ``z``, validated, into ``folder/gathers.npy`` (and ``targets.npy``)."""
+    n = len(z)
+    folder.mkdir()
+    g = np.lib.format.open_memmap(
+        folder / "gathers.npy", mode="w+", dtype=np.float32, shape=(n, len(SOURCES), *GATHER_SHAPE)
+    )
+    t = None
+    if z.has_targets:
+        t = np.lib.format.open_memmap(
+            folder / "targets.npy", mode="w+", dtype=np.float32, shape=(n, *VP_SHAPE)
+        )
+    for i, sid in enumerate(z.sample_ids):
+        g[i] = z.read_gathers(sid)
+        if t is not None:
+            t[i] = z.read_target(sid)
+        bar.update(1)
+    g.flush()
+    del g
+    if t is not None:
+        t.flush()
+        del t
+
+
+def _index_csv(handles: dict[str, ZipSamples], root: Path) -> str:
+    """``index.csv``: one row per sample, in the order the arrays hold them."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(INDEX_COLUMNS)
+    for split, z in handles.items():
+        zip_name = _rel(z.path, root)
+        w.writerows(
+            (sid, zip_name, split, i, int(z.has_targets)) for i, sid in enumerate(z.sample_ids)
+        )
+    return buf.getvalue()
+
+
+def _manifest(handles: dict[str, ZipSamples], root: Path, seconds: float) -> dict[str, Any]:
+    return {
+        "format": STORE_FORMAT,
+        "splits": {
+            s: {
+                "zip": _rel(z.path, root),
+                "samples": len(z),
+                "md5": _digest(z.path),
+                "has_targets": z.has_targets,
+            }
+            for s, z in handles.items()
+        },
+        "samples": sum(len(z) for z in handles.values()),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _write_store(
+    handles: dict[str, ZipSamples], out: Path, root: Path, t0: float, progress: bool
+) -> dict[str, Any]:
+    with atomic_output(out) as tmp:
+        tmp.mkdir()
+        total = sum(len(z) for z in handles.values())
+        with tqdm(total=total, desc="ingest", unit="sample", disable=not progress) as bar:
+            for split, z in handles.items():
+                _pack_split(tmp / split, z, bar)
+        (tmp / INDEX_NAME).write_text(_index_csv(handles, root))
+        manifest = _manifest(handles, root, time.perf_counter() - t0)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def build_store(
+    zips: dict[str, Path], out: Path, *, root: Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Validate every sample of ``zips`` (split -> path) and write the store to ``out``.
+
+    Zip paths in the index and manifest are relative to ``root`` (default: the project
+    root).  Returns the manifest.
+    """
+    root = Path(root or project_root())
+    t0 = time.perf_counter()
+    handles: dict[str, ZipSamples] = {}
+    try:
+        for split, path in zips.items():
+            handles[split] = ZipSamples(path)  # checks the layout (names, completeness)
+        _check_zips(handles)
+        return _write_store(handles, out, root, t0, progress)
+    finally:
+        for z in handles.values():
+            z.close()
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    params = load_params()
+    zips = {s: params.zip_path(s) for s in SPLITS}
+    out = resolve_path(args.output, params.root) if args.output else params.path("store")
+    manifest = build_store(zips, out, root=params.root, progress=not args.quiet)
+    gb = sum(f.stat().st_size for f in out.rglob("*.npy")) / 1e9
+    print(
+        f"ingest: {manifest['samples']} samples from {len(zips)} zips validated and packed "
+        f"into {out} ({gb:.2f} GB) in {manifest['seconds']} s"
+    )
+    for s, info in manifest["splits"].items():
+        print(f"  {s:<18} {info['samples']:>6} samples  ({info['zip']})")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from speedstructure.cli import add_quiet_option
+
+    p = subparsers.add_parser("ingest", description=COMMAND_HELP)
+    p.add_argument(
+        "--output", help="store folder (default: params paths.store; relative: to the root)"
+    )
+    add_quiet_option(p)
+    p.set_defaults(func=_cmd)

@@ -1,0 +1,150 @@
+"""The ``predict`` stage: every sample of a zip, store or sample folder into one submission.
+
+``speedstructure predict [--input PATH] [--output FILE] [--model URI]`` predicts
+every sample of a challenge zip (default: the test zip), a sample store, or a
+folder in the challenge layout (``<sample_id>/receiver_data_src_<s>.npy``), clips
+the velocities to ``[V_MIN, V_MAX]`` of :mod:`speedstructure.config` and writes
+the submission once, atomically (:class:`~speedstructure.submission.SubmissionWriter`,
+default: ``paths.submission``), then validates it.  ``--model`` is an MLflow model
+URI (default: the ``champion`` alias of ``mlflow.registered_model``), a
+``registered.json`` written by the ``register`` stage (its ``model_uri``; what the
+DVC stage uses, so it predicts exactly what was registered), or an ensemble file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from speedstructure import cli
+from speedstructure.config import V_MAX, V_MIN, Params, load_params, resolve_path
+from speedstructure.errors import UserError
+
+
+def default_model_uri(params: Params) -> str:
+    """The registered model's ``champion`` version: ``models:/<name>@champion``."""
+    from speedstructure.ensemble import CHAMPION
+
+    return f"models:/{params.mlflow.registered_model}@{CHAMPION}"
+
+
+def _is_uri(model: str) -> bool:
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
+def load_predictor(model: str | os.PathLike, params: Params):
+    """A callable ``gathers (B, 5, 10001, 31) -> (B, 300, 1259)`` and a description.
+
+    ``model``: an MLflow model URI (``models:/...``, ``runs:/...``), a
+    ``registered.json`` (its ``model_uri``) or an ensemble file; files are relative
+    to the project root.
+    """
+    from speedstructure.ensemble import Ensemble, read_spec
+
+    s = str(model)
+    if not _is_uri(s):
+        p = resolve_path(s, params.root)
+        if not p.is_file():
+            raise UserError(f"{p}: model file not found")
+        try:
+            doc = json.loads(p.read_text())
+        except ValueError as exc:
+            raise UserError(f"{p}: not a JSON model reference or ensemble file ({exc})") from exc
+        if not (isinstance(doc, dict) and "model_uri" in doc):
+            ens = Ensemble(read_spec(p), root=params.root)
+            return ens.predict, f"ensemble file {p}"
+        s = doc["model_uri"]
+    return _load_pyfunc(s, params), s
+
+
+def _load_pyfunc(uri: str, params: Params):
+    import mlflow
+
+    from speedstructure import tracking
+
+    tracking.setup(project=params)
+    try:
+        pyfunc = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # MLflow raises its own types for unknown names/aliases
+        raise UserError(f"cannot load model '{uri}': {exc}") from exc
+    return lambda x: np.asarray(pyfunc.predict(np.asarray(x, dtype=np.float32)))
+
+
+def predict_to_submission(
+    predict_fn,
+    input_path: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    batch_size: int = 4,
+    v_range: tuple[float, float] = (V_MIN, V_MAX),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict every sample of ``input_path`` and write the submission once; then validate it."""
+    from tqdm import tqdm
+
+    from speedstructure.dataio import open_input
+    from speedstructure.ensemble import iter_batches
+    from speedstructure.submission import SubmissionWriter, validate_submission
+
+    reader = open_input(input_path)
+    ids = list(reader.sample_ids)
+    output = Path(output)
+    bar = tqdm(total=len(ids), desc="predict", unit="sample", disable=not progress)
+    try:
+        with SubmissionWriter(output) as w:
+            for chunk, x in iter_batches(reader, ids, batch_size):
+                pred = predict_fn(x)
+                for sid, p in zip(chunk, pred, strict=True):
+                    w.add(sid, np.clip(p, *v_range))
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        reader.close()
+    report = validate_submission(output, ids, v_min=v_range[0], v_max=v_range[1])
+    report.raise_if_problems()
+    return {"samples": len(ids), "output": str(output), "validation": report.summary()}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+DESCRIPTION = (
+    "Predict every sample (challenge zip, sample store or folder layout) with the registered "
+    "ensemble and write one validated submission .npz."
+)
+OPTIONS = {  # option -> help (each defaults to None: the params.yaml value named)
+    "--input": "challenge zip, sample store or folder of sample folders (default: the test zip)",
+    "--output": "submission .npz (default: paths.submission)",
+    "--model": "MLflow model URI, registered.json or ensemble file "
+    "(default: models:/<mlflow.registered_model>@champion)",
+}
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("predict", help=cli.COMMANDS["predict"][1], description=DESCRIPTION)
+    for option, help_ in OPTIONS.items():
+        p.add_argument(option, default=None, help=help_)
+    p.add_argument("--batch-size", type=int, default=None, help="default: predict.batch_size")
+    cli.add_quiet_option(p)
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    params = load_params()
+    predict_fn, desc = load_predictor(args.model or default_model_uri(params), params)
+    out = predict_to_submission(
+        predict_fn,
+        resolve_path(args.input, params.root) if args.input else params.zip_path("test"),
+        resolve_path(args.output, params.root) if args.output else params.path("submission"),
+        batch_size=args.batch_size or params.predict.batch_size,
+        progress=not args.quiet,
+    )
+    print(
+        f"predict: {out['samples']} samples with {desc} -> {out['output']}\n  {out['validation']}"
+    )
+    return 0

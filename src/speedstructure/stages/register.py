@@ -1,0 +1,190 @@
+"""The ``register`` stage: the tuned ensemble into the MLflow model registry.
+
+The whole ensemble (ensemble file, every member checkpoint, the package code)
+is logged as one pyfunc model from code (:mod:`speedstructure.pyfunc_model`)
+with a tensor signature, gathers ``(-1, 5, 10001, 31)`` float32 in and
+velocities ``(-1, 300, 1259)`` float32 out, and registered as a new version of
+``mlflow.registered_model`` (``speedstructure-ensemble``).  Every version
+stays; the alias ``champion`` moves to the new version only if its
+cross-validated MAPE (the held-out tuned MAPE of the ``tune`` stage, tag
+``cv_mape``) is lower than the current champion's.
+
+``speedstructure register [--output FILE]`` reads ``paths.ensemble`` and writes
+``paths.registered`` (the new version, its URI, whether it became champion),
+which the ``predict`` stage reads so that what it predicts is exactly what was
+registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+from speedstructure import cli
+from speedstructure.config import Params, load_params, resolve_path
+from speedstructure.ensemble import CHAMPION, member_key, read_spec
+from speedstructure.errors import UserError
+from speedstructure.fsutil import atomic_write_json
+
+DESCRIPTION = (
+    "Log the ensemble as one pyfunc model, register a new version and move the 'champion' "
+    "alias if its cross-validated MAPE is better."
+)
+CV_TAG = "cv_mape"
+
+
+def _signature():
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from speedstructure.model import INPUT_SHAPE, OUTPUT_SHAPE
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *INPUT_SHAPE))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *OUTPUT_SHAPE))]),
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("torch", "timm", "numpy", "mlflow"):
+        with contextlib.suppress(PackageNotFoundError):  # pragma: no cover - all are deps
+            reqs.append(f"{pkg}=={version(pkg)}")
+    return reqs
+
+
+def champion_version(client, name: str):
+    """The version holding the ``champion`` alias, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _cv(version) -> float:
+    try:
+        return float((version.tags or {}).get(CV_TAG, "nan"))
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _artifacts(spec_path: Path, spec: dict[str, Any], root: Path) -> dict[str, str]:
+    """The pyfunc model's artifacts: the ensemble file and each member's checkpoint."""
+    from speedstructure import pyfunc_model
+
+    artifacts = {pyfunc_model.ENSEMBLE_ARTIFACT: str(spec_path)}
+    for f in spec["folds"]:
+        for m in f["members"]:
+            ck = resolve_path(m["checkpoint"], root)
+            if not ck.is_file():
+                raise UserError(
+                    f"{spec_path}: member checkpoint {ck} not found (run its training stage)"
+                )
+            artifacts[member_key(f["fold"], m["variant"])] = str(ck)
+    return artifacts
+
+
+def _log_model(artifacts: dict[str, str]):
+    """Log the ensemble as a pyfunc model from code in the active run; its model info."""
+    import mlflow
+
+    from speedstructure import pyfunc_model
+
+    return mlflow.pyfunc.log_model(
+        name="ensemble",
+        python_model=str(Path(pyfunc_model.__file__)),
+        artifacts=artifacts,
+        signature=_signature(),
+        code_paths=[str(Path(pyfunc_model.__file__).parent)],
+        pip_requirements=_requirements(),
+    )
+
+
+def _promote(client, name: str, version, cv: float) -> dict[str, Any]:
+    """Move ``champion`` to ``version`` if its cv MAPE beats the current champion's."""
+    current = champion_version(client, name)
+    best_before = _cv(current) if current is not None else math.inf
+    promoted = current is None or not math.isfinite(best_before) or cv < best_before
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return {
+        "champion": promoted,
+        "champion_version": int(version.version) if promoted else int(current.version),
+        "champion_cv_mape": cv if promoted else best_before,
+    }
+
+
+def register_ensemble(
+    spec_path: Path, params: Params, *, run_name: str = "register"
+) -> dict[str, Any]:
+    """Log the ensemble as a pyfunc model, register a version, move ``champion`` if better."""
+    import mlflow
+
+    from speedstructure import tracking
+
+    spec = read_spec(spec_path)
+    cv = float(spec.get("cv_mape", math.nan))
+    if not math.isfinite(cv):
+        raise UserError(f"{spec_path}: no finite cv_mape (the tune stage writes it)")
+    artifacts = _artifacts(spec_path, spec, params.root)
+    name = params.mlflow.registered_model
+    tags = {"stage": "register", "dvc_stage": "register"}
+    with tracking.start_run(run_name, project=params, tags=tags) as run:
+        tracking.log_metrics(
+            {
+                "cv_mape": cv,
+                "n_folds": len(spec["folds"]),
+                "n_members": sum(len(f["members"]) for f in spec["folds"]),
+            }
+        )
+        info = _log_model(artifacts)
+        mv = mlflow.register_model(info.model_uri, name, tags={CV_TAG: repr(cv)})
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(name, mv.version, "source_run", run.info.run_id)
+        champion = _promote(client, name, mv, cv)
+        mlflow.set_tags({"registered_version": mv.version, "promoted": str(champion["champion"])})
+    return {
+        "name": name,
+        "version": int(mv.version),
+        "model_uri": f"models:/{name}/{mv.version}",
+        "cv_mape": cv,
+        **champion,
+        "run_id": run.info.run_id,
+    }
+
+
+def run_register(params: Params, output: Path | None = None) -> dict[str, Any]:
+    """Register ``paths.ensemble``; the result is written to ``output`` (``paths.registered``)."""
+    result = register_ensemble(params.path("ensemble"), params)
+    atomic_write_json(output or params.path("registered"), result)
+    return result
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("register", help=cli.COMMANDS["register"][1], description=DESCRIPTION)
+    p.add_argument("--output", default=None, help="result JSON (default: paths.registered)")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    params = load_params()
+    output = resolve_path(args.output, params.root) if args.output else None
+    r = run_register(params, output)
+    verdict = (
+        "is the new champion"
+        if r["champion"]
+        else f"did not beat champion v{r['champion_version']} (cv MAPE {r['champion_cv_mape']:.5f})"
+    )
+    print(f"register: {r['name']} version {r['version']} (cv MAPE {r['cv_mape']:.5f}) {verdict}")
+    return 0

@@ -1,0 +1,449 @@
+"""Ensemble weights on the simplex, tuned with Optuna: the core of the ``tune`` stage (no files).
+
+The ensemble of a fold is ``sum_m w_m * pred_m`` with ``w`` on the simplex.
+Weights are fitted on the fold's validation predictions by minimising the
+challenge metric, MAPE (:mod:`speedstructure.metrics`), with Optuna's TPE
+sampler; the simplex is parameterised as in Optuna's FAQ (Dirichlet):
+``u_i ~ U(0, 1)``, ``x_i = -log(u_i)``, ``w = x / sum(x)``.  Equal weights are
+the first trial, so the tuned weights are never worse than equal weights on
+the data they were tuned on.
+
+Because tuning on the validation set overfits it, :func:`split_half_report`
+judges a fold by splitting its samples into halves A and B: weights are tuned
+on A and scored on B and vice versa.  The held-out MAPE of four strategies is
+reported: the best single member (chosen on the tuning half), equal weights,
+the seed's hand-set weights and the tuned weights.
+
+Names: :class:`Scorer`, :func:`weighted_mape`, :func:`dirichlet_weights`,
+:func:`fit_weights`, :func:`normalise_hand`, :func:`split_half_report`,
+:class:`TuneError`, :data:`STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from speedstructure.errors import UserError
+from speedstructure.metrics import EPS
+
+log = logging.getLogger(__name__)
+
+CHUNK_CELLS = 4_000_000  # cells per working buffer (float32: 16 MB)
+STRATEGIES: tuple[str, ...] = ("best_single", "equal", "hand", "tuned")
+
+
+class TuneError(UserError, ValueError):
+    """Bad input to the tuning core (shapes, weights, too few samples, stale study)."""
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """MAPE of weighted ensembles of fixed predictions, cheap to evaluate repeatedly.
+
+    ``preds`` (M, N, *S) of any float dtype, ``targets`` (N, *S).  The signed
+    relative errors ``d_m = (p_m - g) / (|g| + EPS)`` are computed once in
+    float32 (chunk by chunk, no float64 copies); for weights summing to 1,
+    ``|g - sum_m w_m p_m| / (|g| + EPS) = |sum_m w_m d_m|`` (the metric of
+    :mod:`speedstructure.metrics`), so a trial costs M multiply-adds per cell.
+    """
+
+    def __init__(self, preds: np.ndarray, targets: np.ndarray, *, chunk_cells: int = CHUNK_CELLS):
+        preds, targets = np.asarray(preds), np.asarray(targets)
+        if preds.ndim < 2 or preds.shape[1:] != targets.shape:
+            raise TuneError(
+                f"predictions {preds.shape} do not match targets {targets.shape}: "
+                "expected (M, *targets.shape)"
+            )
+        m, n = preds.shape[:2]
+        if m < 1 or n < 1:
+            raise TuneError(
+                f"need at least one member and one sample, got predictions {preds.shape}"
+            )
+        cells = int(np.prod(targets.shape[1:], dtype=np.int64))
+        if cells < 1:
+            raise TuneError(f"targets {targets.shape} have no cells")
+        self.n_members, self.n_samples, self.n_cells = m, n, cells
+        self._chunk = max(1, int(chunk_cells) // cells)
+        self._rel = np.empty((m, n, cells), np.float32)
+        self._fingerprints: dict[bytes, str] = {}
+        self._fill(preds.reshape(m, n, cells), targets.reshape(n, cells))
+
+    def _fill(self, p: np.ndarray, g: np.ndarray) -> None:
+        """The signed relative errors, chunk by chunk."""
+        m, n = self.n_members, self.n_samples
+        for s in range(0, n, self._chunk):
+            e = min(n, s + self._chunk)
+            t = g[s:e].astype(np.float32, copy=False)
+            inv = np.abs(t)
+            inv += np.float32(EPS)
+            np.reciprocal(inv, out=inv)
+            for k in range(m):
+                out = self._rel[k, s:e]
+                np.subtract(p[k, s:e], t, out=out, dtype=np.float32, casting="same_kind")
+                out *= inv
+                if not np.isfinite(out).all():
+                    raise TuneError(
+                        f"member {k}: predictions or targets of samples {s}..{e - 1} are not finite"
+                    )
+
+    # -- helpers
+    def rows(self, idx: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """``idx`` as a checked 1-D index array (all samples when ``None``)."""
+        if idx is None:
+            return np.arange(self.n_samples, dtype=np.intp)
+        rows = np.asarray(idx, dtype=np.intp).reshape(-1)
+        if rows.size == 0:
+            raise TuneError("empty sample selection")
+        if rows.min() < 0 or rows.max() >= self.n_samples:
+            raise TuneError(f"sample index out of range 0..{self.n_samples - 1}")
+        return rows
+
+    def check_weights(self, weights) -> np.ndarray:
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if w.shape != (self.n_members,):
+            raise TuneError(f"{w.size} weights for {self.n_members} members")
+        if not np.isfinite(w).all() or (w < 0).any() or abs(w.sum() - 1.0) > 1e-6:
+            raise TuneError(f"weights must be non-negative and sum to 1, got {w.tolist()}")
+        return w
+
+    # -- metric
+    def per_sample(self, weights, idx=None) -> np.ndarray:
+        """MAPE of the weighted ensemble for each selected sample (float64 (n,))."""
+        w = self.check_weights(weights)
+        rows = self.rows(idx)
+        active = [(k, np.float32(w[k])) for k in range(self.n_members) if w[k] > 0]
+        out = np.empty(rows.size, np.float64)
+        ch = min(self._chunk, rows.size)
+        buf = np.empty((ch, self.n_cells), np.float32)
+        tmp = np.empty_like(buf) if len(active) > 1 else None
+        for s in range(0, rows.size, ch):
+            sel = rows[s : s + ch]
+            b = buf[: sel.size]
+            contiguous = _is_range(sel)
+            for j, (k, wk) in enumerate(active):
+                dst = b if j == 0 else tmp[: sel.size]
+                if contiguous:
+                    np.multiply(self._rel[k, sel[0] : sel[0] + sel.size], wk, out=dst)
+                else:
+                    np.take(self._rel[k], sel, axis=0, out=dst)
+                    dst *= wk
+                if j:
+                    b += dst
+            np.abs(b, out=b)
+            out[s : s + sel.size] = b.sum(axis=1, dtype=np.float64) / self.n_cells
+        return out
+
+    def __call__(self, weights, idx=None) -> float:
+        """Mean per-sample MAPE of the weighted ensemble over the selected samples."""
+        return float(self.per_sample(weights, idx).mean())
+
+    def member_mapes(self, idx=None) -> np.ndarray:
+        """MAPE of each member alone, float64 (M,)."""
+        eye = np.eye(self.n_members)
+        return np.array([self(eye[k], idx) for k in range(self.n_members)])
+
+    def fingerprint(self, idx=None, names: Sequence[str] = ()) -> str:
+        """Hash of the objective (relative errors of the selected samples, member names)."""
+        rows = self.rows(idx)
+        key = rows.tobytes() + "\0".join(names).encode()
+        if key not in self._fingerprints:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(key)
+            for k in range(self.n_members):
+                for s in range(0, rows.size, self._chunk):
+                    h.update(np.ascontiguousarray(self._rel[k, rows[s : s + self._chunk]]).data)
+            self._fingerprints[key] = h.hexdigest()
+        return self._fingerprints[key]
+
+
+def _is_range(rows: np.ndarray) -> bool:
+    return (
+        rows.size > 0
+        and int(rows[-1]) - int(rows[0]) == rows.size - 1
+        and bool((np.diff(rows) == 1).all())
+    )
+
+
+def _as_scorer(preds, targets) -> Scorer:
+    if isinstance(preds, Scorer):
+        if targets is not None:
+            raise TuneError("pass targets=None together with a prepared Scorer")
+        return preds
+    if targets is None:
+        raise TuneError("targets are required")
+    return Scorer(preds, targets)
+
+
+def weighted_mape(preds: np.ndarray, targets: np.ndarray, weights) -> float:
+    """Mean per-sample MAPE of ``sum_m weights[m] * preds[m]`` against ``targets``.
+
+    ``preds`` (M, N, *S), ``targets`` (N, *S), ``weights`` (M,) on the simplex.
+    For repeated evaluation on the same data build a :class:`Scorer` once.
+    """
+    return _as_scorer(preds, targets)(weights)
+
+
+# --------------------------------------------------------------------------- Optuna
+
+
+def dirichlet_weights(u: Sequence[float]) -> np.ndarray:
+    """Optuna's simplex parameterisation: ``x = -log(u)``, ``w = x / sum(x)``."""
+    u = np.clip(np.asarray(u, dtype=np.float64), np.finfo(np.float64).tiny, 1.0)
+    x = -np.log(u)
+    total = x.sum()
+    return np.full(x.size, 1.0 / x.size) if total <= 0 else x / total
+
+
+def _param(i: int) -> str:
+    return f"u_{i}"
+
+
+@contextlib.contextmanager
+def _quiet_optuna():
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def _storage(storage):
+    """``None`` (in memory), an RDBStorage, a URL, or a path of a SQLite file."""
+    if storage is None or storage == "":
+        return None
+    import optuna
+
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    s = str(storage)
+    if "://" not in s:
+        path = Path(s).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        s = f"sqlite:///{path.as_posix()}"
+    kwargs = {"connect_args": {"timeout": 60}} if s.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(s, engine_kwargs=kwargs)
+
+
+def complete_trials(study) -> list:
+    """The study's completed trials (none for ``None``)."""
+    if study is None:
+        return []
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _open_study(storage, study_name, fingerprint, names, n_rows, restart_stale):
+    import optuna
+    from optuna.study import StudyDirection
+
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, direction="minimize", load_if_exists=True
+    )
+    if study.direction != StudyDirection.MINIMIZE:
+        raise TuneError(
+            f"study '{study.study_name}' in the Optuna storage is not a minimisation study"
+        )
+    stored = study.user_attrs.get("fingerprint")
+    if study.trials and stored != fingerprint:
+        where = f"study '{study.study_name}' in the Optuna storage"
+        if not restart_stale:
+            raise TuneError(
+                f"{where} was tuned on other members or predictions; "
+                "delete it or use another study name"
+            )
+        log.warning("tune: %s was tuned on other members or predictions: starting it afresh", where)
+        optuna.delete_study(study_name=study.study_name, storage=storage)
+        study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize")
+    if not study.trials:
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("members", list(names))
+        study.set_user_attr("n_samples", int(n_rows))
+    return study
+
+
+def _study(scorer: Scorer, rows, names, *, seed, storage, study_name, restart_stale):
+    """``(study, trials already stored)``: in memory, or opened (resumed) in ``storage``."""
+    import optuna
+
+    store = _storage(storage)
+    if store is None:
+        sampler = optuna.samplers.TPESampler(seed=int(seed))
+        return optuna.create_study(study_name=study_name, direction="minimize", sampler=sampler), 0
+    if not study_name:
+        raise TuneError("a stored study needs a study_name")
+    fingerprint = scorer.fingerprint(rows, names)
+    study = _open_study(store, study_name, fingerprint, names, rows.size, restart_stale)
+    n_existing = len(study.trials)
+    study = optuna.load_study(
+        study_name=study.study_name,
+        storage=store,
+        sampler=optuna.samplers.TPESampler(seed=int(seed) + n_existing),
+    )
+    return study, n_existing
+
+
+def fit_weights(
+    preds,
+    targets=None,
+    *,
+    n_trials: int,
+    seed: int,
+    storage=None,
+    study_name: str | None = None,
+    names: Sequence[str] | None = None,
+    idx=None,
+    restart_stale: bool = False,
+):
+    """Tune simplex weights minimising MAPE; returns ``(weights (M,), study)``.
+
+    ``preds`` (M, N, *S) with ``targets`` (N, *S), or a :class:`Scorer` with
+    ``targets=None``; ``idx`` restricts tuning to those samples.  TPE sampler
+    seeded with ``seed`` (plus the number of trials already stored, so resumed
+    runs do not repeat the random start-up points).  ``storage`` (an Optuna
+    storage, a URL or a SQLite file path) keeps the study under ``study_name``;
+    calling again resumes it: only ``n_trials`` minus its completed trials
+    run.  A stored study whose data differ (fingerprint of the objective) raises
+    :class:`TuneError`, or is deleted and restarted with ``restart_stale``.
+    With one member: ``([1.0], None)``.
+    """
+    scorer = _as_scorer(preds, targets)
+    m = scorer.n_members
+    names = list(names) if names is not None else [f"m{k}" for k in range(m)]
+    if len(names) != m:
+        raise TuneError(f"{len(names)} member names for {m} members")
+    if m == 1:
+        return np.ones(1), None
+    if int(n_trials) < 1:
+        raise TuneError(f"n_trials must be >= 1, got {n_trials}")
+    rows = scorer.rows(idx)
+
+    def objective(trial) -> float:
+        w = dirichlet_weights([trial.suggest_float(_param(k), 0.0, 1.0) for k in range(m)])
+        trial.set_user_attr("weights", w.tolist())
+        return scorer(w, rows)
+
+    with _quiet_optuna():
+        study, n_existing = _study(
+            scorer,
+            rows,
+            names,
+            seed=seed,
+            storage=storage,
+            study_name=study_name,
+            restart_stale=restart_stale,
+        )
+        if n_existing == 0:
+            study.enqueue_trial({_param(k): 0.5 for k in range(m)})  # equal weights
+        todo = int(n_trials) - len(complete_trials(study))
+        if todo > 0:
+            study.optimize(objective, n_trials=todo)
+    best = study.best_trial
+    w = best.user_attrs.get("weights") or dirichlet_weights(
+        [best.params[_param(k)] for k in range(m)]
+    )
+    return np.asarray(w, dtype=np.float64), study
+
+
+# --------------------------------------------------------------------------- split-half report
+
+
+def normalise_hand(
+    hand_weights: Mapping[str, float] | None, member_names: Sequence[str]
+) -> np.ndarray | None:
+    """Hand weights of the members (missing = 0), normalised; ``None`` when none applies."""
+    if not hand_weights:
+        return None
+    w = np.array([float(hand_weights.get(n, 0.0)) for n in member_names], dtype=np.float64)
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise TuneError(f"hand weights must be finite and non-negative, got {dict(hand_weights)}")
+    return w / w.sum() if w.sum() > 0 else None
+
+
+def split_half_report(
+    preds,
+    targets,
+    member_names: Sequence[str],
+    hand_weights: Mapping[str, float] | None,
+    *,
+    n_trials: int,
+    seed: int,
+    split_seed: int,
+) -> dict[str, Any]:
+    """Held-out MAPE of the weighting strategies, tuning and scoring on disjoint halves.
+
+    Samples are shuffled (``split_seed``) into halves A and B; everything is
+    chosen on one half and scored on the other, both ways.  Returns
+    ``{"heldout": {strategy: MAPE averaged over both held-out halves, weighted
+    by half size}, "halves": [...], ...}``; each half entry holds
+    ``tune_idx`` / ``heldout_idx`` (disjoint, together every sample once), the
+    chosen best single member, the tuned weights and per-strategy MAPEs.
+    Strategies: best_single, equal, hand (when ``hand_weights`` cover a member),
+    tuned.
+    """
+    scorer = _as_scorer(preds, targets)
+    m, n = scorer.n_members, scorer.n_samples
+    names = list(member_names)
+    if len(names) != m:
+        raise TuneError(f"{len(names)} member names for {m} members")
+    if n < 2:
+        raise TuneError(f"the split-half report needs at least 2 validation samples, got {n}")
+    perm = np.random.default_rng(int(split_seed)).permutation(n)
+    half_a, half_b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+    hand = normalise_hand(hand_weights, names)
+    strategies = [s for s in STRATEGIES if s != "hand" or hand is not None]
+    halves = [
+        _half(scorer, names, hand, strategies, label, tune_idx, held_idx, n_trials, seed)
+        for label, tune_idx, held_idx in (("A->B", half_a, half_b), ("B->A", half_b, half_a))
+    ]
+    heldout = {
+        s: sum(h["heldout"][s] * len(h["heldout_idx"]) for h in halves) / n for s in strategies
+    }
+    return {
+        "heldout": heldout,
+        "halves": halves,
+        "strategies": strategies,
+        "n_samples": n,
+        "split_seed": int(split_seed),
+        "members": names,
+    }
+
+
+def _half(scorer, names, hand, strategies, label, tune_idx, held_idx, n_trials, seed) -> dict:
+    """One direction of the split-half report: choose on ``tune_idx``, score on ``held_idx``."""
+    m = scorer.n_members
+    if np.intersect1d(tune_idx, held_idx).size or tune_idx.size + held_idx.size != scorer.n_samples:
+        raise RuntimeError("split-half halves overlap or miss samples")  # never score on tuned ones
+    tune_member = scorer.member_mapes(tune_idx)
+    best = int(np.argmin(tune_member))
+    tuned, _ = fit_weights(scorer, n_trials=n_trials, seed=seed, names=names, idx=tune_idx)
+    weights = {
+        "best_single": np.eye(m)[best],
+        "equal": np.full(m, 1.0 / m),
+        "hand": hand,
+        "tuned": tuned,
+    }
+    return {
+        "name": label,
+        "tune_idx": tune_idx.tolist(),
+        "heldout_idx": held_idx.tolist(),
+        "best_single": names[best],
+        "tuned_weights": dict(zip(names, map(float, tuned), strict=True)),
+        "tune_mape": {
+            "tuned": scorer(tuned, tune_idx),
+            **dict(zip(names, map(float, tune_member), strict=True)),
+        },
+        "heldout": {s: scorer(weights[s], held_idx) for s in strategies},
+    }

@@ -1,0 +1,160 @@
+"""The typed configuration: defaults agree with params.yaml, errors name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from speedstructure.config import (
+    SECTIONS,
+    V_MAX,
+    V_MIN,
+    ConfigError,
+    EvaFusionVariant,
+    Params,
+    TrainConfig,
+    as_plain,
+    load_params,
+    parse_params,
+    parse_variant,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _raw(**changes) -> dict:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return raw
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_code_defaults_are_the_shipped_params_and_every_key_is_written_out(section):
+    cls = SECTIONS[section]
+    assert getattr(load_params(ROOT / "params.yaml"), section) == cls()
+    assert set(SHIPPED[section]) == {f.name for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("profile", ["default", "competition"])
+def test_both_profiles_load_and_agree_with_the_code_defaults(profile, tmp_path):
+    from speedstructure.profiles import switch
+
+    path = tmp_path / "params.yaml"
+    shutil.copy2(ROOT / "params.yaml", path)
+    switch(profile, path)
+    params = load_params(path)
+    raw = yaml.safe_load(path.read_text())
+    set_by_profile = set(raw["profiles"][profile])
+    for section, cls in SECTIONS.items():
+        value = as_plain(getattr(params, section))
+        if section in set_by_profile:  # the profile's own values, the rest the defaults
+            expected = {**as_plain(cls()), **as_plain(raw["profiles"][profile][section])}
+        else:
+            expected = as_plain(cls())
+        assert value == expected, section
+    assert set(params.runs) == set(raw["profiles"][profile]["runs"])
+    for key, run in params.runs.items():
+        assert params.variant(run.variant).profile in (profile, None) or run.variant.startswith(
+            "baseline"
+        ), key
+
+
+def test_competition_variants_train_with_their_own_recipe():
+    params = load_params(ROOT / "params.yaml")
+    t = params.train_for("comp_s10_dual42")
+    assert (t.lr, t.batch_size, t.amp, t.T_0, t.epochs, t.cosine_epochs) == (
+        1e-4,
+        1,
+        "bf16",
+        100,
+        30,
+        25,
+    )
+    assert params.train_for("tiny_dual42") == params.train  # no overrides
+
+
+def test_paths_resolve_against_the_root(tmp_path):
+    params = parse_params(_raw(), root=tmp_path)
+    assert params.path("folds_table") == tmp_path / "folds/folds.csv"
+    assert params.zip_path("test") == tmp_path / "data/test.zip"
+    assert params.run_dir("tiny_dual42", 1) == tmp_path / "models/tiny_dual42/fold_1"
+    with pytest.raises(ConfigError, match="no key paths.nope"):
+        params.path("nope")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"train__lr": "fast"}, r"train\.lr must be a number, got 'fast'"),
+        ({"train__epochs": 2.5}, r"train\.epochs must be an integer"),
+        ({"train__progress": "yes"}, r"train\.progress must be true or false"),
+        ({"train__lrr": 1.0}, r"train: unknown key\(s\) lrr"),
+        ({"folds__k_groups": None}, r"folds\.k_groups must be an integer"),
+        ({"train__amp": "fp8"}, r"train\.amp must be one of none, bf16, fp16"),
+        ({"synth__water_depth": [1, 2, 3]}, r"synth\.water_depth must be a list of 2 values"),
+        (
+            {"runs__x": {"variant": "nope", "fold": 0}},
+            r"runs\.x\.variant names unknown variant 'nope'",
+        ),
+        ({"runs__x": {"variant": "tiny_dual42"}}, r"runs\.x: missing required key 'fold'"),
+        ({"ensemble__variants": ["tiny_dual42", "tiny_dual42"]}, r"lists a variant twice"),
+        ({"ensemble__variants": ["ghost"]}, r"ensemble\.variants names unknown variant 'ghost'"),
+        ({"tune__n_trials": 0}, r"tune\.n_trials must be >= 1"),
+        ({"variants__tiny_mean__fusion": "max"}, r"variants\.tiny_mean\.fusion must be one of"),
+        ({"variants__tiny_mean__width": 8}, r"variants\.tiny_mean: unknown key\(s\) width"),
+        (
+            {"variants__tiny_mean__train": {"lr": "x"}},
+            r"variants\.tiny_mean\.train\.lr must be a number",
+        ),
+        ({"variants__bad": {"arch": "unet"}}, r"variants\.bad\.arch must be one of"),
+        (
+            {"variants__bad": {"arch": "eva_fusion", "split_at": 2}},
+            r"missing required key 'backbone'",
+        ),
+        ({"data__zips": {"train": "t.zip"}}, r"data\.zips must name the splits"),
+        ({"bogus": 1}, r"unknown top-level key\(s\) bogus"),
+    ],
+)
+def test_errors_name_the_key(changes, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        parse_params(_raw(**changes), root=tmp_path)
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="parameter file not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        load_params(bad)
+    assert "\n" not in str(err.value)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(bad)
+
+
+def test_a_variant_record_round_trips_and_bounds_come_from_one_place():
+    params = load_params(ROOT / "params.yaml")
+    v = params.variant("tiny_dual42")
+    assert isinstance(v, EvaFusionVariant) and (v.v_min, v.v_max) == (V_MIN, V_MAX)
+    again = parse_variant(v.model_dict())
+    assert again.model_dict() == v.model_dict()
+    assert "train" not in v.model_dict() and "profile" not in v.model_dict()
+
+
+def test_params_are_frozen():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.lr = 1.0  # type: ignore[misc]
+    assert dataclasses.replace(params.train, lr=1.0) != TrainConfig()
