@@ -123,9 +123,57 @@ def test_run_evaluate_on_a_tiny_project(tmp_path, tiny_zips, tiny_params):
     )
     assert "registered" not in m
     assert json.loads(params.path("evaluate_metrics").read_text()) == json.loads(json.dumps(m))
+    # a prediction of 1.02 x the truth keeps 98 % of its lateral deviation: R2_lat = 1 - 0.02^2
+    assert m["lateral_r2"] == pytest.approx(1 - 0.02**2, rel=1e-6)
+    oracle = np.broadcast_to(g.mean(axis=1, keepdims=True), g.shape)
+    assert m["oracle_mape"] == pytest.approx(ref(oracle), rel=1e-5)
+    assert set(m["per_depth"]["0-100"]) == {"ensemble", "baseline", "oracle"}
+    assert m["focus_band"] == [300, 900]
+    assert m["focus_band_mape"] == pytest.approx(0.02, rel=1e-4)
+    assert m["water_floor_error_m"] >= 0
     rows = params.path("evaluate_per_sample").read_text().splitlines()
-    assert rows[0] == "sample_id,group,ensemble_mape,baseline_mape" and len(rows) == 3
+    header = "sample_id,group,ensemble_mape,baseline_mape,lateral_r2,water_floor_error_m"
+    assert rows[0] == header and len(rows) == 3
+    assert "lateral structure R2_lat 1.000" in format_report(m)
     assert params.path("evaluate_figure").read_bytes()[:4] == b"\x89PNG"
     bad = tiny_params(tmp_path, **{**sections, "evaluate": {"baseline": "tiny_c"}})
     with pytest.raises(ConfigError, match="evaluate.baseline 'tiny_c' has no entry in runs"):
         E.run_evaluate(bad, track=False, progress=False)
+
+
+# --------------------------------------------------------------------------- structure metrics
+
+
+def _layered(floor: int, dip: float = 0.0) -> np.ndarray:
+    """Water down to ``floor`` m, then 2.0 km/s with a dipping 3.0 km/s layer below 600 m."""
+    v = np.full((300, 1259), 2.0, np.float32)
+    v[:, :floor] = 1.5
+    for x in range(300):
+        v[x, 600 + int(dip * x) :] = 3.0
+    return v
+
+
+def test_lateral_r2_is_zero_for_flat_and_one_for_perfect_predictions():
+    from speedstructure.metrics import lateral_r2, laterally_constant_oracle
+
+    truth = np.stack([_layered(200, dip=0.5), _layered(300, dip=-0.3)])
+    assert lateral_r2(truth, truth) == 1.0
+    assert lateral_r2(laterally_constant_oracle(truth), truth) == pytest.approx(0.0, abs=1e-12)
+    assert lateral_r2(np.full_like(truth, 2.5), truth) == pytest.approx(0.0, abs=1e-12)
+    half = laterally_constant_oracle(truth) + 0.5 * (truth - laterally_constant_oracle(truth))
+    assert lateral_r2(half, truth) == pytest.approx(0.75)  # 1 - 0.5^2
+    assert np.isnan(lateral_r2(truth, laterally_constant_oracle(truth)))  # flat truth
+
+
+def test_water_floor_error_is_the_floor_shift_in_metres():
+    from speedstructure.metrics import water_floor_depth, water_floor_error
+
+    truth = _layered(250)
+    assert (water_floor_depth(truth) == 250).all()
+    assert water_floor_error(_layered(262), truth) == pytest.approx(12.0)
+    both = water_floor_error(np.stack([_layered(240), truth]), np.stack([truth, truth]))
+    np.testing.assert_allclose(both, [10.0, 0.0])
+    smooth = truth.copy()
+    smooth[:, 250:260] = np.linspace(1.5, 2.0, 10)  # a blurred floor: first cell over 1.55
+    assert water_floor_error(smooth, truth) == pytest.approx(1.0)
+    assert (water_floor_depth(np.full((300, 1259), 1.5)) == 1259).all()  # no floor at all

@@ -289,6 +289,7 @@ class EvaluateConfig:
     baseline: str = "baseline_depth_trend"
     batch_size: int = 4
     depth_bands: tuple[int, ...] = (0, 150, 300, 450, 600, 800, 1000, 1259)
+    focus_band: tuple[int, int] = (300, 900)
 
 
 SECTIONS: dict[str, type] = {

@@ -32,3 +32,47 @@ def mape(pred: Any, truth: Any) -> Any:
     """Mean per-sample MAPE of a batch (a 0-d tensor for torch inputs, a float for numpy)."""
     m = per_sample_mape(pred, truth)
     return float(m.mean()) if isinstance(m, np.ndarray) else m.mean()
+
+
+# --------------------------------------------------------------------------- structure
+
+
+WATER_TOLERANCE = 0.05  # km/s: a cell is "faster than water" above water velocity + this
+
+
+def lateral_deviation(v: np.ndarray) -> np.ndarray:
+    """``v`` minus its mean over x at each depth: velocity models ``(..., 300, 1259)``."""
+    v = np.asarray(v, dtype=np.float64)
+    return v - v.mean(axis=-2, keepdims=True)
+
+
+def lateral_r2(pred: np.ndarray, truth: np.ndarray) -> float:
+    """The lateral-structure score ``1 - sum (d(pred) - d(truth))^2 / sum d(truth)^2`` over all
+    samples given, with ``d`` = :func:`lateral_deviation`: 0 for a laterally flat prediction,
+    1 for a perfect one (NaN when the truth itself is laterally flat)."""
+    dt = lateral_deviation(truth)
+    denom = float((dt**2).sum())
+    if denom == 0.0:
+        return float("nan")
+    return 1.0 - float(((lateral_deviation(pred) - dt) ** 2).sum()) / denom
+
+
+def laterally_constant_oracle(truth: np.ndarray) -> np.ndarray:
+    """Each depth row of the truth replaced by its mean over x: the best laterally flat model."""
+    truth = np.asarray(truth)
+    return np.broadcast_to(truth.mean(axis=-2, keepdims=True), truth.shape).astype(truth.dtype)
+
+
+def water_floor_depth(v: np.ndarray, water_velocity: float = 1.5) -> np.ndarray:
+    """Per column, the depth (cells = m) of the first cell faster than water
+    (``> water_velocity + WATER_TOLERANCE``); the model's depth (1259) where there is none."""
+    faster = np.asarray(v) > water_velocity + WATER_TOLERANCE
+    depth = np.argmax(faster, axis=-1)
+    return np.where(faster.any(axis=-1), depth, faster.shape[-1])
+
+
+def water_floor_error(pred: np.ndarray, truth: np.ndarray, water_velocity: float = 1.5) -> Any:
+    """Mean absolute water-floor depth error in metres, per sample ``(N,)`` for batches
+    ``(N, 300, 1259)`` (a float for one model)."""
+    err = np.abs(water_floor_depth(pred, water_velocity) - water_floor_depth(truth, water_velocity))
+    return err.mean(axis=-1)

@@ -31,7 +31,12 @@ from speedstructure import cli
 from speedstructure.config import V_MAX, V_MIN, ConfigError, Params, load_params
 from speedstructure.errors import UserError
 from speedstructure.fsutil import atomic_write_json, atomic_write_text
-from speedstructure.metrics import relative_error
+from speedstructure.metrics import (
+    lateral_r2,
+    laterally_constant_oracle,
+    relative_error,
+    water_floor_error,
+)
 
 DESCRIPTION = (
     "MAPE per sample, per K-Means group and per depth band, against the depth-trend baseline "
@@ -175,22 +180,40 @@ def _per_group(groups: np.ndarray, ens_scores: np.ndarray, base_scores: np.ndarr
     }
 
 
-def _per_depth(edges, ens_err: np.ndarray, base_err: np.ndarray) -> dict:
+def _per_depth(edges, errors: dict[str, np.ndarray]) -> dict:
+    """MAPE of each model (``errors``: name -> per-cell relative errors) per depth band (m)."""
     bands = {}
     for top, bottom in zip(edges[:-1], edges[1:], strict=True):
         band = slice(int(top), int(bottom))
         bands[f"{top}-{bottom}"] = {
-            "ensemble": float(ens_err[:, :, band].mean(dtype=np.float64)),
-            "baseline": float(base_err[:, :, band].mean(dtype=np.float64)),
+            name: float(err[:, :, band].mean(dtype=np.float64)) for name, err in errors.items()
         }
     return bands
+
+
+def _per_sample_r2(ens: np.ndarray, truths: np.ndarray) -> np.ndarray:
+    return np.array([lateral_r2(p, t) for p, t in zip(ens, truths, strict=True)])
+
+
+def structure(params: Params, truths: np.ndarray, ens: np.ndarray, oracle_err: np.ndarray) -> dict:
+    """What the MAPE hides: lateral structure (R2_lat, 0 for a laterally flat model), the
+    water-floor depth error (m) and the laterally constant oracle's MAPE."""
+    floor_err = water_floor_error(ens, truths, params.synth.water_velocity)
+    return {
+        "lateral_r2": lateral_r2(ens, truths),
+        "water_floor_error_m": float(floor_err.mean()),
+        "oracle_mape": float(_per_sample(oracle_err).mean()),
+        "per_sample": {"lateral_r2": _per_sample_r2(ens, truths), "water_floor_error_m": floor_err},
+    }
 
 
 def score(params: Params, truths, ens, runs, preds, base_keys) -> tuple[dict, dict]:
     """The stage's metrics and the per-sample table's columns (group, ensemble, baseline)."""
     ens_err = relative_error(ens, truths)  # (N, 300, 1259): per sample, group and depth band
     base_err = relative_error(np.mean([preds[k] for k in base_keys], axis=0), truths)
+    oracle_err = relative_error(laterally_constant_oracle(truths), truths)
     ens_scores, base_scores = _per_sample(ens_err), _per_sample(base_err)
+    struct = structure(params, truths, ens, oracle_err)
     run_test, run_val = _run_scores(runs, preds, truths)
     best = _best_member(params, runs, run_val)
     groups = target_groups(params, truths)
@@ -202,13 +225,22 @@ def score(params: Params, truths, ens, runs, preds, base_keys) -> tuple[dict, di
         "best_single_mape": run_test[best],
         "ratio_to_baseline": float(ens_scores.mean() / base_scores.mean()),
         "per_group": _per_group(groups, ens_scores, base_scores),
-        "per_depth": _per_depth(params.evaluate.depth_bands, ens_err, base_err),
+        "per_depth": _per_depth(
+            params.evaluate.depth_bands,
+            {"ensemble": ens_err, "baseline": base_err, "oracle": oracle_err},
+        ),
+        "focus_band": list(params.evaluate.focus_band),
+        "focus_band_mape": float(
+            ens_err[:, :, slice(*params.evaluate.focus_band)].mean(dtype=np.float64)
+        ),
+        **{k: v for k, v in struct.items() if k != "per_sample"},
         "runs": {k: {"test_mape": run_test[k], "val_mape": run_val[k]} for k in runs},
     }
     columns = {
         "group": groups.astype(int),
         "ensemble_mape": ens_scores,
         "baseline_mape": base_scores,
+        **struct["per_sample"],
     }
     return metrics, columns
 
@@ -284,6 +316,10 @@ def _log_mlflow(params: Params, metrics: dict[str, Any], files: list[Path]) -> N
         "baseline_mape": metrics["baseline_mape"],
         "best_single_mape": metrics["best_single_mape"],
         "ratio_to_baseline": metrics["ratio_to_baseline"],
+        "lateral_r2": metrics["lateral_r2"],
+        "water_floor_error_m": metrics["water_floor_error_m"],
+        "oracle_mape": metrics["oracle_mape"],
+        "focus_band_mape": metrics["focus_band_mape"],
     }
     flat.update({f"group{g}_mape": v["ensemble"] for g, v in metrics["per_group"].items()})
     flat.update({f"depth_{band}_mape": v["ensemble"] for band, v in metrics["per_depth"].items()})
@@ -317,6 +353,13 @@ def format_report(metrics: dict[str, Any], submission: str | None = None) -> str
     ]
     lines += [f"  {name:<{width}}  {v:.5f}" for name, v in rows]
     lines.append(f"  ensemble / baseline = {metrics['ratio_to_baseline']:.3f}")
+    if "lateral_r2" in metrics:  # evaluations before these figures existed lack them
+        band = "-".join(map(str, metrics["focus_band"]))
+        lines.append(
+            f"  {band} m MAPE {metrics['focus_band_mape']:.4f}; laterally constant oracle "
+            f"{metrics['oracle_mape']:.5f}; lateral structure R2_lat {metrics['lateral_r2']:.3f}; "
+            f"water-floor depth error {metrics['water_floor_error_m']:.1f} m"
+        )
     if submission:
         lines.append(f"submission: {submission}")
     reg = metrics.get("registered")
