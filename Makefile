@@ -13,8 +13,9 @@ OPTUNA_DB := sqlite:///$(CURDIR)/mlruns/optuna.db
 UI_PORT ?= 5000
 DASHBOARD_PORT ?= 8080
 PROFILE ?= default
+GPUS ?= 0
 
-.PHONY: setup data demo repro train tune predict evaluate report ui dashboard profile lint format test test-fast bench clean-venv
+.PHONY: setup data demo repro train train-parallel weights tune predict evaluate report ui dashboard profile lint format test test-fast bench bench-gpu clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -43,6 +44,15 @@ repro: setup
 train: setup
 	$(DVC) repro train
 	$(DVC) metrics show models/*/fold_*/metrics.json
+
+# The pending training stages at once, one GPU each: make train-parallel GPUS="0 1 2 3"
+# (each through `dvc repro`, with CUDA_VISIBLE_DEVICES set; logs in logs/train-parallel/)
+train-parallel: setup
+	$(SS) train-parallel --gpus $(GPUS)
+
+# The pretrained backbone weights, once, online (weights/*.safetensors, tracked by DVC)
+weights: setup
+	$(SS) fetch-weights
 
 tune: setup
 	$(DVC) repro tune
@@ -94,6 +104,12 @@ bench: setup
 	$(SS) bench data --json bench/data.json
 	$(SS) bench store --json bench/store.json
 	$(SS) bench model --json bench/model.json
+	$(SS) bench parallel --json bench/parallel.json
+
+# The competition variants' training path checked and timed on this machine's GPU
+bench-gpu: setup
+	@mkdir -p bench
+	$(SS) bench gpu --json bench/gpu.json
 
 clean-venv:
 	rm -rf $(VENV)

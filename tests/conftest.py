@@ -6,7 +6,10 @@ fixtures build data in the challenge's layout with random arrays (no simulation)
 * ``write_zips(folder, counts=..., seed=...)``: the four challenge zips, ids prefixed by split;
 * ``tiny_zips``: those zips once per session (3 + 2 + 2 training samples, 2 test samples);
 * ``tiny_variant(**overrides)``: a two-block EVA02-tiny variant mapping (28 px, 2 x 2 tokens);
-* ``tiny_params(root, **sections)``: a :class:`~speedstructure.config.Params` rooted at ``root``.
+* ``tiny_params(root, **sections)``: a :class:`~speedstructure.config.Params` rooted at ``root``;
+* ``isolated_mlflow``: MLflow's process-wide tracking URI, registry URI and active experiment
+  restored after the test, and no run left active;
+* ``trend_checkpoint(path, velocity)``: a depth-trend member checkpoint predicting ``velocity``.
 """
 
 from __future__ import annotations
@@ -117,3 +120,33 @@ def tiny_params() -> Callable[..., Any]:
         return parse_params(raw, root=Path(root))
 
     return make
+
+
+@pytest.fixture
+def isolated_mlflow(monkeypatch):
+    """Restore MLflow's process-wide state after a test that points it at its own store."""
+    import mlflow
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+    import mlflow.tracking.fluent as fluent
+
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+    yield
+    while mlflow.active_run() is not None:  # never leak a run into the next test
+        mlflow.end_run()
+
+
+def trend_checkpoint(path: Path, velocity: float) -> Path:
+    """A ``best.pt`` of the depth-trend baseline that predicts ``velocity`` everywhere."""
+    import torch
+
+    from speedstructure.model import build_model
+
+    m = build_model({"arch": "depth_trend"})
+    m.fit([np.full(VSHAPE, velocity, np.float32)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": m.state_dict(), "variant": {"arch": "depth_trend"}}, path)
+    return path

@@ -83,6 +83,69 @@ def test_competition_variants_train_with_their_own_recipe():
     assert params.train_for("tiny_dual42") == params.train  # no overrides
 
 
+# The seed's training recipe (MuonWithAuxAdam, EMA, cosine-then-constant schedule, batch 1,
+# bf16): every training key of every competition variant, pinned.  A key added to
+# TrainConfig must be placed in one of the two groups below.
+SEED_RECIPE = {
+    "lr": 1e-4,
+    "muon_lr": None,  # Muon and Adam share lr 1e-4
+    "muon_adjust_lr": "original",  # Keller Jordan's scaling: max(1, rows / cols) ** 0.5
+    "weight_decay": 0.01,
+    "momentum": 0.95,
+    "nesterov": True,
+    "betas": (0.9, 0.95),
+    "eps": 1e-10,  # MuonWithAuxAdam's Adam default
+    "clip": 3.0,
+    "amp": "bf16",
+    "ema_decay": 0.99,
+    "T_0": 100,
+    "min_lr": 5e-5,
+    "cosine_epochs": 25,
+    "const_factor": 0.02,
+    "epochs": 30,
+    "batch_size": 1,
+    "accum_steps": 1,  # the seed declared 2 and never applied it
+    "patience": 5,
+    "flip_prob": 0.5,
+}
+NOT_RECIPE = {  # how and where it runs, not what it learns
+    "val_batch_size": 16,
+    "num_workers": 4,
+    "seed": 42,
+    "tta_val": False,
+    "device": "auto",
+    "progress": True,
+    "ddp_find_unused": False,
+    "grad_checkpointing": False,
+    "threads": None,
+}
+COMPETITION = ("comp_s10_dual42", "comp_s10_dual22", "comp_s9_dual44", "comp_s10_single4")
+
+
+@pytest.mark.parametrize("name", COMPETITION)
+def test_competition_variants_pin_every_training_key_to_the_seed_recipe(name):
+    params = load_params(ROOT / "params.yaml")
+    assert sorted(k for k, v in params.variants.items() if v.profile == "competition") == sorted(
+        COMPETITION
+    )
+    t = as_plain(params.train_for(name))
+    assert set(SEED_RECIPE) | set(NOT_RECIPE) == set(t), "place new train keys in a group"
+    assert {k: t[k] for k in SEED_RECIPE} == as_plain(SEED_RECIPE)
+    assert {k: t[k] for k in NOT_RECIPE} == NOT_RECIPE
+    # the optimizer really gets Keller's scaling
+    import torch
+
+    from speedstructure.engine.optim import build_optimizer
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+    opt = build_optimizer(net, params.train_for(name), muon_names={"0.weight"})
+    assert opt.muon.param_groups[0]["adjust_lr_fn"] == "original"
+    assert opt.adamw.param_groups[0]["eps"] == 1e-10
+    # pretrained weights come from the local, DVC-tracked file (no hub at training time)
+    v = params.variant(name)
+    assert v.pretrained == f"{params.paths.weights}/{v.backbone}.safetensors"
+
+
 def test_paths_resolve_against_the_root(tmp_path):
     params = parse_params(_raw(), root=tmp_path)
     assert params.path("folds_table") == tmp_path / "folds/folds.csv"

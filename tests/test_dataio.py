@@ -91,3 +91,65 @@ def test_missing_gather(tmp_path):
         zf.writestr(f"{SID}/receiver_data_src_1.npy", npy_bytes(np.zeros((10001, 31), np.float32)))
     with pytest.raises(DataError, match="lacks receiver_data_src_75.npy"):
         ZipSamples(p)
+
+
+# --------------------------------------------------------------------------- hostile member paths
+
+OTHER = "ZYXWVUTSRQPONMLKJI"
+
+
+def _names_zip(path, names, symlink=None):
+    """A zip whose members are ``names`` (content irrelevant: the layout is checked on
+    opening); ``symlink`` is added as a symbolic-link member."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for n in names:
+            zf.writestr(n, b"x")
+        if symlink is not None:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (0o120777 << 16) | 0x20  # S_IFLNK: what `zip -y` stores
+            zf.writestr(info, "../../etc/passwd")
+    return path
+
+
+def _sample_members(prefix=""):
+    return [f"{prefix}{SID}/{g}" for g in GATHER_NAMES]
+
+
+@pytest.mark.parametrize(
+    ("hostile", "why"),
+    [
+        (f"../../outside/{SID}/receiver_data_src_1.npy", "'..' part"),
+        (f"{SID}/../{SID}/receiver_data_src_1.npy", "'..' part"),
+        (f"/abs/{SID}/receiver_data_src_1.npy", "absolute"),
+        (f"C:/abs/{SID}/receiver_data_src_1.npy", "absolute"),
+        (f"top\\{SID}\\receiver_data_src_1.npy", "absolute or non-portable"),
+        (f"a/b/{SID}/receiver_data_src_1.npy", "nested too deep"),
+        (f"{SID}//receiver_data_src_1.npy", "empty"),
+        (f"other/{OTHER}/receiver_data_src_1.npy", "more than one top folder"),
+        (f"{SID}/receiver\ndata.npy", "control characters"),
+    ],
+)
+def test_hostile_member_paths_are_refused_naming_archive_and_member(tmp_path, hostile, why):
+    p = _names_zip(tmp_path / "h.zip", [*_sample_members(), hostile])
+    with pytest.raises(DataError) as ei:
+        ZipSamples(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"{p}: member ") and why in msg and "\n" not in msg, msg
+    assert repr(hostile)[1:-1] in msg or hostile in msg, msg
+
+
+def test_symlink_member_is_refused(tmp_path):
+    p = _names_zip(tmp_path / "s.zip", _sample_members(), symlink=f"{SID}/vp_model.npy")
+    with pytest.raises(DataError, match=rf"s.zip: member '{SID}/vp_model.npy': symbolic link"):
+        ZipSamples(p)
+
+
+def test_one_top_folder_and_macos_litter_are_accepted(tmp_path):
+    names = [*_sample_members("train/"), f"__MACOSX/train/{SID}/._receiver_data_src_1.npy"]
+    names.append("train/.DS_Store")
+    with ZipSamples(_names_zip(tmp_path / "ok.zip", names)) as z:
+        assert z.sample_ids == [SID] and not z.has_targets
+    # without a top folder, but a second folder beside it is a second top folder
+    mixed = [*_sample_members(), *[f"top/{OTHER}/{g}" for g in GATHER_NAMES]]
+    with pytest.raises(DataError, match="more than one top folder"):
+        ZipSamples(_names_zip(tmp_path / "mixed.zip", mixed))

@@ -2,8 +2,8 @@
 of depth-trend runs (the whole pipeline runs in test_pipeline)."""
 
 import json
+import logging
 
-import joblib
 import numpy as np
 import pytest
 import torch
@@ -12,13 +12,13 @@ from sklearn.cluster import KMeans
 from speedstructure.config import ConfigError
 from speedstructure.dataio import list_sample_ids
 from speedstructure.engine.checkpoint import best_checkpoint, save_checkpoint
-from speedstructure.errors import UserError
+from speedstructure.errors import DataError, UserError
 from speedstructure.fsutil import atomic_write_json
 from speedstructure.metrics import per_sample_mape, relative_error
 from speedstructure.model import build_model
 from speedstructure.stages import evaluate as E
 from speedstructure.stages.evaluate import format_report
-from speedstructure.stages.folds import velocity_features
+from speedstructure.stages.folds import KMeansCentres, velocity_features
 
 
 def test_relative_error_is_the_challenge_metric():
@@ -66,42 +66,56 @@ def _trend_run(params, variant: str, fold: int, velocity: float, val_mape: float
     atomic_write_json(out / "metrics.json", {"best_val_mape": val_mape})
 
 
-def test_run_evaluate_on_a_tiny_project(tmp_path, tiny_zips, tiny_params):
-    trend = {"arch": "depth_trend"}
-    runs = {
-        "a-f0": {"variant": "tiny_a", "fold": 0},
-        "b-f0": {"variant": "tiny_b", "fold": 0},
-        "base-f0": {"variant": "base", "fold": 0},
-        "base-f1": {"variant": "base", "fold": 1},
-    }
-    sections = {
-        "variants": {"tiny_a": trend, "tiny_b": trend, "base": trend},
-        "runs": runs,
-        "ensemble": {"variants": ["tiny_a", "tiny_b"], "hand_weights": {}},
-        "evaluate": {"baseline": "base", "batch_size": 1, "depth_bands": [0, 100, 1259]},
-    }
-    params = tiny_params(tmp_path, **sections)
+TREND = {"arch": "depth_trend"}
+RUNS = {
+    "a-f0": {"variant": "tiny_a", "fold": 0},
+    "b-f0": {"variant": "tiny_b", "fold": 0},
+    "base-f0": {"variant": "base", "fold": 0},
+    "base-f1": {"variant": "base", "fold": 1},
+}
+SECTIONS = {
+    "variants": {"tiny_a": TREND, "tiny_b": TREND, "base": TREND},
+    "runs": RUNS,
+    "ensemble": {"variants": ["tiny_a", "tiny_b"], "hand_weights": {}},
+    "evaluate": {"baseline": "base", "batch_size": 1, "depth_bands": [0, 100, 1259]},
+}
+
+
+def _tiny_project(tmp_path, tiny_zips, tiny_params):
+    """``(params, truths)``: the tiny test zip with random targets, a one-group K-Means and
+    four depth-trend runs (constant 2.2, 2.8; the baseline's 2.0 and 3.0); no submission."""
+    params = tiny_params(tmp_path, **SECTIONS)
     params.path("data").mkdir()
     params.zip_path("test").symlink_to(tiny_zips["test"])
     ids = list_sample_ids(tiny_zips["test"])
     rng = np.random.default_rng(1)
     truths = {s: rng.uniform(1.5, 4.5, (300, 1259)).astype(np.float32) for s in ids}
     np.savez(params.test_labels_path(), **truths)
-    with pytest.raises(UserError, match="submission.npz: submission .run the predict stage"):
-        E.run_evaluate(params, track=False, progress=False)
-    params.path("submission").parent.mkdir()
-    np.savez(
-        params.path("submission"), **{s: t.astype(np.float64) * 1.02 for s, t in truths.items()}
-    )
     km = KMeans(n_clusters=1, n_init=1).fit(
         np.stack([velocity_features(t) for t in truths.values()])
     )
     params.path("kmeans").parent.mkdir()
-    joblib.dump(km, params.path("kmeans"))
+    params.path("kmeans").write_bytes(KMeansCentres.from_sklearn(km).to_bytes())
     for run, (v, val) in zip(
-        runs.values(), [(2.2, 0.05), (2.8, 0.04), (2.0, 0.2), (3.0, 0.2)], strict=True
+        RUNS.values(), [(2.2, 0.05), (2.8, 0.04), (2.0, 0.2), (3.0, 0.2)], strict=True
     ):
         _trend_run(params, run["variant"], run["fold"], v, val)
+    return params, truths
+
+
+def _write_submission(params, truths, factor: float = 1.02) -> None:
+    params.path("submission").parent.mkdir(exist_ok=True)
+    np.savez(
+        params.path("submission"), **{s: t.astype(np.float64) * factor for s, t in truths.items()}
+    )
+
+
+def test_run_evaluate_on_a_tiny_project(tmp_path, tiny_zips, tiny_params):
+    params, truths = _tiny_project(tmp_path, tiny_zips, tiny_params)
+    ids, runs, sections = list(truths), RUNS, SECTIONS
+    with pytest.raises(UserError, match="submission.npz: submission .run the predict stage"):
+        E.run_evaluate(params, track=False, progress=False)
+    _write_submission(params, truths)
 
     m = E.run_evaluate(params, track=False, progress=False)
     g = np.stack([truths[s] for s in ids])
@@ -141,6 +155,98 @@ def test_run_evaluate_on_a_tiny_project(tmp_path, tiny_zips, tiny_params):
         E.run_evaluate(bad, track=False, progress=False)
 
 
+# --------------------------------------------------------------------------- out of distribution
+
+
+def _write_ood_set(params, n: int = 3) -> dict[str, np.ndarray]:
+    """The OOD zip (random gathers, ids unlike the test zip's) and its targets: dipping
+    models drawn with the shipped OOD priors."""
+    from speedstructure.config import SynthConfig
+    from speedstructure.dataio import ZipWriter
+    from speedstructure.synth.dataset import ood_config
+    from speedstructure.synth.velocity import generate_velocity
+
+    rng = np.random.default_rng(7)
+    cfg = ood_config(SynthConfig())
+    truths = {f"OD{i:016d}": generate_velocity(rng, "dipping", cfg) for i in range(n)}
+    zip_path, labels_path = params.ood_paths()
+    with ZipWriter(zip_path) as zw:
+        for sid in truths:
+            zw.add(sid, rng.normal(0.0, 1e-3, (5, 10001, 31)).astype(np.float32), None)
+    np.savez(labels_path, **truths)
+    return truths
+
+
+def _write_ensemble(params, weights: dict[str, float]) -> None:
+    """An ensemble file (what the tune stage writes) of the fold-0 runs of ``weights``."""
+    members = [
+        {"variant": v, "checkpoint": str(params.run_dir(v, 0) / "best.pt"), "weight": w}
+        for v, w in weights.items()
+    ]
+    atomic_write_json(
+        params.path("ensemble"), {"format": 1, "folds": [{"fold": 0, "members": members}]}
+    )
+
+
+def test_evaluate_scores_the_ood_set_beside_the_test_set(tmp_path, tiny_zips, tiny_params, caplog):
+    from speedstructure.metrics import water_floor_depth
+
+    params, truths = _tiny_project(tmp_path, tiny_zips, tiny_params)
+    _write_submission(params, truths)
+    # no OOD files (real data): skipped with a note, never an error
+    with caplog.at_level(logging.INFO, logger="speedstructure.stages.evaluate"):
+        m = E.run_evaluate(params, track=False, progress=False)
+    assert "ood" not in m and "no out-of-distribution test set" in caplog.text
+    assert "Out-of-distribution" not in format_report(m)
+    assert not any(k.startswith("ood_") for k in E.flat_metrics(m))
+    _write_ood_set(params)
+    params.ood_paths()[1].unlink()  # the zip without its targets: skipped too
+    assert "ood" not in E.run_evaluate(params, track=False, progress=False)
+    ood = _write_ood_set(params)
+    with pytest.raises(UserError, match="no registered model .* out-of-distribution test set"):
+        E.run_evaluate(params, track=False, progress=False)
+    _write_ensemble(params, {"tiny_a": 0.25, "tiny_b": 0.75})  # 2.65 km/s everywhere
+
+    m = E.run_evaluate(params, track=False, progress=False)
+    o = m["ood"]
+    g = np.stack([ood[s] for s in sorted(ood)])
+    ref = lambda p: float(np.mean(np.abs(g - p) / (g + 1e-8)))  # noqa: E731
+    assert o["n_test"] == 3 and o["zip"] == "test_ood.zip"
+    assert o["ensemble_mape"] == pytest.approx(ref(0.25 * 2.2 + 0.75 * 2.8), rel=1e-5)
+    assert o["baseline_mape"] == pytest.approx(ref(2.5), rel=1e-5)  # fitted on the training set
+    assert o["ratio_to_baseline"] == pytest.approx(o["ensemble_mape"] / o["baseline_mape"])
+    assert o["best_single"]["run"] == "b-f0"  # picked on validation, scored on the OOD set
+    assert o["best_single_mape"] == pytest.approx(ref(2.8), rel=1e-5)
+    assert o["runs"]["a-f0"]["test_mape"] == pytest.approx(ref(2.2), rel=1e-5)
+    assert list(o["per_depth"]) == ["0-100", "100-1259"]
+    oracle = np.broadcast_to(g.mean(axis=1, keepdims=True), g.shape)
+    assert o["per_depth"]["100-1259"]["oracle"] == pytest.approx(
+        float(np.mean(np.abs(g - oracle)[:, :, 100:] / g[:, :, 100:])), rel=1e-5
+    )
+    assert o["oracle_mape"] == pytest.approx(ref(oracle), rel=1e-5)
+    assert o["lateral_r2"] == pytest.approx(0.0, abs=1e-9)  # a laterally flat prediction
+    # 2.65 km/s from the surface down: the floor error is each truth's mean floor depth
+    assert o["water_floor_error_m"] == pytest.approx(float(water_floor_depth(g).mean()))
+    assert m["ensemble_mape"] == pytest.approx(0.02, rel=1e-4)  # the test set's, unchanged
+    assert json.loads(params.path("evaluate_metrics").read_text())["ood"] == json.loads(
+        json.dumps(o)
+    )
+    flat = E.flat_metrics(m)
+    assert flat["ood_test_mape"] == o["ensemble_mape"] and flat["test_mape"] == m["ensemble_mape"]
+    assert {"ood_baseline_mape", "ood_lateral_r2", "ood_water_floor_error_m"} <= set(flat)
+    assert flat["ood_depth_0-100_mape"] == o["per_depth"]["0-100"]["ensemble"]
+    text = format_report(m)
+    test_block, ood_block = text.split("Out-of-distribution test MAPE on 3 samples (test_ood.zip)")
+    assert f"ensemble / baseline = {m['ratio_to_baseline']:.3f}" in test_block
+    assert f"{o['baseline_mape']:.5f}" in ood_block and f"{o['ensemble_mape']:.5f}" in ood_block
+    assert f"ensemble / baseline = {o['ratio_to_baseline']:.3f}" in ood_block
+    assert f"water-floor depth error {o['water_floor_error_m']:.1f} m" in ood_block
+    # targets without gathers: a one-line data error naming the zip
+    np.savez(params.ood_paths()[1], **ood, ODextra0000000000=g[0])
+    with pytest.raises(DataError, match="test_ood.zip: no gathers for 1 target"):
+        E.run_evaluate(params, track=False, progress=False)
+
+
 # --------------------------------------------------------------------------- structure metrics
 
 
@@ -177,3 +283,36 @@ def test_water_floor_error_is_the_floor_shift_in_metres():
     smooth[:, 250:260] = np.linspace(1.5, 2.0, 10)  # a blurred floor: first cell over 1.55
     assert water_floor_error(smooth, truth) == pytest.approx(1.0)
     assert (water_floor_depth(np.full((300, 1259), 1.5)) == 1259).all()  # no floor at all
+
+
+def test_evaluate_without_test_labels_records_it_and_keeps_the_submission(
+    tmp_path, tiny_params, capsys, monkeypatch
+):
+    """The challenge ships no test targets: the stage says so, writes its outputs, exits 0."""
+    import argparse
+    from pathlib import Path
+
+    params = tiny_params(tmp_path)
+    sub = params.path("submission")
+    sub.parent.mkdir(parents=True)
+    preds = {f"TE{i:016d}": np.full((300, 1259), 2.0 + i, np.float64) for i in range(3)}
+    np.savez(sub, **preds)
+    before = sub.read_bytes()
+    assert not params.test_labels_path().exists()
+    m = E.run_evaluate(params, track=False, progress=False)
+    assert m["labels"] == E.NO_LABELS and m["n_test"] == 3
+    assert "test_labels.npz not found" in m["note"] and m["mean_velocity"] == pytest.approx(3.0)
+    assert json.loads(params.path("evaluate_metrics").read_text()) == m
+    table = params.path("evaluate_per_sample").read_text().splitlines()
+    assert table[0] == "sample_id,ensemble_mape,mean_velocity" and len(table) == 4
+    assert params.path("evaluate_figure").stat().st_size > 0
+    assert sub.read_bytes() == before  # the submission is left as it is
+    text = format_report(m, str(sub))
+    assert text.startswith("No test labels: 3 test predictions, not scored") and str(sub) in text
+    # the command: exit code 0, and `report` prints the same
+    monkeypatch.setenv("SPEEDSTRUCTURE_ROOT", str(tmp_path))
+    (tmp_path / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+    args = argparse.Namespace(mlflow=False, quiet=True)
+    assert E._cmd_evaluate(args) == 0
+    assert E._cmd_report(args) == 0
+    assert "No test labels" in capsys.readouterr().out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,8 +12,14 @@ import yaml
 
 from speedstructure.config import FoldsConfig, Params, parse_params
 from speedstructure.dataio import StoreSamples, ZipWriter
-from speedstructure.errors import UserError
-from speedstructure.stages.folds import _folds_of, assign_folds, run_folds, velocity_features
+from speedstructure.errors import DataError, UserError
+from speedstructure.stages.folds import (
+    KMeansCentres,
+    _folds_of,
+    assign_folds,
+    run_folds,
+    velocity_features,
+)
 from speedstructure.stages.ingest import build_store
 
 VSHAPE = (300, 1259)
@@ -180,14 +185,14 @@ def test_kmeans_groups_recover_the_families(store, stage):
     assert len({f for f, _ in pairs}) == 3 and len({g for _, g in pairs}) == 3
     assert sorted(table["group"].value_counts().tolist()) == [12, 12, 12]
 
-    km = joblib.load(root / "folds" / "kmeans.joblib")
+    km = KMeansCentres.load(root / "folds" / "kmeans.npz")
     assert km.n_clusters == 3
     # fitted on the original training set only: each centre is the mean of its training members
     st = StoreSamples(store[0])
     train = table[table["split"] == "train"]
     for g, d in train.groupby("group"):
         centre = np.mean([velocity_features(st.read_target(s)) for s in d["sample_id"]], axis=0)
-        np.testing.assert_allclose(km.cluster_centers_[g], centre, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(km.centres[g], centre, rtol=1e-4, atol=1e-4)
     group_of = dict(pairs)
     rng = np.random.default_rng(99)
     fresh = np.stack([velocity_features(_model(rng, v)) for v in FAMILIES])
@@ -228,3 +233,55 @@ def test_too_many_groups_is_an_error(store, tmp_path):
     with pytest.raises(UserError, match="k_groups = 31"):
         run_folds(params, track=False, progress=False)
     assert not (tmp_path / "folds" / "folds.csv").exists()
+
+
+# --------------------------------------------------------------------------- the K-Means file
+
+
+def test_kmeans_file_predicts_as_sklearn_and_is_byte_stable(store, stage, tmp_path):
+    from sklearn.cluster import KMeans
+
+    root, _ = stage
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(c, 1.0, (40, 16)) for c in (-4.0, 0.0, 5.0, 9.0)])
+    km = KMeans(n_clusters=4, n_init=3, random_state=0).fit(x.astype(np.float32))
+    mine = KMeansCentres.from_sklearn(km)
+    probe = rng.normal(2.0, 6.0, (500, 16)).astype(np.float32)  # many near-boundary points
+    assert (mine.predict(probe) == km.predict(probe)).all()
+    path = tmp_path / "k.npz"
+    path.write_bytes(mine.to_bytes())
+    back = KMeansCentres.load(path)
+    assert (back.predict(probe) == km.predict(probe)).all() and back.inertia == km.inertia_
+    assert mine.to_bytes() == KMeansCentres.from_sklearn(km).to_bytes()  # no timestamps
+    # the folds stage's own file: its groups are what scikit-learn predicted
+    table = pd.read_csv(root / "folds" / "folds.csv", dtype={"sample_id": str})
+    st = StoreSamples(store[0])
+    feats = np.stack([velocity_features(st.read_target(s)) for s in table["sample_id"]])
+    stage_km = KMeansCentres.load(root / "folds" / "kmeans.npz")
+    assert stage_km.predict(feats).tolist() == table["group"].tolist()
+
+
+def test_kmeans_file_is_never_unpickled(tmp_path):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    cases = {
+        "pickle.npz": lambda p: np.savez(p, format=np.int64(1), centres=np.array([Boom()])),
+        "plain_pickle.npz": lambda p: p.write_bytes(pickle.dumps(Boom())),
+        "wrong.npz": lambda p: np.savez(p, something=np.zeros(3)),
+        "text.npz": lambda p: p.write_text("centres"),
+    }
+    for name, make in cases.items():
+        path = tmp_path / name
+        make(path)
+        with pytest.raises(DataError) as ei:
+            KMeansCentres.load(path)
+        msg = str(ei.value)
+        assert msg.startswith(f"{path}: not a K-Means file") and "\n" not in msg, msg
+        assert "dvc repro folds" in msg
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(DataError, match="K-Means file not found"):
+        KMeansCentres.load(tmp_path / "missing.npz")

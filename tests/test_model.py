@@ -31,6 +31,8 @@ from speedstructure.model import (
     model_summary,
     muon_param_names,
     preprocess_gathers,
+    signlog,
+    time_receiver_gathers,
 )
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -100,6 +102,61 @@ def test_preprocess_layout():
     out = preprocess_gathers(x, img_size=28)
     assert out.shape == (b * 5, 1, 28, 28)
     torch.testing.assert_close(out[3, 0, :, 0], torch.full((28,), 3000.0), atol=1e-2, rtol=0)
+
+
+def test_time_receiver_layout_keeps_time_down_and_receivers_across():
+    t, r = 10001, 31
+    time = torch.arange(t, dtype=torch.float32).view(1, 1, t, 1)
+    rec = torch.arange(r, dtype=torch.float32).view(1, 1, 1, r)
+    src = torch.arange(5, dtype=torch.float32).view(1, 5, 1, 1)
+    x = (1e-3 * (1000 * src + rec) + 0 * time).expand(2, 5, t, r).contiguous()
+    img = time_receiver_gathers(x, (64, 31))
+    assert img.shape == (10, 1, 64, 31)
+    torch.testing.assert_close(img[7, 0, 10], 2000 + torch.arange(31.0))  # sample 1, source 2
+    img_t = time_receiver_gathers((time + 0 * rec).expand(1, 5, t, r).contiguous(), (100, 16), 1.0)
+    assert (img_t[0, 0, :, 0] - (100 * torch.arange(100.0) + 49.5)).abs().max() <= 1.0  # area
+    torch.testing.assert_close(img_t[0, 0, 5], img_t[0, 0, 5, :1].expand(16))  # same at each x
+    # mirrored receivers are mirrored columns: the consistent flip stays a mirror image
+    flipped = time_receiver_gathers(flip_inputs(x, "consistent"), (64, 31))
+    torch.testing.assert_close(flipped.view(2, 5, 64, 31), img.view(2, 5, 64, 31).flip(1, 3))
+
+
+def test_signlog_compresses_amplitudes_and_keeps_the_sign():
+    a = torch.tensor([-1000.0, -1.0, 0.0, 1.0, 1000.0])
+    torch.testing.assert_close(signlog(a), torch.sign(a) * torch.log1p(a.abs()))
+    x = gathers(1)
+    plain = preprocess_gathers(x, (32, 16), layout="time_receiver")
+    torch.testing.assert_close(
+        preprocess_gathers(x, (32, 16), layout="time_receiver", amplitude="signlog"),
+        signlog(plain),
+    )
+
+
+def test_grid_head_puts_each_token_at_its_place_in_the_section(tiny_cfg):
+    v = tiny_cfg(
+        img_size=64,
+        img_width=32,
+        layout="time_receiver",
+        head="grid",
+        backbone_kwargs={"patch_size": [16, 8]},
+        prior="none",
+    )
+    model = build_model(v).eval()
+    assert model.grid == (4, 4) and model.patch == (315, 75)
+    # only feature 0 of token (row 3, column 0) is on: it lights the deep, left part alone
+    tokens = torch.zeros(1, 16, model.head.in_features)
+    tokens[0, 3 * 4 + 0, 0] = 1.0
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.weight[:, 0] = 1.0
+        out = model._grid_head(tokens)
+    assert out.shape == (1, 300, 1259)
+    out = out[0]
+    assert out[:60, 1000:].min() > 0.9 and out[100:, :].abs().max() < 1e-6
+    assert out[:, :900].abs().max() < 1e-6
+    y = build_model(v)(gathers(2))
+    assert y.shape == (2, 300, 1259) and y.min() >= 1.5 and y.max() <= 4.5
 
 
 def test_blocks_match_timm_forward_features(tiny_cfg):
@@ -181,7 +238,7 @@ def test_tta_general_input_and_modes(tiny_cfg):
 
 def test_competition_variant_on_meta_device():
     cfg = load_params(PARAMS).variant("comp_s10_dual42")
-    assert cfg.pretrained == "timm" and cfg.train
+    assert cfg.pretrained.startswith("weights/") and cfg.train  # the fetched local file
     model = build_model(cfg, meta=True)  # no download, no allocation
     assert isinstance(model, EvaFusionNet)
     assert all(p.device.type == "meta" for p in model.parameters())
@@ -274,8 +331,68 @@ def test_local_pretrained_file_is_loaded(tmp_path, ext, tiny_cfg):
 
 def test_missing_pretrained_file_is_a_user_error(tmp_path, tiny_cfg):
     missing = tmp_path / "nope.safetensors"
-    with pytest.raises(UserError, match="nope.safetensors"):
+    with pytest.raises(UserError, match=r"nope.safetensors.*fetch-weights"):
         build_model(tiny_cfg(pretrained=str(missing)))
+
+
+def test_weights_of_another_image_size_and_channels_load(tmp_path, tiny_cfg):
+    """As the seed's 448-px RGB weights go into the 560-px one-channel model: the position
+    embedding is resampled to the token grid, the patch embedding summed over RGB."""
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, img_size=56)
+    sd = {k: v.detach().contiguous() for k, v in src.state_dict().items()}
+    path = tmp_path / "w56.safetensors"
+    save_file(sd, str(path))
+    model = build_model(tiny_cfg(pretrained=str(path), img_size=84))  # 4x4 -> 6x6 tokens
+    bb = model.backbone.state_dict()
+    assert sd["pos_embed"].shape[1] == 1 + 16 and bb["pos_embed"].shape[1] == 1 + 36
+    torch.testing.assert_close(bb["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.weight"])
+    assert bb["patch_embed.proj.weight"].shape[1] == 1
+    out = model(gathers(1))
+    assert out.shape == (1, 300, 1259) and torch.isfinite(out).all()
+
+
+def test_hub_failure_is_a_one_line_error_saying_what_to_do(monkeypatch, tiny_cfg):
+    import timm
+
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("We have no connection\nand the file is not in the cache")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(UserError) as err:
+        build_model(tiny_cfg(pretrained="timm"))
+    msg = str(err.value)
+    assert "\n" not in msg and "fetch-weights" in msg and "no connection" in msg
+    assert isinstance(build_model(tiny_cfg()), EvaFusionNet)  # no weights: no hub
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_head_and_loss_run_in_float32_under_autocast(tiny_cfg):
+    from speedstructure.metrics import mape
+
+    model = build_model(tiny_cfg())
+    seen = {}
+    model.head.register_forward_hook(lambda m, i, o: seen.update(inp=i[0].dtype, out=o.dtype))
+    x, y = gathers(2), torch.full((2, 300, 1259), 2.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = model(x)
+        loss = mape(pred, y)
+        assert model.backbone.blocks[0].mlp.fc1(torch.randn(1, 192)).dtype == torch.bfloat16
+    assert seen == {"inp": torch.float32, "out": torch.float32}
+    assert pred.dtype == torch.float32 and loss.dtype == torch.float32
+    # the velocities are not quantised to bf16's spacing (0.0156 km/s between 2 and 4)
+    steps = torch.diff(torch.unique(pred))
+    assert steps.min() < 1e-3
+    inv = build_model({"arch": "inversionnet", "width": 2})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert inv(x).dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -75,7 +75,7 @@ def test_switch_to_competition(params_copy):
         "# Optuna TPE trials per study (3 studies per fold: two halves + the whole fold)",
         "# ---------------------------------------------------------------- training runs",
         "#   competition: the seed's 1st-place setup: EVA02-Large at 560 px "
-        "(weights from the hub, GPU),",
+        "(fetched weights, GPU),",
     ):
         assert c in text, c
     # the profile definitions are written out in full, not as YAML anchors/aliases,

@@ -6,25 +6,16 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
+from conftest import trend_checkpoint
 from speedstructure.errors import UserError
-from speedstructure.model import build_model
 from speedstructure.stages import register as R
-
-
-def _trend_checkpoint(path, velocity: float):
-    m = build_model({"arch": "depth_trend"})
-    m.fit([np.full((300, 1259), velocity, np.float32)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": m.state_dict(), "variant": {"arch": "depth_trend"}}, path)
-    return path
 
 
 @pytest.fixture
 def project(tmp_path, tiny_params):
-    _trend_checkpoint(tmp_path / "models/a/fold_0/best.pt", 2.0)
-    _trend_checkpoint(tmp_path / "models/b/fold_0/best.pt", 4.0)
+    trend_checkpoint(tmp_path / "models/a/fold_0/best.pt", 2.0)
+    trend_checkpoint(tmp_path / "models/b/fold_0/best.pt", 4.0)
     mlflow_cfg = {
         "tracking_uri": f"sqlite:///{tmp_path / 'mlruns/mlflow.db'}",
         "artifact_root": str(tmp_path / "mlruns/artifacts"),
@@ -101,3 +92,78 @@ def test_missing_checkpoint_and_cv_are_named(project):
     bad.write_text(json.dumps(spec))
     with pytest.raises(UserError, match="cv_mape"):
         R.register_ensemble(bad, params)
+
+
+def _md5_copies(folder, md5: str) -> list:
+    from speedstructure.fsutil import file_md5
+
+    return [p for p in folder.rglob("*") if p.is_file() and file_md5(p) == md5]
+
+
+def test_each_checkpoint_is_stored_once_under_mlruns(
+    project, tiny_zips, tiny_variant, tiny_params, monkeypatch
+):
+    """Training stages log a reference to their checkpoint, `register` copies each member
+    once into the registered model, and loading the model copies nothing more."""
+    import tempfile
+
+    from speedstructure.config import as_plain
+    from speedstructure.fsutil import file_md5
+    from speedstructure.stages import train as T
+    from speedstructure.stages.predict import load_predictor
+
+    root, base = project
+    table = root / "folds.csv"
+    rows = ["sample_id,zip,fold", f"TR{0:016d},{tiny_zips['train']},0"]
+    rows += [f"TR{i:016d},{tiny_zips['train']},1" for i in (1, 2)]
+    rows += [
+        f"{p}{i:016d},{tiny_zips[s]},-1"
+        for p, s in (("EA", "train_extended_1"), ("EB", "train_extended_2"))
+        for i in (0, 1)
+    ]
+    table.write_text("\n".join(rows) + "\n")
+    tiny = tiny_variant(backbone_kwargs={"embed_dim": 32, "num_heads": 2}, fusion="mean")
+    raw_train = {
+        "epochs": 1,
+        "batch_size": 3,
+        "val_batch_size": 2,
+        "progress": False,
+        "device": "cpu",
+    }
+    params = tiny_params(
+        root,
+        mlflow=as_plain(base.mlflow),
+        variants={"tiny": tiny, "trend": {"arch": "depth_trend"}},
+        runs={},
+        ensemble={"variants": ["tiny", "trend"]},
+        train={**as_plain(base.train), **raw_train},
+    )
+    results = {v: T.run_training_stage(params, v, 0, folds_table=table) for v in ("tiny", "trend")}
+    md5 = {v: file_md5(r.best_path) for v, r in results.items()}
+    assert all(not _md5_copies(root / "mlruns", m) for m in md5.values())  # references only
+    spec = {
+        "format": 1,
+        "cv_mape": 0.1,
+        "folds": [
+            {
+                "fold": 0,
+                "members": [
+                    {"variant": v, "checkpoint": str(r.best_path.relative_to(root)), "weight": 0.5}
+                    for v, r in results.items()
+                ],
+            }
+        ],
+    }
+    spec_path = root / "ensemble.json"
+    spec_path.write_text(json.dumps(spec))
+    reg = R.register_ensemble(spec_path, params)
+    for v, m in md5.items():
+        assert len(_md5_copies(root / "mlruns", m)) == 1, v  # the registered model's copy
+    scratch = root / "scratch-tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    predict, _ = load_predictor(reg["model_uri"], params)
+    assert predict(np.zeros((1, 5, 10001, 31), np.float32)).shape == (1, 300, 1259)
+    for v, m in md5.items():
+        assert len(_md5_copies(root / "mlruns", m)) == 1, v  # loading copied nothing there
+        assert not _md5_copies(scratch, m), v  # nor into a temporary download

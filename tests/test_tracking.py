@@ -20,19 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _isolated_mlflow(monkeypatch):
-    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)  # the rest: conftest._offline_env
-    # start_run points MLflow's process-wide state at the test store: restore it afterwards
-    import mlflow.tracking._model_registry.utils as registry_utils
-    import mlflow.tracking._tracking_service.utils as tracking_utils
-    import mlflow.tracking.fluent as fluent
-
-    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
-    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
-    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+def _isolated_mlflow(isolated_mlflow):
+    """start_run points MLflow's process-wide state at the test store: restored afterwards."""
     yield
-    while mlflow.active_run() is not None:  # never leak a run into the next test
-        mlflow.end_run()
 
 
 # --------------------------------------------------------------------------- paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from speedstructure.synth.velocity import (
     sample_family,
 )
 
-CFG = SynthConfig(v_min=1.5, v_max=4.5, water_velocity=1.5, water_depth=(150, 400))
+CFG = SynthConfig(
+    v_min=1.5, v_max=4.5, water_velocity=1.5, water_depth=(150, 400)
+)  # priors: defaults
 N_PER_FAMILY = 12
 
 
@@ -82,8 +85,9 @@ def test_velocity_increases_with_depth(models, family):
         floor = _floor(v)
         top = np.mean([v[i, f : f + 200].mean() for i, f in enumerate(floor)])
         bottom = v[:, -200:].mean()
-        assert bottom > top + 0.8
-        assert 1.55 <= v[np.arange(300), floor].mean() <= 2.6  # slow sediment under the floor
+        assert bottom > top + 0.3
+        # slow sediment under the floor (a curved floor cuts a little into the trend)
+        assert 1.55 <= v[np.arange(300), floor].mean() <= CFG.v_top[1] + 0.6
 
 
 def test_mean_velocity_about_2_8(models):
@@ -187,3 +191,81 @@ def test_generation_is_fast(family):
         generate_velocity(rng, family, CFG)
         times.append(time.perf_counter() - t0)
     assert min(times) < 0.05  # vectorised: a few ms each; min is robust to a loaded machine
+
+
+# --------------------------------------------------------------------------- priors
+
+
+def _prior_stats(cfg: SynthConfig, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Per ``flat`` model: the velocity just under the floor where it is shallowest (the top
+    of the trend), at the bottom (median over x) and the floor depths (min, max)."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list] = {"top": [], "bottom": [], "floor_min": [], "floor_max": []}
+    for _ in range(n):
+        v = generate_velocity(rng, "flat", cfg)
+        floor = _floor(v)
+        x = int(np.argmin(floor))
+        out["top"].append(v[x, floor[x]])
+        out["bottom"].append(np.median(v[:, -1]))
+        out["floor_min"].append(floor.min())
+        out["floor_max"].append(floor.max())
+    return {k: np.array(a, dtype=np.float64) for k, a in out.items()}
+
+
+@pytest.mark.parametrize(
+    ("v_top", "v_bottom", "water_depth"),
+    [((1.65, 1.75), (3.55, 3.65), (110, 170)), ((2.45, 2.55), (4.35, 4.45), (380, 440))],
+)
+def test_priors_are_honoured(v_top, v_bottom, water_depth):
+    # a linear trend, so that the top layer sits at v_top and the deepest at v_bottom,
+    # up to the per-layer noise (sd <= 0.1 km/s) and the occasional inverted layer
+    cfg = dataclasses.replace(
+        CFG, v_top=v_top, v_bottom=v_bottom, trend_power=(1.0, 1.0), water_depth=water_depth
+    )
+    s = _prior_stats(cfg, 24, seed=3)
+    assert s["floor_min"].min() >= water_depth[0] and s["floor_max"].max() <= water_depth[1]
+    assert v_top[0] - 0.1 <= np.median(s["top"]) <= v_top[1] + 0.1
+    assert v_bottom[0] - 0.1 <= np.median(s["bottom"]) <= v_bottom[1] + 0.1
+    assert np.quantile(s["top"], 0.9) < v_top[1] + 0.3
+    assert np.quantile(s["bottom"], 0.1) > v_bottom[0] - 0.3
+
+
+def test_default_priors_are_broad():
+    # the issue's ranges: sediment under the floor over 1.6-2.6 km/s, bottoms over most of
+    # [3.5, 4.5], water floors over the challenge's whole range (about 200-350 m) and beyond
+    cfg = SynthConfig()
+    assert cfg.v_top == (1.6, 2.6) and cfg.v_bottom == (3.5, 4.5)
+    assert cfg.water_depth[0] <= 150 and cfg.water_depth[1] >= 400
+    assert cfg.trend_power[0] < 1.0 < cfg.trend_power[1]
+    s = _prior_stats(dataclasses.replace(cfg, trend_power=(1.0, 1.0)), 60, seed=4)
+    assert np.quantile(s["top"], 0.1) < 1.8 and np.quantile(s["top"], 0.9) > 2.4
+    assert np.quantile(s["bottom"], 0.1) < 3.7 and np.quantile(s["bottom"], 0.9) > 4.3
+    assert s["floor_min"].min() < 150 and s["floor_max"].max() > 400
+    assert (s["floor_min"] >= cfg.water_depth[0]).all()
+    assert (s["floor_max"] <= cfg.water_depth[1]).all()
+
+
+def test_trend_power_shapes_the_trend():
+    # power < 1: fast rise under the floor; power > 1: slow sediment down to great depth
+    def mid_depth_velocity(power: float) -> float:
+        cfg = dataclasses.replace(
+            CFG, v_top=(2.0, 2.0), v_bottom=(4.0, 4.0), trend_power=(power, power)
+        )
+        rng = np.random.default_rng(8)
+        vs = [generate_velocity(rng, "flat", cfg) for _ in range(8)]
+        return float(np.median([v[:, (_floor(v).max() + v.shape[1]) // 2].mean() for v in vs]))
+
+    steep, linear, slow = (mid_depth_velocity(p) for p in (0.5, 1.0, 2.0))
+    assert steep > linear + 0.3 and linear > slow + 0.3
+    assert 2.8 < linear < 3.2  # halfway down: about the mean of 2 and 4 km/s
+
+
+def test_prior_ranges_are_checked(tiny_params, tmp_path):
+    with pytest.raises(ConfigError, match=r"synth\.v_top must be \[low, high\] with low <= high"):
+        tiny_params(tmp_path, synth={"v_top": [2.6, 1.6]})
+    with pytest.raises(ConfigError, match=r"synth\.trend_power must be positive"):
+        tiny_params(tmp_path, synth={"trend_power": [0.0, 1.0]})
+    with pytest.raises(ConfigError, match=r"synth\.ood\.water_depth must be \[low, high\]"):
+        tiny_params(tmp_path, synth={"ood": {"water_depth": [480, 200]}})
+    with pytest.raises(ConfigError, match=r"synth\.ood\.n_test must be >= 0"):
+        tiny_params(tmp_path, synth={"ood": {"n_test": -1}})

@@ -20,6 +20,14 @@ on this machine, and the achieved FLOP rate (forward FLOPs counted on the meta
 device, x 3 for training) as a fraction of the measured fp32 matrix-multiply
 peak (median of several large matmuls).
 
+``speedstructure bench gpu [--variant V] [--steps N]`` checks and times the competition
+variants' training path on this machine (:mod:`speedstructure.bench_gpu`; it imports only
+torch, timm, numpy and pyyaml, and exits 1 when a check fails).
+
+``speedstructure bench parallel`` starts two tiny trainings at once and compares them with
+running them one after the other, with the automatic thread budget (``train.threads:
+null``) and with every process taking all cores (:mod:`speedstructure.bench_parallel`).
+
 Results are printed as JSON; ``--json FILE`` writes them to FILE too (``-``: only to
 standard output).
 """
@@ -69,7 +77,13 @@ def generation_rates(cfg: SynthConfig, samples: int, repeats: int) -> list[float
     rates = []
     for r in range(repeats):
         small = dataclasses.replace(
-            cfg, seed=int(cfg.seed) + r, n_train=samples, n_extended_1=0, n_extended_2=0, n_test=0
+            cfg,
+            seed=int(cfg.seed) + r,
+            n_train=samples,
+            n_extended_1=0,
+            n_extended_2=0,
+            n_test=0,
+            ood=dataclasses.replace(cfg.ood, n_test=0),  # no OOD set: `samples` in all
         )
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -236,19 +250,42 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.what in ("model", "all"):
         names = args.variants or [k for k, v in params.variants.items() if v.profile == "default"]
         out["model"] = bench_model(params, names, args.repeats, args.batch)
+    if args.what == "parallel":  # not part of `all`: it trains (minutes)
+        from speedstructure.bench_parallel import bench_parallel
+
+        out["parallel"] = bench_parallel(
+            params,
+            variant=(args.variant or ["tiny_dual42"])[0],
+            samples=max(args.samples, 16),
+            epochs=args.epochs,
+            repeats=args.repeats,
+        )
+    if args.what == "gpu":  # never part of `all`: it is the GPU machine's check
+        from speedstructure.bench_gpu import run_bench_gpu
+
+        out["gpu"] = run_bench_gpu(params, args.variant, args.steps)
     if args.json != "-":
         print(json.dumps(out, indent=2))
     write_json_output(args.json, out)
-    return 0
+    return 0 if out.get("gpu", {}).get("ok", True) else 1
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from speedstructure.cli import add_json_option
 
     p = subparsers.add_parser(
-        "bench", description="Benchmarks: data generation, store reads, model speed."
+        "bench",
+        description="Benchmarks: data generation, store reads, model speed (`all`: the three); "
+        "`gpu`: the competition variants' training path checked and timed (bf16, fp16, "
+        "validation, TTA, save + resume) with random weights; `parallel`: two tiny trainings "
+        "at once against one after the other.",
     )
-    p.add_argument("what", nargs="?", default="all", choices=["data", "store", "model", "all"])
+    p.add_argument(
+        "what",
+        nargs="?",
+        default="all",
+        choices=["data", "store", "model", "all", "gpu", "parallel"],
+    )
     p.add_argument("--samples", type=int, default=8, help="samples generated per timing run")
     p.add_argument("--repeats", type=int, default=3, help="timing runs (the median is reported)")
     p.add_argument(
@@ -259,5 +296,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--variants", nargs="*", help="model variants (default: the default profile's)")
     p.add_argument("--batch", type=int, default=2, help="batch size of the model benchmark")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="V",
+        help="gpu: a variant to check (repeatable; default: the competition profile's)",
+    )
+    p.add_argument("--steps", type=int, default=20, help="gpu: training steps per precision")
+    p.add_argument("--epochs", type=int, default=2, help="parallel: epochs of each training")
     add_json_option(p)
     p.set_defaults(func=_cmd)

@@ -9,17 +9,27 @@ Flags mean the same everywhere: ``--output`` names what a command writes,
 ``--json FILE`` writes the command's result as JSON to FILE (``-`` for standard
 output), ``--mlflow/--no-mlflow`` switches tracking (on by default for pipeline
 stages), ``--quiet`` hides progress bars.  Diagnostics go through :mod:`logging`
-(``-v`` for debug messages); a :class:`~speedstructure.errors.UserError` becomes
-one line on standard error and exit code 2.
+(``-v`` for debug messages).
+
+One top-level handler (:func:`main`) turns what a user must act on into one line on
+standard error: a :class:`~speedstructure.errors.UserError` (bad input or configuration, an
+output that could not be written) exits 2; Ctrl-C and SIGTERM exit 130 with ``interrupted:
+resume with the same command`` (SIGTERM is raised as
+:class:`~speedstructure.errors.Terminated`, so runs end KILLED and temporaries are removed).
+When standard error is not a terminal (a log file, ``dvc repro``'s capture), ANSI colour
+codes (MLflow's coloured warnings, for instance) are stripped from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from speedstructure import __version__
@@ -69,7 +79,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "speedstructure.plots",
         "draw one sample's five shot gathers and its velocity model",
     ),
-    "bench": ("speedstructure.bench", "benchmarks: data generation, store reads, model speed"),
+    "bench": (
+        "speedstructure.bench",
+        "benchmarks: data generation, store reads, model speed, GPU training check",
+    ),
+    "fetch-weights": (
+        "speedstructure.pretrained",
+        "download pretrained backbone weights once into a DVC-tracked file (online)",
+    ),
+    "train-parallel": (
+        "speedstructure.parallel",
+        "run the pending training stages concurrently, one GPU each",
+    ),
 }
 
 
@@ -101,25 +122,62 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from speedstructure.errors import UserError
+    from speedstructure.errors import UserError, sigterm_as_interrupt
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_of(argv)
     if command is not None and command not in COMMANDS:
         _unknown(command)
-    args = build_parser(command).parse_args(argv)  # no command: --help, --version or a usage error
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    try:
-        rc = args.func(args)
-    except UserError as exc:
-        print(f"speedstructure {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    where = f"speedstructure {command}"
+    with _plain_stderr(), sigterm_as_interrupt():
+        try:
+            # no command: --help, --version or a usage error (SystemExit)
+            args = build_parser(command).parse_args(argv)
+            logging.basicConfig(
+                level=logging.DEBUG if args.verbose else logging.INFO,
+                format="%(message)s",
+                stream=sys.stderr,
+                force=True,
+            )
+            rc = args.func(args)
+        except UserError as exc:
+            print(f"{where}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
+            print(f"{where}: interrupted: resume with the same command", file=sys.stderr)
+            return 130
     return int(rc or 0)
+
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+class _NoAnsi:
+    """A text stream that drops ANSI escape sequences on their way to ``stream``."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(_ANSI.sub("", text))
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _plain_stderr() -> Iterator[None]:
+    """Standard error without ANSI codes while the command runs, unless it is a terminal."""
+    stream = sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    if stream is None or (callable(isatty) and isatty()):
+        yield
+        return
+    sys.stderr = _NoAnsi(stream)
+    try:
+        yield
+    finally:
+        sys.stderr = stream
 
 
 def _unknown(command: str) -> None:

@@ -55,11 +55,13 @@ class PathsConfig:
     data: str = "data"
     store: str = "store"
     folds_table: str = "folds/folds.csv"
-    kmeans: str = "folds/kmeans.joblib"
+    kmeans: str = "folds/kmeans.npz"
     folds_summary: str = "folds/summary.json"
     group_counts: str = "folds/group_counts.csv"
     folds_plots: str = "plots/folds"
     models: str = "models"
+    weights: str = "weights"
+    parallel_logs: str = "logs/train-parallel"
     ensemble: str = "ensemble/ensemble.json"
     tune_metrics: str = "metrics/tune.json"
     tune_weights: str = "plots/tune_weights.csv"
@@ -77,10 +79,13 @@ SPLITS: tuple[str, ...] = ("train", "train_extended_1", "train_extended_2", "tes
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The four challenge zips (in ``paths.data``) and the test targets, if any."""
+    """The four challenge zips (in ``paths.data``), the test targets, if any, and the
+    out-of-distribution test set, if any (``ood_zip``: gathers only, ``ood_labels``: targets)."""
 
     zips: dict[str, str] = field(default_factory=lambda: {s: f"{s}.zip" for s in SPLITS})
     test_labels: str = "test_labels.npz"
+    ood_zip: str = "test_ood.zip"
+    ood_labels: str = "test_ood_labels.npz"
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class MlflowConfig:
     artifact_root: str = "mlruns/artifacts"
     experiment: str = "speedstructure"
     registered_model: str = "speedstructure-ensemble"
+    retry_seconds: float = 600.0  # how long a finished training retries an unreachable server
 
 
 @dataclass(frozen=True)
@@ -117,9 +123,30 @@ class SimParams:
     n_time: int = 10001
 
 
+PRIOR_KEYS = ("v_top", "v_bottom", "trend_power", "water_depth")  # ranges drawn per model
+
+
+@dataclass(frozen=True)
+class SynthOodConfig:
+    """The out-of-distribution test set (``synth.ood``): its own seed and size, and prior
+    ranges (:data:`PRIOR_KEYS`) shifted against the training ones (``n_test: 0``: none)."""
+
+    n_test: int = 24
+    seed: int = 7919
+    v_top: tuple[float, float] = (2.2, 2.8)
+    v_bottom: tuple[float, float] = (3.3, 4.0)
+    trend_power: tuple[float, float] = (0.35, 0.7)
+    water_depth: tuple[int, int] = (200, 480)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
-    """The physics-based generator of the embedded default data (``synth:``)."""
+    """The physics-based generator of the embedded default data (``synth:``).
+
+    The priors are uniform ranges ``[low, high]`` drawn once per model: ``v_top`` (km/s,
+    the velocity trend just under the water floor), ``v_bottom`` (km/s, at the bottom),
+    ``trend_power`` (shape of the trend between them, ``t ** power`` of the relative
+    depth ``t``) and ``water_depth`` (cells of 1 m, where the water floor may lie)."""
 
     seed: int = 2025
     n_train: int = 240
@@ -130,7 +157,10 @@ class SynthConfig:
     v_min: float = V_MIN
     v_max: float = V_MAX
     water_velocity: float = 1.5
-    water_depth: tuple[int, int] = (150, 400)
+    water_depth: tuple[int, int] = (100, 450)
+    v_top: tuple[float, float] = (1.6, 2.6)
+    v_bottom: tuple[float, float] = (3.5, 4.5)
+    trend_power: tuple[float, float] = (0.5, 1.5)
     families: tuple[str, ...] = (
         "flat",
         "dipping",
@@ -140,6 +170,7 @@ class SynthConfig:
         "intrusion",
     )
     sim: SimParams = field(default_factory=SimParams)
+    ood: SynthOodConfig = field(default_factory=SynthOodConfig)
 
 
 @dataclass(frozen=True)
@@ -169,6 +200,7 @@ class TrainConfig:
     patience: int = 3
     seed: int = 42
     num_workers: int = 0
+    threads: int | None = None  # torch CPU threads; None: cores / training processes
     tta_val: bool = False
     device: str = "auto"
     progress: bool = True
@@ -181,6 +213,9 @@ FUSIONS = ("mean", "single", "dual")
 FLIP_MODES = ("consistent", "receivers")
 POOL_QUERIES = ("shared", "per_token")
 HEAD_RESIZES = ("area", "linear")
+LAYOUTS = ("fold", "time_receiver")
+AMPLITUDES = ("linear", "signlog")
+HEADS = ("rows", "grid")
 NORMS = ("batch", "group", "none")
 PRIORS = ("none", "depth_trend")
 AMPS = ("none", "bf16", "fp16")
@@ -224,6 +259,10 @@ class EvaFusionVariant(Variant):
     head_resize: str = "area"
     drop_path_rate: float = 0.0
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    layout: str = "fold"  # fold (the seed's) | time_receiver
+    img_width: int | None = None  # image width; None: img_size (square)
+    amplitude: str = "linear"  # linear (the seed's) | signlog: sign(a) log(1 + |a|)
+    head: str = "rows"  # rows (the seed's) | grid
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -339,6 +378,10 @@ class Params:
 
     def test_labels_path(self) -> Path:
         return self.path("data") / self.data.test_labels
+
+    def ood_paths(self) -> tuple[Path, Path]:
+        """The out-of-distribution test set: ``(zip of gathers, targets)`` in ``paths.data``."""
+        return self.path("data") / self.data.ood_zip, self.path("data") / self.data.ood_labels
 
     def run_dir(self, variant: str, fold: int) -> Path:
         """Where a training run writes its checkpoints: ``paths.models/<variant>/fold_<k>``."""
@@ -477,6 +520,9 @@ def _check_variant(v: Variant, where: str) -> None:
     choices: list[tuple[str, tuple[str, ...]]] = [("tta_flip", FLIP_MODES)]
     if isinstance(v, EvaFusionVariant):
         choices += [
+            ("layout", LAYOUTS),
+            ("amplitude", AMPLITUDES),
+            ("head", HEADS),
             ("fusion", FUSIONS),
             ("pool_query", POOL_QUERIES),
             ("head_resize", HEAD_RESIZES),
@@ -508,6 +554,8 @@ def _check_references(p: Params) -> None:
             f"{src}: data.zips must name the splits {', '.join(SPLITS)} "
             f"(unknown: {unknown_splits or '-'}, missing: {missing_splits or '-'})"
         )
+    _check_priors(p.synth, f"{src}: synth")
+    _check_priors(p.synth.ood, f"{src}: synth.ood")
     for key, run in p.runs.items():
         if run.variant not in p.variants:
             raise ConfigError(f"{src}: runs.{key}.variant names unknown variant '{run.variant}'")
@@ -525,6 +573,18 @@ def _check_references(p: Params) -> None:
             raise ConfigError(f"{src}: ensemble.hand_weights.{name} must be non-negative, got {w}")
     if p.tune.n_trials < 1:
         raise ConfigError(f"{src}: tune.n_trials must be >= 1, got {p.tune.n_trials}")
+
+
+def _check_priors(cfg: SynthConfig | SynthOodConfig, where: str) -> None:
+    """The prior ranges of ``synth`` or ``synth.ood``: ``[low, high]`` with low <= high."""
+    for key in PRIOR_KEYS:
+        lo, hi = getattr(cfg, key)
+        if not lo <= hi:
+            raise ConfigError(f"{where}.{key} must be [low, high] with low <= high, got {[lo, hi]}")
+    if cfg.trend_power[0] <= 0:
+        raise ConfigError(f"{where}.trend_power must be positive, got {list(cfg.trend_power)}")
+    if isinstance(cfg, SynthOodConfig) and cfg.n_test < 0:
+        raise ConfigError(f"{where}.n_test must be >= 0, got {cfg.n_test}")
 
 
 # --------------------------------------------------------------------------- typed building

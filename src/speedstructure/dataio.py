@@ -11,9 +11,11 @@ Layout of every zip (train, extended, test)::
 
 Members may sit below one common top folder (``train/<sample_id>/...``), as
 zips made by hand often do; they are read straight from the archive, with no
-unzip step.  Every array is checked (shape, dtype, finiteness, positive
-velocities) and anything wrong raises :class:`DataError` naming the zip and the
-member.
+unzip step.  Any other member path is refused (:meth:`ZipSamples._check_member`):
+an absolute path, a ``..`` or empty part, a backslash, a symbolic link, a deeper
+folder or members under more than one top folder.  Every array is checked (shape,
+dtype, finiteness, positive velocities) and anything wrong raises
+:class:`DataError` naming the zip and the member.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import csv
 import io
 import os
 import re
+import stat
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,15 +108,55 @@ class ZipSamples:
             self._zf.close()
             raise
 
+    def _check_member(self, info: zipfile.ZipInfo) -> list[str]:
+        """The parts of a member's path, refused (one line naming the member) unless it is
+        ``[top/]<sample_id>/<file>``-shaped: relative, no ``..``, no symbolic link."""
+        name = info.filename
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise DataError(f"{self.path}: member {name!r}: control characters in the name")
+        where = f"{self.path}: member '{name}'"
+        if "\\" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+            raise DataError(f"{where}: absolute or non-portable path")
+        parts = name.rstrip("/").split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise DataError(f"{where}: path has an empty, '.' or '..' part")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise DataError(f"{where}: symbolic link")
+        return parts
+
+    def _member_names(self) -> list[str]:
+        """The archive's file members, every path checked; at most one top folder."""
+        names, tops = [], set()
+        for info in self._zf.infolist():
+            parts = self._check_member(info)
+            if parts[0] == "__MACOSX" or parts[-1] == ".DS_Store":
+                continue
+            if len(parts) > (2 if info.is_dir() else 3):
+                raise DataError(
+                    f"{self.path}: member '{info.filename}': nested too deep "
+                    "(expected [top folder/]<sample_id>/<file>)"
+                )
+            if info.is_dir():
+                continue
+            if len(parts) < 2:
+                raise DataError(
+                    f"{self.path}: member '{info.filename}' is not inside a sample folder"
+                )
+            tops.add(parts[0] if len(parts) == 3 else "")
+            if len(tops) > 1:
+                raise DataError(
+                    f"{self.path}: member '{info.filename}': members sit under more than one "
+                    f"top folder ({', '.join(sorted(repr(t) for t in tops))})"
+                )
+            names.append(info.filename)
+        return names
+
     def _index(self) -> None:
-        names = [n for n in self._zf.namelist() if not n.endswith("/")]
-        names = [n for n in names if not n.startswith("__MACOSX/") and Path(n).name != ".DS_Store"]
+        names = self._member_names()
         if not names:
             raise DataError(f"{self.path}: archive holds no files")
         for name in names:
             parts = name.split("/")
-            if len(parts) < 2:
-                raise DataError(f"{self.path}: member '{name}' is not inside a sample folder")
             sid, fname = parts[-2], parts[-1]
             if not SAMPLE_ID_RE.match(sid):
                 raise DataError(

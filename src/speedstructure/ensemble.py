@@ -13,7 +13,9 @@ folds: the 1st-place recipe with tuned instead of hand-set weights.
 A library (no command): :func:`read_spec`, :class:`Ensemble`, :func:`load_member`,
 :func:`member_key`, :func:`iter_batches` and the registry alias :data:`CHAMPION`
 serve the ``register``, ``predict`` and ``evaluate`` stages and the registered
-pyfunc model (:mod:`speedstructure.pyfunc_model`).
+pyfunc model (:mod:`speedstructure.pyfunc_model`).  :func:`load_mlflow_model` reads a
+registered model's folder with this package's code: nothing from the registry is
+executed or unpickled.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from speedstructure.errors import UserError
 
 CHAMPION = "champion"  # the registry alias of the best registered version
 SPEC_FORMAT = 1
+ENSEMBLE_ARTIFACT = "ensemble"  # the ensemble file's key among a registered model's artifacts
 
 
 # --------------------------------------------------------------------------- members
@@ -139,3 +142,44 @@ def iter_batches(
     for i in range(0, len(ids), batch_size):
         chunk = list(ids[i : i + batch_size])
         yield chunk, np.stack([reader.read_gathers(s) for s in chunk])
+
+
+# --------------------------------------------------------------------------- registered models
+
+
+def load_mlflow_model(model_dir: str | os.PathLike, device: str | torch.device | None = None):
+    """The ensemble of a registered model's folder (an MLflow pyfunc model from ``register``).
+
+    Loaded by this package's own code, not by ``mlflow.pyfunc.load_model``: ``MLmodel`` is
+    read as YAML, the ensemble file as JSON and the checkpoints with
+    ``torch.load(weights_only=True)``; the folder's Python code is never imported and
+    nothing is unpickled, so a tampered registry cannot run code here.
+    """
+    import yaml
+
+    folder = Path(model_dir).resolve()
+    mlmodel = folder / "MLmodel"
+    try:
+        doc = yaml.safe_load(mlmodel.read_text())
+        artifacts = doc["flavors"]["python_function"]["artifacts"]
+        files = {key: str(a["path"]) for key, a in artifacts.items()}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(
+            f"{folder}: not a registered ensemble model (no readable MLmodel with pyfunc "
+            f"artifacts: {type(exc).__name__})"
+        ) from exc
+    paths = {}
+    for key, rel in files.items():
+        path = (folder / rel).resolve()
+        if not path.is_relative_to(folder) or not path.is_file():
+            raise UserError(f"{mlmodel}: artifact '{key}' ({rel}) is not a file inside the model")
+        paths[key] = path
+    if ENSEMBLE_ARTIFACT not in paths:
+        raise UserError(f"{mlmodel}: no '{ENSEMBLE_ARTIFACT}' artifact (not an ensemble model)")
+    spec = read_spec(paths.pop(ENSEMBLE_ARTIFACT))
+    for f in spec["folds"]:
+        for m in f["members"]:
+            if member_key(f["fold"], m["variant"]) not in paths:  # never a local fallback
+                key = member_key(f["fold"], m["variant"])
+                raise UserError(f"{mlmodel}: no checkpoint artifact '{key}' for a member")
+    return Ensemble(spec, paths, device=device)

@@ -4,8 +4,13 @@
 final :func:`os.replace` is a rename on one filesystem); the caller writes there, and
 the temporary is renamed onto the target when the block ends without an exception, or
 removed when it raises.  Readers never see a half-written file, and a failed write
-leaves the previous good file in place.  Temporaries are named ``.<name>.tmp<pid>...``
-(git-ignored).
+leaves the previous good file in place (an :class:`OSError` such as a full disk becomes a
+one-line :class:`~speedstructure.errors.WriteError` naming the output).
+
+Temporaries are named ``.<name>.tmp<pid>...`` (git-ignored).  A process killed with
+SIGKILL (or by the OOM killer) cannot remove its temporary, so every write first removes
+the temporaries of the same output left by processes that are no longer alive
+(:func:`remove_stale_temporaries`): the next run of a killed stage cleans up after it.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from speedstructure.errors import WriteError
 
 
 def _remove(path: Path) -> None:
@@ -24,6 +32,34 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of ``path`` (``.<name>.tmp<pid>...``) whose process is gone;
+    returns what was removed.  Those of live processes (a concurrent writer) are kept."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp(\d+)")
+    removed = []
+    with contextlib.suppress(OSError):
+        for cand in path.parent.iterdir():
+            m = pattern.match(cand.name)
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+                _remove(cand)
+                removed.append(cand)
+    return removed
 
 
 @contextlib.contextmanager
@@ -35,14 +71,26 @@ def atomic_output(path: str | os.PathLike, *, suffix: str = "") -> Iterator[Path
     file or a folder; a folder replaces an existing folder at ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
     _remove(tmp)
     try:
         yield tmp
-        if tmp.is_dir() and path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if tmp.is_dir() and path.is_dir():  # two renames: a folder is never half replaced
+            old = path.with_name(f"{tmp.name}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as exc:  # disk full, read-only, ...: one line naming the output
+        raise WriteError(path, exc) from exc
     finally:
         _remove(tmp)
 
@@ -61,3 +109,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """``obj`` as indented JSON with a final newline, atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def file_md5(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The MD5 of a file's content: what DVC records for it in ``dvc.lock`` / ``.dvc`` files."""
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -214,11 +214,42 @@ def fold_gathers(x: torch.Tensor, scale: float = 1.0e3) -> torch.Tensor:
     return g.reshape(b * s, 1, FOLD, r * FOLD)
 
 
-def preprocess_gathers(x: torch.Tensor, img_size: int, scale: float = 1.0e3) -> torch.Tensor:
-    """``(B, 5, 10001, 31)`` -> ``(B*5, 1, img_size, img_size)``: :func:`fold_gathers`,
-    then a bilinear resize (the seed's preprocessing)."""
-    img = fold_gathers(x, scale)
-    return F.interpolate(img, size=(img_size, img_size), mode="bilinear", align_corners=False)
+def time_receiver_gathers(x: torch.Tensor, size: tuple[int, int], scale: float = 1.0e3):
+    """``(B, 5, 10001, 31)`` -> ``(B*5, 1, H, W)``, source-major, time down the rows and the
+    receivers across: time area-resampled to ``H`` rows (an anti-aliased mean), the 31
+    receivers linearly to ``W`` columns; each image keeps the traveltime and moveout axes."""
+    b, s, t, r = x.shape
+    h, w = size
+    g = (x * scale).reshape(b * s, t, r).transpose(1, 2)  # (BS, 31, 10001)
+    g = F.interpolate(g, size=h, mode="area").transpose(1, 2)  # (BS, H, 31)
+    g = F.interpolate(g, size=w, mode="linear", align_corners=True)  # (BS, H, W)
+    return g.unsqueeze(1)
+
+
+def signlog(a: torch.Tensor) -> torch.Tensor:
+    """``sign(a) * log(1 + |a|)``: compresses the direct arrival against the weak reflections."""
+    return torch.sign(a) * torch.log1p(a.abs())
+
+
+def preprocess_gathers(
+    x: torch.Tensor,
+    img_size: int | tuple[int, int],
+    scale: float = 1.0e3,
+    *,
+    layout: str = "fold",
+    amplitude: str = "linear",
+) -> torch.Tensor:
+    """``(B, 5, 10001, 31)`` -> ``(B*5, 1, H, W)`` images (``img_size``: H = W, or ``(H, W)``).
+
+    ``fold`` (the seed's): :func:`fold_gathers`, then a bilinear resize; ``time_receiver``:
+    :func:`time_receiver_gathers`.  ``amplitude="signlog"`` applies :func:`signlog` last."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if layout == "fold":
+        img = fold_gathers(x, scale)
+        img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
+    else:
+        img = time_receiver_gathers(x, size, scale)
+    return signlog(img) if amplitude == "signlog" else img
 
 
 class SourceFusion(nn.Module):
@@ -276,6 +307,32 @@ class SourceFusion(nn.Module):
         return self.norm_out(pooled.reshape(b, n, c))
 
 
+def full_precision(t: torch.Tensor):
+    """Autocast switched off on ``t``'s device while it is on (a no-op context otherwise):
+    the model's head runs in float32 under mixed precision, as the loss does."""
+    kind = t.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return contextlib.nullcontext()
+
+
+def hub_error(backbone: str, exc: BaseException) -> UserError:
+    """The one-line error for pretrained weights that could not come from the model hub."""
+    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return UserError(
+        f"cannot download the pretrained weights of {backbone!r} from the model hub ({reason}); "
+        "run `speedstructure fetch-weights` once on a machine with internet access, bring "
+        "paths.weights here (`dvc push` there, `dvc pull` here, or copy it) and point the "
+        "variant's `pretrained:` at the file"
+    )
+
+
+def _is_hub_failure(exc: BaseException) -> bool:
+    """A download failure: no network, offline mode, a file missing from the hub cache."""
+    mod = type(exc).__module__.split(".")[0]
+    return isinstance(exc, OSError) or mod in ("huggingface_hub", "requests", "urllib3", "httpx")
+
+
 def _create_backbone(v: EvaFusionVariant, *, load_weights: bool) -> nn.Module:
     import timm
 
@@ -283,7 +340,7 @@ def _create_backbone(v: EvaFusionVariant, *, load_weights: bool) -> nn.Module:
         "in_chans": 1,
         "dynamic_img_size": True,
         "num_classes": 0,
-        "img_size": int(v.img_size),
+        "img_size": int(v.img_size) if v.img_width is None else (int(v.img_size), int(v.img_width)),
         "drop_path_rate": float(v.drop_path_rate),
     }
     if v.depth is not None:
@@ -293,7 +350,11 @@ def _create_backbone(v: EvaFusionVariant, *, load_weights: bool) -> nn.Module:
         kwargs.update(_pretrained_kwargs(v))
     try:
         return timm.create_model(v.backbone, **kwargs)
-    except RuntimeError as exc:
+    except Exception as exc:
+        if kwargs.get("pretrained") and v.pretrained == "timm" and _is_hub_failure(exc):
+            raise hub_error(v.backbone, exc) from exc
+        if not isinstance(exc, RuntimeError):
+            raise
         msg = str(exc)
         if "Unknown model" in msg or "Invalid pretrained tag" in msg:
             raise ConfigError(f"unknown timm backbone {v.backbone!r}: {msg}") from exc
@@ -311,7 +372,10 @@ def _pretrained_kwargs(v: EvaFusionVariant) -> dict[str, Any]:
     if v.pretrained != "timm":
         path = resolve_path(v.pretrained)
         if not path.is_file():
-            raise UserError(f"pretrained weights file not found: {path}")
+            raise UserError(
+                f"pretrained weights file not found: {path} (`speedstructure fetch-weights` "
+                "downloads it once, online; `dvc pull` restores a fetched one)"
+            )
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     if v.depth is not None:
         # a shallower backbone keeps the checkpoint's first `depth` blocks
@@ -328,6 +392,8 @@ class EvaFusionNet(VelocityModel):
     def __init__(self, v: EvaFusionVariant, *, load_weights: bool = True):
         super().__init__(v, prior=v.prior)
         self.img_size = int(v.img_size)
+        self.img_shape = (self.img_size, int(v.img_width or v.img_size))
+        self.layout, self.amplitude = v.layout, v.amplitude
         self.backbone = _create_backbone(v, load_weights=load_weights)
         bb = self.backbone
         for attr in ("blocks", "patch_embed", "_pos_embed"):
@@ -345,7 +411,7 @@ class EvaFusionNet(VelocityModel):
             heads = getattr(v, key)
             if heads is None or int(heads) < 1 or dim % int(heads):
                 raise ConfigError(f"{key}={heads} must divide the backbone width {dim}")
-        grid = bb.patch_embed.dynamic_feat_size((self.img_size, self.img_size))
+        grid = bb.patch_embed.dynamic_feat_size(self.img_shape)
         self.grid = tuple(int(g) for g in grid)
         self.num_prefix_tokens = int(getattr(bb, "num_prefix_tokens", 1))
         n_tokens = self.num_prefix_tokens + self.grid[0] * self.grid[1]
@@ -357,8 +423,11 @@ class EvaFusionNet(VelocityModel):
             fusion_heads=int(v.fusion_heads or 1),
             pool_query=v.pool_query,
         )
-        self.head_resize = v.head_resize
-        self.head = nn.Linear(dim, NX)
+        self.head_resize, self.head_kind = v.head_resize, v.head
+        # rows: each token a lateral profile (300 x), tokens resized to depth (the seed's);
+        # grid: each token a patch of the (depth, x) section at its place in the token grid
+        self.patch = (math.ceil(NZ / self.grid[0]), math.ceil(NX / self.grid[1]))
+        self.head = nn.Linear(dim, NX if v.head == "rows" else self.patch[0] * self.patch[1])
         if self.prior != "none":  # start from the prior exactly; the network learns the deviation
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -410,19 +479,35 @@ class EvaFusionNet(VelocityModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         b = x.shape[0]
-        img = preprocess_gathers(x, self.img_size, self.input_scale)
+        img = preprocess_gathers(
+            x, self.img_shape, self.input_scale, layout=self.layout, amplitude=self.amplitude
+        )
         t, rope = self.embed(img)
         t = self.run_blocks(t, rope, 0, self.split_at)
         n, c = t.shape[1], t.shape[2]
         t = self.fusion(t.reshape(b, N_SOURCES, n, c))
         t = self.run_blocks(t, rope, self.split_at, len(self.backbone.blocks))
         t = self.final_norm(t)[:, self.num_prefix_tokens :]
+        with full_precision(t):  # the head in float32 under autocast: velocities not quantised
+            t = t.float()
+            out = self._rows_head(t) if self.head_kind == "rows" else self._grid_head(t)
+            return self.to_velocity(out)
+
+    def _rows_head(self, t: torch.Tensor) -> torch.Tensor:
         out = self.head(t).transpose(1, 2)  # (B, 300, g*g): tokens in row-major grid order
         if self.head_resize == "area":
-            out = F.interpolate(out, size=NZ, mode="area")
-        else:
-            out = F.interpolate(out, size=NZ, mode="linear", align_corners=False)
-        return self.to_velocity(out)
+            return F.interpolate(out, size=NZ, mode="area")
+        return F.interpolate(out, size=NZ, mode="linear", align_corners=False)
+
+    def _grid_head(self, t: torch.Tensor) -> torch.Tensor:
+        """Token (i, j) of the (time, receiver) grid -> the (depth, x) patch (i, j); the
+        mosaic is resized (bilinear) to (1259, 300) and returned as (B, 300, 1259)."""
+        b = t.shape[0]
+        (gh, gw), (ph, pw) = self.grid, self.patch
+        p = self.head(t).reshape(b, gh, gw, ph, pw).permute(0, 1, 3, 2, 4)
+        mosaic = p.reshape(b, 1, gh * ph, gw * pw)
+        out = F.interpolate(mosaic, size=(NZ, NX), mode="bilinear", align_corners=False)
+        return out[:, 0].transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------- InversionNet
@@ -503,8 +588,9 @@ class InversionNet(VelocityModel):
         g = g.reshape(b, N_SOURCES, N_RECEIVERS, self.time_samples).transpose(2, 3)  # (B, 5, T, 31)
         z = self.encoder(g)
         y = self.decoder(z)  # (B, 1, 160, 640): x along rows, depth along columns
-        y = F.interpolate(y, size=VP_SHAPE, mode="bilinear", align_corners=False)
-        return self.to_velocity(y[:, 0])
+        with full_precision(y):  # the resize and the sigmoid in float32 under autocast
+            y = F.interpolate(y.float(), size=VP_SHAPE, mode="bilinear", align_corners=False)
+            return self.to_velocity(y[:, 0])
 
 
 # ----------------------------------------------------------------------------- depth trend
@@ -704,7 +790,7 @@ def _fusion_summary(model: EvaFusionNet) -> dict[str, Any]:
         "channel_heads": v.channel_heads if v.fusion != "mean" else None,
         "fusion_heads": v.fusion_heads if v.fusion == "dual" else None,
         "embed_dim": int(model.backbone.embed_dim),
-        "image_shape_per_source": [1, model.img_size, model.img_size],
+        "image_shape_per_source": [1, *model.img_shape],
         "token_grid": list(model.grid),
     }
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from speedstructure.config import V_MAX, V_MIN
 from speedstructure.dataio import SAMPLE_ID_RE, VP_SHAPE, ZIP_EPOCH, list_sample_ids
-from speedstructure.errors import DataError, UserError
+from speedstructure.errors import DataError, UserError, WriteError
 from speedstructure.fsutil import atomic_output
 
 V_MIN_DEFAULT = V_MIN
@@ -188,6 +188,9 @@ class SubmissionWriter:
         try:
             with self._zf.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, arr, allow_pickle=False)
+        except OSError as exc:  # disk full, ...: one line naming the submission
+            self._state = "failed"
+            raise WriteError(self.path, exc) from exc
         except BaseException:
             self._state = "failed"  # the archive's state is unknown: only abort() is left
             raise
@@ -209,6 +212,12 @@ class SubmissionWriter:
             os.fsync(self._fh.fileno())
             self._fh.close()
             self._output.close()  # atomic_output renames the temporary onto path
+        except WriteError:
+            self.abort()
+            raise
+        except OSError as exc:  # disk full while finishing the archive
+            self.abort()
+            raise WriteError(self.path, exc) from exc
         except BaseException:
             self.abort()
             raise

@@ -20,24 +20,38 @@ the command (its ``root`` and ``mlflow`` section); ``None`` reads ``params.yaml`
 the project root (the defaults where there is none).
 
 :func:`start_run` ends a run as ``FINISHED`` on success, ``KILLED`` on
-Ctrl-C or SIGTERM and ``FAILED`` on any other exception: a run is never left
-``RUNNING``.
+Ctrl-C or SIGTERM and ``FAILED`` on any other exception.  A process killed with SIGKILL
+(or by the OOM killer) cannot end its run, so every run records the process that logs it
+(tags ``host``, ``pid``, ``pid_start``) and the next run of the same DVC stage ends the
+runs of that stage still ``RUNNING`` whose process is gone as ``KILLED``
+(:func:`end_stale_runs`): a run is never left ``RUNNING`` for good.
+
+A training is one run even when it is interrupted and resumed (:class:`TrainingRun`):
+its id is saved in the training state (``last.pt``), the resumed training continues that
+run, and epochs saved but not yet logged are logged then.  Its metrics are buffered while
+the tracking server is unreachable or the database is locked (a warning, then retries
+after each epoch); at the end of the training they are retried for
+``mlflow.retry_seconds`` before the stage gives up, and rerunning it logs them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import numbers
 import os
-import signal
+import socket
 import subprocess
-import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from speedstructure.config import PARAMS_FILE, Params, flatten, load_params, project_root
+from speedstructure.errors import Terminated, UserError
+from speedstructure.errors import sigterm_as_interrupt as _sigterm_as_interrupt
+from speedstructure.fsutil import pid_alive
 
 for _k, _v in (
     ("MLFLOW_DISABLE_TELEMETRY", "true"),
@@ -48,10 +62,8 @@ for _k, _v in (
 
 _EXPS_MARKER = ("", ".dvc", "tmp", "exps")
 _MAX_PARAM_LEN = 6000
-
-
-class Terminated(KeyboardInterrupt):
-    """Raised in the main thread on SIGTERM so that runs end as KILLED."""
+log = logging.getLogger(__name__)
+__all__ = ["Terminated"]  # re-exported: SIGTERM inside a run (speedstructure.errors)
 
 
 def home_root(root: Path | None = None) -> Path:
@@ -158,34 +170,104 @@ def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
         mlflow.log_params(dict(items[i : i + 100]))
 
 
-def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
-    """Log the finite numeric entries of ``metrics`` (others are ignored: they are not metrics)."""
-    import mlflow
-
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numeric entries of ``metrics`` as floats (the rest are not metrics)."""
     clean = {}
     for k, v in metrics.items():
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             continue
         if math.isfinite(float(v)):
             clean[k] = float(v)
+    return clean
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Log the finite numeric entries of ``metrics`` (others are ignored: they are not metrics)."""
+    import mlflow
+
+    clean = finite_metrics(metrics)
     if clean:
         mlflow.log_metrics(clean, step=step)
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
-    def _raise(signum, frame):
-        raise Terminated(f"signal {signum}")
 
-    old = signal.signal(signal.SIGTERM, _raise)
+# --------------------------------------------------------------------------- stale runs
+
+
+def _proc_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot; Linux), '' if unknown: with the
+    pid it tells a process from a later one that reuses its id."""
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """The tags that name the process logging a run: ``host``, ``pid``, ``pid_start``."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": str(pid), "pid_start": _proc_start(pid)}
+
+
+def run_process_alive(tags: Mapping[str, str]) -> bool | None:
+    """Whether the process that logs a run (its :func:`process_tags`) still runs; None when
+    that cannot be told (another host, or a run without the tags)."""
+    pid = str(tags.get("pid", ""))
+    if tags.get("host") != socket.gethostname() or not pid.isdigit():
+        return None
+    if not pid_alive(int(pid)):
+        return False
+    start = tags.get("pid_start", "")
+    return not start or _proc_start(int(pid)) == start
+
+
+def end_stale_runs(client, experiment_id: str, dvc_stage: str) -> list[str]:
+    """End as KILLED the runs of ``dvc_stage`` left RUNNING by a process that is gone (one of
+    this host); returns their ids."""
+    if "'" in dvc_stage:
+        return []
+    flt = f"tags.dvc_stage = '{dvc_stage}' and attributes.status = 'RUNNING'"
+    ended = []
+    for r in client.search_runs([experiment_id], filter_string=flt, max_results=1000):
+        if run_process_alive(r.data.tags) is not False:
+            continue
+        why = f"process {r.data.tags.get('pid')} on {r.data.tags.get('host')} is gone"
+        client.set_tag(r.info.run_id, "ended_by", f"the next run of {dvc_stage}: {why}")
+        client.set_terminated(r.info.run_id, "KILLED")
+        log.warning(
+            "MLflow run %s of %s was left RUNNING (%s): ended KILLED", r.info.run_id, dvc_stage, why
+        )
+        ended.append(r.info.run_id)
+    return ended
+
+
+def end_run(run_id: str, status: str, wait_seconds: float = 0.0) -> bool:
+    """End the active run ``run_id`` with ``status``, retrying an unreachable server for up
+    to ``wait_seconds``; never raises (False: the run is left RUNNING, and the next run of
+    its stage ends it)."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        with contextlib.suppress(Exception):  # pops the run even when the server is down
+            mlflow.end_run(status=status)
+            return True
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            mlflow.MlflowClient().set_terminated(run_id, status)
+            return True
+        except Exception as exc:
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "MLflow run %s could not be ended %s: %s", run_id, status, _one_line(exc)
+                )
+                return False
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
 @contextlib.contextmanager
@@ -207,10 +289,10 @@ def start_run(
 
     project = project_params(project)
     if not nested or mlflow.active_run() is None:
-        setup(project)
-    all_tags = {"git_commit": git_commit(project.root), "project": "speedstructure"}
-    all_tags.update({k: str(v) for k, v in (tags or {}).items()})
-    run = mlflow.start_run(run_name=run_name, tags=all_tags, nested=nested)
+        exp_id = setup(project)
+        if tags and "dvc_stage" in tags:
+            end_stale_runs(mlflow.MlflowClient(), exp_id, str(tags["dvc_stage"]))
+    run = mlflow.start_run(run_name=run_name, tags=_run_tags(project, tags), nested=nested)
     status = "FAILED"
     try:
         with _sigterm_as_interrupt():
@@ -222,4 +304,203 @@ def start_run(
         status = "KILLED"
         raise
     finally:
-        mlflow.end_run(status=status)
+        end_run(run.info.run_id, status)
+
+
+def _run_tags(project: Params, tags: Mapping[str, Any] | None) -> dict[str, str]:
+    all_tags = {"git_commit": git_commit(project.root), "project": "speedstructure"}
+    all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    all_tags.update(process_tags())
+    return all_tags
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+class TrainingRun:
+    """The MLflow run of one training, resumable and tolerant of tracking outages.
+
+    Use as a context manager around the training; the engine calls :meth:`attach` with the
+    state it starts from (``on_start``) and :meth:`log_epoch` after each saved epoch
+    (``on_epoch_end``).  :meth:`attach` ends stale runs of the stage, then continues the
+    run named by ``state.run_id`` (a resumed training) or starts one, and records its id in
+    the state, so ``last.pt`` carries it.  Epoch metrics (``metrics_of(row)``) are
+    buffered while the server is unreachable and retried after each epoch;
+    :meth:`finish` retries them, then ``log_result``, for ``mlflow.retry_seconds``.  On
+    exit the run ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED.
+    """
+
+    def __init__(
+        self,
+        run_name: str,
+        project: Params | None,
+        *,
+        tags: Mapping[str, Any],
+        params: Mapping[str, Any],
+        metrics_of: Callable[[dict], Mapping[str, Any]],
+    ):
+        self.project = project_params(project)
+        self.run_name = run_name
+        self.tags = {k: str(v) for k, v in tags.items()}
+        self.stage = self.tags.get("dvc_stage", run_name)
+        self.params = dict(params)
+        self.metrics_of = metrics_of
+        self.run_id: str | None = None
+        self.pending: list[tuple[int, dict[str, float]]] = []  # (step, metrics) not yet logged
+        self.error = ""  # the last tracking failure while metrics are pending
+        self._client = None
+        self._signals = contextlib.ExitStack()
+
+    def __enter__(self) -> TrainingRun:
+        self._signals.enter_context(_sigterm_as_interrupt())
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.run_id is not None:
+                if exc_type is None:
+                    status = "FINISHED"
+                elif issubclass(exc_type, KeyboardInterrupt):
+                    status = "KILLED"
+                else:
+                    status = "FAILED"
+                end_run(self.run_id, status, wait_seconds=30.0 if exc_type is None else 0.0)
+        finally:
+            self._signals.close()
+
+    # -- start or continue
+
+    def attach(self, state) -> None:
+        """Continue ``state.run_id`` or start a run; set ``state.run_id``; queue the epochs of
+        ``state.history`` that the run lacks."""
+        import mlflow
+
+        exp_id = setup(self.project)
+        self._client = client = mlflow.MlflowClient()
+        end_stale_runs(client, exp_id, self.stage)
+        run_id = self._resumable(client, exp_id, getattr(state, "run_id", ""))
+        tags = {**_run_tags(self.project, self.tags)}
+        if run_id:
+            mlflow.start_run(run_id=run_id)
+            previous = client.get_run(run_id)
+            tags["resumes"] = str(int(previous.data.tags.get("resumes", "0")) + 1)
+            mlflow.set_tags(tags)
+            self._log_params_on_resume(previous.data.params)
+            log.info("MLflow: continuing run %s of %s", run_id, self.stage)
+        else:
+            mlflow.start_run(run_name=self.run_name, tags=tags)
+            log_params(self.params)
+        self.run_id = state.run_id = mlflow.active_run().info.run_id
+        self._queue_missing(state.history, logged=self._logged_steps(run_id, state.history))
+        self.flush()
+
+    def _resumable(self, client, exp_id: str, run_id: str) -> str | None:
+        """``run_id`` if this training can continue it (it exists here, in this experiment,
+        and no live process logs to it)."""
+        if not run_id:
+            return None
+        try:
+            r = client.get_run(run_id)
+        except Exception:
+            log.warning("MLflow run %s (in last.pt) is not in this store: a new run", run_id)
+            return None
+        if r.info.experiment_id != exp_id or r.info.lifecycle_stage != "active":
+            log.warning("MLflow run %s (in last.pt) is deleted or elsewhere: a new run", run_id)
+            return None
+        if r.info.status == "RUNNING" and run_process_alive(r.data.tags):
+            raise UserError(
+                f"MLflow run {run_id} of {self.stage} is logged by process "
+                f"{r.data.tags.get('pid')}, which still runs: is this training already running?"
+            )
+        return run_id
+
+    def _log_params_on_resume(self, existing: Mapping[str, str]) -> None:
+        """Params the run lacks are logged; a changed value (MLflow params are immutable,
+        e.g. ``train.epochs`` raised to continue) becomes tag ``resumed_with.<param>``."""
+        import mlflow
+
+        flat = {k: _param_value(v) for k, v in flatten(self.params).items()}
+        new = {k: v for k, v in flat.items() if k not in existing}
+        if new:
+            log_params(new)
+        changed = {f"resumed_with.{k}": v for k, v in flat.items() if existing.get(k, v) != v}
+        if changed:
+            mlflow.set_tags(changed)
+
+    def _logged_steps(self, run_id: str | None, history: list[dict]) -> dict[str, set[int]]:
+        """The steps the run holds of each metric of ``history`` (none for a new run)."""
+        if not run_id:
+            return {}
+        keys = {k for row in history for k in finite_metrics(self.metrics_of(row))}
+        return {k: {m.step for m in self._client.get_metric_history(run_id, k)} for k in keys}
+
+    def _queue_missing(self, history: list[dict], logged: dict[str, set[int]]) -> None:
+        for row in history:
+            step = int(row["epoch"])
+            metrics = finite_metrics(self.metrics_of(row))
+            missing = {k: v for k, v in metrics.items() if step not in logged.get(k, set())}
+            if missing:
+                self.pending.append((step, missing))
+
+    # -- metrics
+
+    def log_epoch(self, row: dict) -> None:
+        """Queue one epoch's metrics and send what is pending (a failure is a warning)."""
+        metrics = finite_metrics(self.metrics_of(row))
+        if metrics:
+            self.pending.append((int(row["epoch"]), metrics))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send the pending metrics; False (and one warning per outage) while it fails."""
+        from mlflow.entities import Metric
+
+        while self.pending and self.run_id is not None:
+            step, metrics = self.pending[0]
+            ts = int(time.time() * 1000)
+            try:
+                batch = [Metric(k, v, ts, step) for k, v in metrics.items()]
+                self._client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:
+                if not self.error:
+                    log.warning(
+                        "MLflow tracking failed (%s); training goes on, %d epoch(s) of metrics "
+                        "kept and retried after each epoch",
+                        _one_line(exc),
+                        len(self.pending),
+                    )
+                self.error = _one_line(exc)
+                return False
+            self.pending.pop(0)
+        if self.error:
+            log.warning("MLflow tracking works again: the buffered metrics are logged")
+            self.error = ""
+        return True
+
+    def finish(self, log_result: Callable[[], None]) -> None:
+        """Send the pending metrics, then ``log_result()`` (summary, artifacts), retrying for
+        ``mlflow.retry_seconds``; a :class:`UserError` if the server stays out of reach."""
+        if self.run_id is None:
+            return
+        deadline = time.monotonic() + float(self.project.mlflow.retry_seconds)
+        delay, reason = 1.0, ""
+        while True:
+            if self.flush():
+                try:
+                    log_result()
+                    return
+                except Exception as exc:  # the summary or an artifact could not be logged
+                    if not reason:
+                        log.warning(
+                            "MLflow: the run's results not logged (%s); retrying", _one_line(exc)
+                        )
+                    reason = _one_line(exc)
+            else:
+                reason = self.error
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"training finished and saved, but MLflow run {self.run_id} could not be "
+                    f"completed ({reason}); rerun the same command to log it"
+                )
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(2 * delay, 30.0)

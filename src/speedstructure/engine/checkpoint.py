@@ -28,6 +28,7 @@ import dataclasses
 import io
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ RESUME_FREE_KEYS = frozenset(
         "patience",
         "tta_val",
         "grad_checkpointing",
+        "threads",  # the machine's share of cores (recorded in the run; numerics may differ)
     }
 )
 
@@ -90,13 +92,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def _reason(exc: Exception) -> str:
-    """The gist of a ``torch.load`` failure in one line (without torch's advice)."""
+    """The gist of a ``torch.load`` failure in one line, without torch's advice (to load
+    with ``weights_only=False``: wrong for a file that failed the safe load) or ANSI codes."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    text = " ".join(str(exc).split())
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = "unsupported content: " + text.split(marker, 1)[1].strip()
+    raw = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc))
+    if "Weights only load failed" in raw:  # what the safe unpickler refused, and why
+        detail = raw.split("WeightsUnpickler error:", 1)[-1]
+        paragraphs = [
+            " ".join(p.split())
+            for p in re.split(r"\n\s*\n", detail)
+            if p.strip() and not p.strip().startswith(("Weights only", "Check the documentation"))
+        ]
+        first = paragraphs[0].split(". ")[0].rstrip(".") if paragraphs else ""
+        return f"unsupported content: {first}" if first else "unsupported content"
+    text = " ".join(raw.split())
     text = text.split(" Check the documentation")[0].split(". ")[0].rstrip(".")
     return text or type(exc).__name__
 
@@ -183,6 +193,7 @@ class TrainState:
     seconds: float = 0.0
     finished: bool = False
     stop_reason: str = ""
+    run_id: str = ""  # the tracking (MLflow) run this training logs to: resuming continues it
     rng: list[dict] = field(default_factory=list)
     model: dict | None = None
     ema: dict | None = None
@@ -206,7 +217,12 @@ class TrainState:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainState:
-        return cls.from_dict(load_checkpoint(path))
+        """The state in ``path``; a file that is not one is a one-line :class:`UserError`."""
+        d = load_checkpoint(path)
+        bad = _state_problem(d)
+        if bad:
+            raise UserError(f"{path}: not a training state ({bad})")
+        return cls.from_dict(d)
 
     def record_epoch(self, row: dict, *, has_val: bool, patience: int, epochs: int) -> bool:
         """Add one epoch's history row; update the best epoch, early stopping and the stop
@@ -229,6 +245,36 @@ class TrainState:
         elif epoch >= epochs:
             self.finished, self.stop_reason = True, "epochs"
         return improved
+
+
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "fingerprint": (dict,),
+    "variant": (dict,),
+    "epoch": (int,),
+    "opt_steps": (int,),
+    "best_val_mape": (float, int),
+    "best_epoch": (int,),
+    "bad_epochs": (int,),
+    "history": (list,),
+    "seconds": (float, int),
+    "finished": (bool,),
+    "stop_reason": (str,),
+    "run_id": (str,),
+    "rng": (list,),
+    **{k: (dict, type(None)) for k in ("model", "ema", "optimizer", "scheduler", "scaler")},
+}
+
+
+def _state_problem(d: dict) -> str:
+    """What makes mapping ``d`` unusable as a :class:`TrainState` ('' if nothing)."""
+    if "fingerprint" not in d:
+        return "no 'fingerprint' entry"
+    for key, types in _STATE_TYPES.items():
+        if key in d and not isinstance(d[key], types):
+            return f"'{key}' holds a {type(d[key]).__name__}"
+    if not all(isinstance(row, dict) for row in d.get("history", [])):
+        return "'history' rows are not mappings"
+    return ""
 
 
 # --------------------------------------------------------------------------- fingerprint, resume
@@ -295,7 +341,10 @@ def resume_state(
     last_path = out_dir / LAST_NAME
     if not last_path.is_file():
         return None
-    state = TrainState.load(last_path)
+    try:
+        state = TrainState.load(last_path)
+    except UserError as exc:
+        raise UserError(f"{exc}; remove it to train afresh") from exc
     diff = fingerprint_diff(state.fingerprint, fp)
     if not diff:
         return state

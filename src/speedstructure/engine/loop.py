@@ -11,7 +11,10 @@ set, writing into an output folder (see :mod:`speedstructure.engine.checkpoint`)
   fp16``, fp16 with a ``GradScaler``), EMA of the weights (timm ``ModelEmaV3``); the EMA
   model is what is validated and saved;
 * the physically consistent horizontal flip as augmentation;
-* validation each epoch, early stopping and best checkpoint on validation MAPE;
+* validation each epoch (in the training's precision; the model's head and the loss
+  are float32 under autocast), early stopping and best checkpoint on validation MAPE;
+* at the end, ``val_preds.npz``: the best model's validation predictions made as the
+  test is predicted (float32, flip TTA), which the ensemble weights are tuned on;
 * resumable: ``last.pt`` holds a :class:`~speedstructure.engine.checkpoint.TrainState`
   (written atomically at each epoch end); running the same call again continues;
 * distributed data parallel under ``torchrun`` (gloo on CPU, nccl on CUDA): the data
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -72,6 +76,7 @@ from speedstructure.engine.runtime import (
     progress_bar,
     seed_everything,
     set_rng_state,
+    set_threads,
     setup_distributed,
     teardown_distributed,
 )
@@ -79,6 +84,9 @@ from speedstructure.errors import UserError
 from speedstructure.metrics import mape, per_sample_mape
 
 EpochCallback = Callable[[dict], None]
+StartCallback = Callable[[TrainState], None]  # sees the state training starts from (rank 0)
+# how val_preds.npz is predicted (recorded in metrics.json; another mode is predicted again)
+VAL_PREDS_MODE = "float32, flip TTA"
 
 
 @dataclass
@@ -108,6 +116,7 @@ class Run:
     restart_on_change: bool = False
     on_epoch_end: EpochCallback | None = None
     amp_dtype: torch.dtype | None = None
+    on_start: StartCallback | None = None
 
     @property
     def progress(self) -> bool:
@@ -125,6 +134,12 @@ class Run:
         if self.on_epoch_end is not None:
             self.on_epoch_end(dict(row))
 
+    def started(self, state: TrainState) -> None:
+        """Rank 0 tells ``on_start`` the state training starts from (fresh or resumed); it
+        may set ``state.run_id``, which ``last.pt`` then keeps."""
+        if self.on_start is not None and self.dd.main:
+            self.on_start(state)
+
 
 # --------------------------------------------------------------------------- entry point
 
@@ -141,6 +156,7 @@ def train_model(
     variant: Variant | dict | None = None,
     meta: dict | None = None,
     restart_on_change: bool = False,
+    on_start: StartCallback | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_ds``, validate on ``val_ds``; write checkpoints into ``out_dir``.
 
@@ -149,11 +165,14 @@ def train_model(
     and training starts afresh.  ``variant`` (default: ``model.variant``, set by
     :func:`~speedstructure.model.build_model`) is stored in ``best.pt`` so the model can
     be rebuilt; ``device`` overrides ``cfg.device``.  Under ``torchrun`` only rank 0
-    writes files, and the returned ``val_pred`` is ``None`` on other ranks.
+    writes files, and the returned ``val_pred`` is ``None`` on other ranks.  ``on_start``
+    (rank 0) sees the state training starts from, before the first epoch; torch's CPU
+    threads are set from ``cfg.threads`` (:func:`~speedstructure.engine.runtime.set_threads`).
     """
     if variant is None:
         variant = getattr(model, "variant", None)
     dd, dev = setup_distributed(device if device is not None else cfg.device)
+    log_main(dd, "CPU threads: %d", set_threads(cfg.threads))
     try:
         out = Path(out_dir)
         if dd.main:
@@ -169,6 +188,7 @@ def train_model(
             restart_on_change=restart_on_change,
             on_epoch_end=on_epoch_end,
             amp_dtype=None if baseline else amp_dtype(cfg.amp, dev),
+            on_start=on_start,
         )
         if baseline:
             return fit_baseline(run, model, train_ds, val_ds)
@@ -221,7 +241,7 @@ class Trainer:
         )
         self.n_batches = len(self.loader)
         steps_per_epoch = math.ceil(self.n_batches / self.accum)
-        self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch, world=dd.world)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         self.ema = ModelEmaV3(model, decay=float(cfg.ema_decay))
         self.state = run.new_state(train_ds)
@@ -256,7 +276,9 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         run, cfg = self.run, self.run.cfg
-        if self._resume():
+        done = self._resume()
+        run.started(self.state)
+        if done:
             return finish(run, self.ema.module, self.val_ds, self.state)
         if run.dd.main:  # predictions of an earlier best model are stale once training goes on
             (run.out_dir / VAL_PREDS_NAME).unlink(missing_ok=True)
@@ -341,6 +363,14 @@ class Trainer:
             self.scaler.scale(loss / group_size).backward()
         return loss
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on one batch already on the device, no flip, no accumulation
+        (what ``speedstructure bench gpu`` times): forward, loss, backward, step; the loss."""
+        self.net.train()
+        loss = self._backward(x, y, 1, sync=True, where=(self.state.epoch, self.state.opt_steps))
+        self._optimizer_step()
+        return loss
+
     def _optimizer_step(self) -> None:
         """Clip, step (through the scaler), schedule, and update the EMA."""
         if self.clip > 0:
@@ -361,14 +391,14 @@ class Trainer:
         saved = run.saved_state(self.state.fingerprint)
         if saved is None:
             return False
-        self.model.load_state_dict(saved.model)
-        self.ema.module.load_state_dict(saved.ema)
-        self.optimizer.load_state_dict(saved.optimizer)
-        self.scheduler.load_state_dict(saved.scheduler)
-        if saved.scaler:
-            self.scaler.load_state_dict(saved.scaler)
-        if run.dd.rank < len(saved.rng):
-            set_rng_state(saved.rng[run.dd.rank])
+        try:
+            self._load_saved(saved)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"{run.out_dir / LAST_NAME}: does not fit this model ({reason}); "
+                "remove it to train afresh"
+            ) from exc
         self.state = _bookkeeping(saved, self.state)
         st = self.state
         if st.finished and st.stop_reason == "epochs" and cfg.epochs > st.epoch:
@@ -388,6 +418,17 @@ class Trainer:
             return True
         log_main(run.dd, "%s: resuming after epoch %d", run.out_dir, st.epoch)
         return False
+
+    def _load_saved(self, saved: TrainState) -> None:
+        """The saved weights, EMA, optimizer, schedule, scaler and this rank's RNG state."""
+        self.model.load_state_dict(saved.model)
+        self.ema.module.load_state_dict(saved.ema)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        if saved.scaler:
+            self.scaler.load_state_dict(saved.scaler)
+        if self.run.dd.rank < len(saved.rng):
+            set_rng_state(saved.rng[self.run.dd.rank])
 
     def save_epoch(self, row: dict, improved: bool) -> None:
         """``best.pt`` (when improved), ``last.pt`` and the history, on rank 0."""
@@ -469,7 +510,9 @@ def fit_baseline(
         )
         model.load_state_dict(saved.model)
         saved.stop_reason = saved.stop_reason or "fitted"
+        run.started(saved)
         return finish(run, model, val_ds, saved)
+    run.started(state)
     t0 = time.time()
     seed_everything(int(run.cfg.seed))
     fit_bar = progress_bar(targets(train_ds), "fit", enabled=run.progress, total=len(train_ds))
@@ -490,11 +533,11 @@ def fit_baseline(
         stop_reason="fitted",
     )
     if run.dd.main:
-        run.epoch_done(row)
         best = best_checkpoint(model.state_dict(), run.variant, run.cfg, 1, val, run.meta)
         save_checkpoint(best, run.out_dir / BEST_NAME)
         state.save(run.out_dir / LAST_NAME)
         log_main(run.dd, "depth_trend fitted on %d targets: val MAPE %.5f", len(train_ds), val)
+        run.epoch_done(row)  # after last.pt, as for trained models: a resumed run logs it
     return finish(run, model, val_ds, state)
 
 
@@ -541,15 +584,17 @@ def predict_dataset(
     device: torch.device,
     amp: torch.dtype | None = None,
     progress: bool = False,
+    tta: bool | None = None,
 ) -> np.ndarray:
     """float16 ``(N, 300, 1259)`` predictions of ``model`` on every sample of ``ds``
-    (``cfg``: ``val_batch_size``, ``num_workers``, ``tta_val``; ``amp``: autocast dtype)."""
+    (``cfg``: ``val_batch_size``, ``num_workers``; ``amp``: autocast dtype; ``tta``: flip
+    test-time augmentation, default ``cfg.tta_val``)."""
     model.eval()
     out = []
     loader = make_loader(ds, cfg.val_batch_size, num_workers=cfg.num_workers, device=device)
     for batch in progress_bar(loader, "predict val", enabled=progress, leave=False):
         with autocast(device, amp):
-            p = _predict(model, batch[0].to(device), bool(cfg.tta_val))
+            p = _predict(model, batch[0].to(device), bool(cfg.tta_val if tta is None else tta))
         out.append(p.float().cpu().numpy().astype(np.float16))
     return np.concatenate(out) if out else np.zeros((0, 300, 1259), np.float16)
 
@@ -580,9 +625,18 @@ def finish(run: Run, model: nn.Module, val_ds: Dataset | None, state: TrainState
         "seconds": round(state.seconds, 3),
         "stop_reason": state.stop_reason,
         "n_val": len(res.val_ids),
+        "val_preds": VAL_PREDS_MODE,
     }
     write_metrics(out / METRICS_NAME, metrics)
     return res
+
+
+def _saved_mode(metrics_path: Path) -> str | None:
+    """The ``val_preds`` mode recorded in a run's ``metrics.json`` (None: none readable)."""
+    try:
+        return json.loads(metrics_path.read_text()).get("val_preds")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _val_predictions(
@@ -591,14 +645,16 @@ def _val_predictions(
     """``val_preds.npz`` if it matches ``val_ds``, else the best model's predictions (saved)."""
     preds_path, best_path = run.out_dir / VAL_PREDS_NAME, run.out_dir / BEST_NAME
     ids = list(val_ds.sample_ids) if val_ds is not None else []
-    if preds_path.is_file():
+    if preds_path.is_file() and _saved_mode(run.out_dir / METRICS_NAME) == VAL_PREDS_MODE:
         pids, arr = load_val_preds(preds_path)
         if pids == ids:
             return pids, arr
     if best_path.is_file() and val_ds is not None and len(val_ds):
         model.load_state_dict(load_checkpoint(best_path)["model"])
         model.to(run.device)
-        pred = predict_dataset(model, val_ds, run.cfg, run.device, run.amp_dtype, run.progress)
+        # as the test is predicted (Ensemble.predict): float32, flip TTA; whatever the
+        # per-epoch validation's amp and tta_val, the tuned weights see test-like predictions
+        pred = predict_dataset(model, val_ds, run.cfg, run.device, None, run.progress, tta=True)
     else:
         pred = np.zeros((0, 300, 1259), np.float16)
     save_val_preds(preds_path, ids, pred)

@@ -136,10 +136,18 @@ def build_optimizer(
     return MuonAdamW(muon, rest, **{key: getattr(cfg, key) for key in OPTIMIZER_KEYS})
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, world: int = 1
+):
     """Cosine annealing with warm restarts (period ``T_0`` steps, floor ``min_lr``; ``T_0:
     null`` = one period over the whole cosine phase) for ``cosine_epochs`` epochs, then
-    constant ``const_factor x lr``.  Step once per optimizer step."""
+    constant ``const_factor x lr``.  Step once per optimizer step.
+
+    ``T_0`` counts the optimizer steps of one process.  Under ``torchrun`` with ``world``
+    processes each step consumes ``world`` times the samples, so the period is
+    ``T_0 / world`` steps (rounded, at least 1): it spans the same number of samples as on
+    one GPU (with the same ``batch_size`` and ``accum_steps``).  ``steps_per_epoch`` is
+    per process already, so the cosine phase ends after the same epochs in any case."""
     from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LambdaLR, SequentialLR
 
     factor = float(cfg.const_factor)
@@ -147,6 +155,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     cos_steps = int(cfg.cosine_epochs) * int(steps_per_epoch)
     if cos_steps <= 0:
         return constant
-    period = int(cfg.T_0) if cfg.T_0 else cos_steps  # null: one half-cosine over the phase
+    period = scaled_period(cfg.T_0, world) if cfg.T_0 else cos_steps  # null: the whole phase
     cosine = CosineAnnealingWarmRestarts(optimizer, T_0=max(1, period), eta_min=float(cfg.min_lr))
     return SequentialLR(optimizer, [cosine, constant], milestones=[cos_steps])
+
+
+def scaled_period(t0: int, world: int = 1) -> int:
+    """``T_0`` optimizer steps of one process as steps of ``world`` data-parallel processes
+    (the same number of samples): ``round(T_0 / world)``, at least 1."""
+    return max(1, int(int(t0) / max(1, int(world)) + 0.5))

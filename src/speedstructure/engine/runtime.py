@@ -10,6 +10,10 @@
   :func:`gather_rng_states` (one state per rank, for ``last.pt``).
 * :func:`progress_bar` (a tqdm bar on standard error, or the bare iterable) and
   :func:`log_main` (a diagnostic from rank 0 only).
+* :func:`set_threads` / :func:`resolve_threads`: torch's CPU thread budget, ``train.threads``
+  or (``null``) the cores this process may use divided by the training processes on the
+  machine (:func:`training_processes`), so that two trainings side by side do not
+  oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -192,3 +196,75 @@ def log_main(d: Dist, msg: str, *args) -> None:
     """An INFO diagnostic, from rank 0 only."""
     if d.main:
         log.info(msg, *args)
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+
+def _cmdlines() -> list[list[str]]:
+    """The argument vectors of the processes on this machine (Linux ``/proc``; [] elsewhere)."""
+    out = []
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        if raw:
+            out.append([a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")])
+    return out
+
+
+def is_training_command(argv: list[str]) -> bool:
+    """Whether ``argv`` runs ``speedstructure train`` (the console script or
+    ``python -m speedstructure.cli``, as ``torchrun`` starts each rank; not torchrun itself)."""
+    for i, arg in enumerate(argv):
+        script = os.path.basename(arg) == "speedstructure" or (
+            arg == "speedstructure.cli" and i > 0 and argv[i - 1] == "-m"
+        )
+        if script:
+            launcher_ok = all(a.startswith("-") for a in argv[1:i] if a != "speedstructure.cli")
+            rest = [a for a in argv[i + 1 :] if not a.startswith("-")]
+            return launcher_ok and bool(rest) and rest[0] == "train"
+    return False
+
+
+def training_processes() -> int:
+    """How many training processes share this machine (at least 1): the largest of
+    ``torchrun``'s ``LOCAL_WORLD_SIZE``, the DVC queue's workers (``dvc queue start -j N``)
+    and the ``speedstructure train`` processes running now."""
+    cmds = _cmdlines()
+    trainings = sum(is_training_command(c) for c in cmds)
+    queue_workers = sum(1 for c in cmds if "exp" in c and "queue-worker" in c)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, trainings, queue_workers, local_world)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(requested: int | None) -> int:
+    """``requested`` threads, or for ``None`` the usable cores divided by the training
+    processes on the machine (at least 1)."""
+    if requested is not None:
+        if int(requested) < 1:
+            raise UserError(f"train.threads must be a positive integer or null, got {requested}")
+        return int(requested)
+    return max(1, usable_cores() // training_processes())
+
+
+def set_threads(requested: int | None) -> int:
+    """Set torch's intra-op CPU threads to :func:`resolve_threads` of ``requested``; the count."""
+    n = resolve_threads(requested)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -14,6 +14,18 @@ metrics and plots (``paths.evaluate_metrics``, ``paths.evaluate_per_sample``,
 ``paths.evaluate_figure``) and logged to MLflow; the registered model version
 (``paths.registered``) gets a ``test_mape`` tag.
 
+The out-of-distribution test set (``data.ood_zip`` and ``data.ood_labels`` in
+``paths.data``, written by the generator with shifted priors, ``synth.ood``) is
+scored beside it the same way: predicted by the registered ensemble (the tuned
+ensemble file when nothing is registered) and by every run, its scores go under
+``ood`` in the metrics (MLflow: ``ood_`` prefix) and into the report as a second
+block.  Without those files (real data) it is skipped with a logged note.
+
+Without test targets (the challenge's real test set ships none) the stage does not fail:
+it records ``labels: none`` in the metrics (:func:`evaluate_without_labels`), writes the
+per-sample table (each prediction's mean velocity) and a figure of three predictions,
+leaves the submission as it is and exits 0; ``report`` says so.
+
 ``speedstructure report`` prints the table that ``make demo`` ends with.
 """
 
@@ -21,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -29,7 +42,7 @@ import numpy as np
 
 from speedstructure import cli
 from speedstructure.config import V_MAX, V_MIN, ConfigError, Params, load_params
-from speedstructure.errors import UserError
+from speedstructure.errors import DataError, UserError
 from speedstructure.fsutil import atomic_write_json, atomic_write_text
 from speedstructure.metrics import (
     lateral_r2,
@@ -43,6 +56,7 @@ DESCRIPTION = (
     "and the best single member; figures; MLflow."
 )
 _IMSHOW = {"aspect": "auto", "interpolation": "nearest"}
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -106,28 +120,44 @@ def predict_runs(
     import torch
     from tqdm import tqdm
 
-    from speedstructure.dataio import VP_SHAPE, ZipSamples
-    from speedstructure.ensemble import iter_batches, load_member
+    from speedstructure.ensemble import load_member
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preds = {}
     bar = tqdm(
         total=len(ids) * len(runs), desc="evaluate runs", unit="sample", disable=not progress
     )
-    with ZipSamples(test_zip) as z, torch.no_grad():
+    with torch.no_grad():
         for key, r in runs.items():
             model = load_member(r["checkpoint"], device)
-            out = preds[key] = np.empty((len(ids), *VP_SHAPE), np.float32)
-            i = 0
-            for chunk, x in iter_batches(z, ids, batch_size):
-                out[i : i + len(chunk)] = (
-                    model.predict(torch.from_numpy(x).to(device), tta=True).float().cpu().numpy()
-                )
-                i += len(chunk)
-                bar.update(len(chunk))
+            preds[key] = predict_zip(
+                lambda x, m=model: (
+                    m.predict(torch.from_numpy(x).to(device), tta=True).float().cpu().numpy()
+                ),
+                test_zip,
+                ids,
+                batch_size,
+                bar,
+            )
             del model
     bar.close()
     return preds
+
+
+def predict_zip(predict_fn, zip_path: Path, ids: list[str], batch_size: int, bar) -> np.ndarray:
+    """float32 (N, 300, 1259): ``predict_fn`` (gathers (B, 5, 10001, 31) -> velocities) over
+    the samples ``ids`` of a zip, batch by batch; ``bar`` (tqdm) counts them."""
+    from speedstructure.dataio import VP_SHAPE, ZipSamples
+    from speedstructure.ensemble import iter_batches
+
+    out = np.empty((len(ids), *VP_SHAPE), np.float32)
+    i = 0
+    with ZipSamples(zip_path) as z:
+        for chunk, x in iter_batches(z, ids, batch_size):
+            out[i : i + len(chunk)] = predict_fn(x)
+            i += len(chunk)
+            bar.update(len(chunk))
+    return out
 
 
 # --------------------------------------------------------------------------- scores
@@ -161,11 +191,9 @@ def _best_member(params: Params, runs, run_val: dict[str, float]) -> str:
 
 def target_groups(params: Params, truths: np.ndarray) -> np.ndarray:
     """The K-Means group (of the ``folds`` stage) of each test target."""
-    import joblib
+    from speedstructure.stages.folds import KMeansCentres, velocity_features
 
-    from speedstructure.stages.folds import velocity_features
-
-    km = joblib.load(params.path("kmeans"))
+    km = KMeansCentres.load(params.path("kmeans"))
     return km.predict(np.stack([velocity_features(t) for t in truths]))
 
 
@@ -245,14 +273,74 @@ def score(params: Params, truths, ens, runs, preds, base_keys) -> tuple[dict, di
     return metrics, columns
 
 
+# --------------------------------------------------------------------------- out of distribution
+
+
+def load_ood_set(params: Params) -> tuple[Path, list[str], np.ndarray] | None:
+    """``(zip, ids, targets)`` of the out-of-distribution test set (``data.ood_zip``,
+    ``data.ood_labels``); None, with a logged note, when either file is absent."""
+    from speedstructure.dataio import list_sample_ids
+
+    zip_path, labels_path = params.ood_paths()
+    absent = [str(p) for p in (zip_path, labels_path) if not p.is_file()]
+    if absent:
+        log.info("no out-of-distribution test set (%s absent): skipped", ", ".join(absent))
+        return None
+    with np.load(labels_path) as lab:
+        ids = sorted(lab.files)
+        truths = np.stack([lab[k].astype(np.float32) for k in ids])
+    missing = sorted(set(ids) - set(list_sample_ids(zip_path)))
+    if missing:
+        raise DataError(f"{zip_path}: no gathers for {len(missing)} target(s), e.g. '{missing[0]}'")
+    return zip_path, ids, truths
+
+
+def ensemble_predictor(params: Params):
+    """The ensemble's prediction function: the registered model (``paths.registered``), or
+    the tuned ensemble file (``paths.ensemble``) when nothing is registered."""
+    from speedstructure.stages.predict import load_predictor
+
+    for key in ("registered", "ensemble"):
+        if params.path(key).is_file():
+            return load_predictor(params.path(key), params)[0]
+    raise UserError(
+        f"{params.path('registered')}: no registered model (nor {params.path('ensemble')}) "
+        "to predict the out-of-distribution test set (run the register stage)"
+    )
+
+
+def evaluate_ood(params: Params, runs, base_keys, progress: bool = True) -> dict | None:
+    """The OOD test set scored like the test set (:func:`score`): the ensemble's
+    predictions (clipped to [V_MIN, V_MAX] like the submission), the baseline's and every
+    run's; None when there is no OOD set."""
+    from tqdm import tqdm
+
+    found = load_ood_set(params)
+    if found is None:
+        return None
+    zip_path, ids, truths = found
+    batch = int(params.evaluate.batch_size)
+    bar = tqdm(total=len(ids), desc="evaluate OOD", unit="sample", disable=not progress)
+    with bar:
+        ens = predict_zip(ensemble_predictor(params), zip_path, ids, batch, bar)
+    preds = predict_runs(runs, zip_path, ids, batch, progress)
+    metrics, _ = score(params, truths, np.clip(ens, V_MIN, V_MAX), runs, preds, base_keys)
+    return {"zip": zip_path.name, **metrics}
+
+
 def run_evaluate(params: Params, *, track: bool = True, progress: bool = True) -> dict[str, Any]:
     """Score the submission (see the module doc); writes the stage's files, returns the metrics."""
+    if not params.test_labels_path().is_file():  # real data: the challenge ships no test targets
+        return evaluate_without_labels(params, track=track)
     ids, truths, ens = load_test_set(params)
     runs = run_paths(params)
     base_keys = _baseline_runs(params, runs)
     test_zip = params.zip_path("test")
     preds = predict_runs(runs, test_zip, ids, int(params.evaluate.batch_size), progress)
     metrics, columns = score(params, truths, ens, runs, preds, base_keys)
+    ood = evaluate_ood(params, runs, base_keys, progress)
+    if ood is not None:
+        metrics["ood"] = ood
     reg_path = params.path("registered")
     if reg_path.is_file():
         metrics["registered"] = json.loads(reg_path.read_text())
@@ -306,11 +394,8 @@ def plot_cases(ids, truths, preds, scores, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _log_mlflow(params: Params, metrics: dict[str, Any], files: list[Path]) -> None:
-    import mlflow
-
-    from speedstructure import tracking
-
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics logged to MLflow (the OOD set's with an ``ood_`` prefix)."""
     flat = {
         "test_mape": metrics["ensemble_mape"],
         "baseline_mape": metrics["baseline_mape"],
@@ -324,33 +409,147 @@ def _log_mlflow(params: Params, metrics: dict[str, Any], files: list[Path]) -> N
     flat.update({f"group{g}_mape": v["ensemble"] for g, v in metrics["per_group"].items()})
     flat.update({f"depth_{band}_mape": v["ensemble"] for band, v in metrics["per_depth"].items()})
     flat.update({f"run_{k}_test_mape": v["test_mape"] for k, v in metrics["runs"].items()})
+    if "ood" in metrics:
+        flat.update({f"ood_{k}": v for k, v in flat_metrics(metrics["ood"]).items()})
+    return flat
+
+
+def _log_mlflow(params: Params, metrics: dict[str, Any], files: list[Path]) -> None:
+    import mlflow
+
+    from speedstructure import tracking
+
     tags = {"stage": "evaluate", "dvc_stage": "evaluate"}
     with tracking.start_run("evaluate", project=params, tags=tags):
-        tracking.log_metrics(flat)
+        tracking.log_metrics(flat_metrics(metrics))
         for f in files:
             mlflow.log_artifact(str(f), artifact_path="evaluate")
     reg = metrics.get("registered")
     if reg:
-        mlflow.MlflowClient().set_model_version_tag(
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(
             reg["name"], str(reg["version"]), "test_mape", f"{metrics['ensemble_mape']:.6f}"
         )
+        if "ood" in metrics:
+            mape = f"{metrics['ood']['ensemble_mape']:.6f}"
+            client.set_model_version_tag(reg["name"], str(reg["version"]), "ood_test_mape", mape)
+
+
+# --------------------------------------------------------------------------- without test labels
+
+NO_LABELS = "none"  # metrics["labels"] when there were no test targets to score against
+
+
+def evaluate_without_labels(params: Params, *, track: bool = True) -> dict[str, Any]:
+    """The stage on data without test targets (the challenge's test set): the submission is
+    described, not scored.  The metrics say ``labels: none``; the per-sample table holds
+    each prediction's mean velocity, the figure three predictions; MLflow logs the run."""
+    labels, sub_path = params.test_labels_path(), params.path("submission")
+    if not sub_path.is_file():
+        raise UserError(f"{sub_path}: submission (run the predict stage) not found")
+    with np.load(sub_path) as sub:
+        ids = sorted(sub.files)
+        preds = np.stack([sub[k].astype(np.float32) for k in ids]) if ids else None
+    if preds is None:
+        raise DataError(f"{sub_path}: the submission holds no predictions")
+    means = preds.mean(axis=(1, 2), dtype=np.float64)
+    metrics: dict[str, Any] = {
+        "labels": NO_LABELS,
+        "n_test": len(ids),
+        "note": f"{labels} not found: the submission is not scored",
+        "submission": str(sub_path),
+        "mean_velocity": float(means.mean()),
+    }
+    reg_path = params.path("registered")
+    if reg_path.is_file():
+        metrics["registered"] = json.loads(reg_path.read_text())
+    rows = ["sample_id,ensemble_mape,mean_velocity"]
+    rows += [f"{sid},,{m:.6f}" for sid, m in zip(ids, means, strict=True)]
+    files = [
+        atomic_write_json(params.path("evaluate_metrics"), metrics),
+        atomic_write_text(params.path("evaluate_per_sample"), "\n".join(rows) + "\n"),
+        plot_predictions(ids, preds, params.path("evaluate_figure")),
+    ]
+    log.info("evaluate: %s; %d predictions described, not scored", metrics["note"], len(ids))
+    if track:
+        _log_unlabelled(params, metrics, files)
+    return metrics
+
+
+def plot_predictions(ids, preds, path: Path) -> Path:
+    """The first, median and last predicted velocity models (no truth to compare with)."""
+    from matplotlib.figure import Figure
+
+    from speedstructure.plots import VELOCITY_CMAP, save_figure
+
+    picks = sorted({0, len(ids) // 2, len(ids) - 1})
+    fig = Figure(figsize=(3.2 * len(picks), 4), layout="constrained")
+    for ax, i in zip(fig.subplots(1, len(picks), squeeze=False)[0], picks, strict=True):
+        extent = (0, preds[i].shape[0], preds[i].shape[1], 0)
+        im = ax.imshow(
+            preds[i].T, cmap=VELOCITY_CMAP, vmin=V_MIN, vmax=V_MAX, extent=extent, **_IMSHOW
+        )
+        ax.set_title(f"{ids[i][:8]}: prediction", fontsize=9)
+        ax.set_xlabel("x (m)")
+        ax.set_ylabel("depth (m)")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle("test samples without labels: predictions only")
+    return save_figure(fig, path)
+
+
+def _log_unlabelled(params: Params, metrics: dict[str, Any], files: list[Path]) -> None:
+    import mlflow
+
+    from speedstructure import tracking
+
+    tags = {"stage": "evaluate", "dvc_stage": "evaluate", "labels": NO_LABELS}
+    with tracking.start_run("evaluate", project=params, tags=tags):
+        tracking.log_metrics(
+            {"n_test": metrics["n_test"], "mean_velocity": metrics["mean_velocity"]}
+        )
+        for f in files:
+            mlflow.log_artifact(str(f), artifact_path="evaluate")
+
+
+def _unlabelled_report(metrics: dict[str, Any], submission: str | None) -> str:
+    head = f"No test labels: {metrics['n_test']} test predictions, not scored ({metrics['note']})"
+    return "\n".join([head, *_report_footer(metrics, submission)])
+
+
+def _report_footer(metrics: dict[str, Any], submission: str | None) -> list[str]:
+    """The report's last lines: the submission and the registered version."""
+    lines = [f"submission: {submission}"] if submission else []
+    reg = metrics.get("registered")
+    if reg:
+        champ = "champion" if reg["champion"] else f"champion stays v{reg['champion_version']}"
+        lines.append(f"registered model: {reg['model_uri']} ({champ})")
+    return lines
 
 
 # --------------------------------------------------------------------------- report
 
 
 def format_report(metrics: dict[str, Any], submission: str | None = None) -> str:
+    if metrics.get("labels") == NO_LABELS:
+        return _unlabelled_report(metrics, submission)
+    lines = _mape_table(metrics, f"Test MAPE on {metrics['n_test']} samples")
+    ood = metrics.get("ood")
+    if ood:
+        title = f"Out-of-distribution test MAPE on {ood['n_test']} samples ({ood['zip']})"
+        lines += _mape_table(ood, title)
+    return "\n".join(lines + _report_footer(metrics, submission))
+
+
+def _mape_table(metrics: dict[str, Any], title: str) -> list[str]:
+    """One test set's block of the report: baseline, best single model, ensemble, ratio and
+    the structure figures."""
     rows = [
         ("depth-trend baseline", metrics["baseline_mape"]),
         (f"best single model ({metrics['best_single']['run']})", metrics["best_single_mape"]),
         ("ensemble (tuned weights, flip TTA)", metrics["ensemble_mape"]),
     ]
     width = max(len(r[0]) for r in rows)
-    lines = [
-        f"Test MAPE on {metrics['n_test']} samples",
-        f"  {'model':<{width}}  MAPE",
-        f"  {'-' * width}  -------",
-    ]
+    lines = [title, f"  {'model':<{width}}  MAPE", f"  {'-' * width}  -------"]
     lines += [f"  {name:<{width}}  {v:.5f}" for name, v in rows]
     lines.append(f"  ensemble / baseline = {metrics['ratio_to_baseline']:.3f}")
     if "lateral_r2" in metrics:  # evaluations before these figures existed lack them
@@ -360,13 +559,7 @@ def format_report(metrics: dict[str, Any], submission: str | None = None) -> str
             f"{metrics['oracle_mape']:.5f}; lateral structure R2_lat {metrics['lateral_r2']:.3f}; "
             f"water-floor depth error {metrics['water_floor_error_m']:.1f} m"
         )
-    if submission:
-        lines.append(f"submission: {submission}")
-    reg = metrics.get("registered")
-    if reg:
-        champ = "champion" if reg["champion"] else f"champion stays v{reg['champion_version']}"
-        lines.append(f"registered model: {reg['model_uri']} ({champ})")
-    return "\n".join(lines)
+    return lines
 
 
 # --------------------------------------------------------------------------- CLI

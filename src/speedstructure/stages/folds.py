@@ -11,7 +11,8 @@ they join every training fold and are never validated on.
 Settings: ``folds:`` in params.yaml; input ``paths.store``; outputs (``paths.*`` keys)::
 
     folds_table      sample_id, zip, split, group, fold
-    kmeans           the fitted K-Means (scikit-learn)
+    kmeans           the fitted K-Means as plain arrays (:class:`KMeansCentres`, an ``.npz``
+                     read without pickle: it travels through DVC remotes)
     folds_summary    sizes, inertia, group counts per fold (DVC metrics)
     group_counts     fold, group, count (DVC bar plot)
     folds_plots      group_counts.png, groups.png: the seed's exploratory figures
@@ -31,7 +32,7 @@ import pandas as pd
 
 from speedstructure.config import FoldsConfig, Params, as_plain, load_params
 from speedstructure.dataio import INDEX_NAME, StoreSamples
-from speedstructure.errors import UserError
+from speedstructure.errors import DataError, UserError
 from speedstructure.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,74 @@ def velocity_features(v: np.ndarray) -> np.ndarray:
     for axis in (0, 1):
         feats += [v.min(axis), v.max(axis), v.mean(axis), v.std(axis)]
     return np.concatenate(feats)
+
+
+class KMeansCentres:
+    """What ``predict`` of a fitted K-Means needs, stored as plain arrays.
+
+    ``predict`` is the nearest centre in Euclidean distance, as scikit-learn's
+    ``KMeans.predict``; the file is an ``.npz`` read with ``allow_pickle=False``, so a
+    crafted file cannot run code (a pickled scikit-learn model would).
+    """
+
+    FORMAT = 1
+
+    def __init__(self, centres: np.ndarray, inertia: float = float("nan")):
+        self.centres = np.asarray(centres)
+        self.inertia = float(inertia)
+
+    @classmethod
+    def from_sklearn(cls, km) -> KMeansCentres:
+        return cls(km.cluster_centers_, km.inertia_)
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.centres.shape[0])
+
+    def predict(self, feats: np.ndarray) -> np.ndarray:
+        """The index of the nearest centre of each row of ``feats``."""
+        x = np.asarray(feats, dtype=np.float64)
+        c = self.centres.astype(np.float64)
+        d2 = (x * x).sum(1)[:, None] - 2.0 * x @ c.T + (c * c).sum(1)[None, :]
+        return d2.argmin(axis=1)
+
+    def to_bytes(self) -> bytes:
+        """The ``.npz`` file: the same centres give the same bytes (fixed member timestamps)."""
+        import zipfile
+
+        from speedstructure.dataio import ZIP_EPOCH, npy_bytes
+
+        arrays = {
+            "format": np.int64(self.FORMAT),
+            "centres": self.centres,
+            "inertia": np.float64(self.inertia),
+        }
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, arr in arrays.items():
+                zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_EPOCH), npy_bytes(arr))
+        return buf.getvalue()
+
+    @classmethod
+    def load(cls, path: str | Path) -> KMeansCentres:
+        """The centres saved by the folds stage; anything else is a one-line error."""
+        path = Path(path)
+        hint = "; rerun the folds stage (dvc repro folds)"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                fmt, centres, inertia = int(z["format"]), z["centres"], float(z["inertia"])
+        except FileNotFoundError:
+            raise DataError(f"{path}: K-Means file not found{hint}") from None
+        except Exception as exc:  # not an npz, pickled content, missing keys, ...
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise DataError(
+                f"{path}: not a K-Means file of the folds stage ({reason}){hint}"
+            ) from exc
+        if fmt != cls.FORMAT or centres.ndim != 2 or centres.dtype.kind != "f":
+            raise DataError(f"{path}: not a K-Means file of the folds stage{hint}")
+        if not np.isfinite(centres).all():
+            raise DataError(f"{path}: K-Means centres are not finite{hint}")
+        return cls(centres, inertia)
 
 
 def assign_folds(groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
@@ -101,7 +170,7 @@ def _fit_kmeans(feats: np.ndarray, is_train: np.ndarray, cfg: FoldsConfig):
         )
     km = KMeans(n_clusters=k, n_init=10, random_state=int(cfg.kmeans_seed))
     km.fit(feats[is_train])
-    return km, km.predict(feats)
+    return KMeansCentres.from_sklearn(km), km.predict(feats)
 
 
 def _folds_of(groups: np.ndarray, is_train: np.ndarray, cfg: FoldsConfig) -> np.ndarray:
@@ -151,7 +220,7 @@ def summarize(table: pd.DataFrame, km) -> dict[str, Any]:
         "n_extended": int((table["fold"] < 0).sum()),
         "n_folds": int(val["fold"].nunique()),
         "k_groups": int(km.n_clusters),
-        "inertia": float(km.inertia_),
+        "inertia": float(km.inertia),
         "group_sizes": {
             int(g): int(c) for g, c in table["group"].value_counts().sort_index().items()
         },
@@ -205,11 +274,7 @@ def plot_group_examples(table: pd.DataFrame, store_path: Path, path: Path, per_g
 
 def write_outputs(params: Params, table: pd.DataFrame, km, summary: dict[str, Any]) -> list[Path]:
     """The fold table, K-Means, summary, group counts and the two figures; returns their paths."""
-    import joblib
-
-    buf = io.BytesIO()
-    joblib.dump(km, buf)
-    atomic_write_bytes(params.path("kmeans"), buf.getvalue())
+    atomic_write_bytes(params.path("kmeans"), km.to_bytes())
     written = [
         atomic_write_text(params.path("folds_table"), table.to_csv(index=False)),
         atomic_write_json(params.path("folds_summary"), summary),

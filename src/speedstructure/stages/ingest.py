@@ -19,16 +19,21 @@ and the reader live in :mod:`speedstructure.dataio`), which has the same
 costs one ``memcpy`` per array instead of a zip member lookup and a ``.npy``
 parse (``speedstructure bench store`` measures both).  The whole store is built
 in a temporary folder (:func:`speedstructure.fsutil.atomic_output`) and renamed into
-place at the end: a failed run leaves the previous store untouched.
+place at the end: a failed run leaves the previous store untouched, and the temporary
+folder of a killed run (``.store.tmp<pid>``) is removed by the next run.  The arrays'
+disk space is reserved before they are filled (:func:`reserve`), so a full disk is a
+one-line error naming the store, not a crash in the middle of a memory-mapped write.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import hashlib
 import io
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +90,22 @@ def _check_zips(handles: dict[str, ZipSamples]) -> None:
             seen[sid] = str(z.path)
 
 
+def reserve(path: Path) -> None:
+    """Allocate the disk blocks of the whole file ``path`` now (``posix_fallocate``): a full
+    disk raises ``OSError(ENOSPC)`` here instead of a SIGBUS when a page of its memory map
+    is written later.  Filesystems that cannot allocate ahead are left as they are."""
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - not POSIX
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _pack_split(folder: Path, z: ZipSamples, bar: tqdm) -> None:
     """Every sample of ``z``, validated, into ``folder/gathers.npy`` (and ``targets.npy``)."""
     n = len(z)
@@ -92,11 +113,13 @@ def _pack_split(folder: Path, z: ZipSamples, bar: tqdm) -> None:
     g = np.lib.format.open_memmap(
         folder / "gathers.npy", mode="w+", dtype=np.float32, shape=(n, len(SOURCES), *GATHER_SHAPE)
     )
+    reserve(folder / "gathers.npy")
     t = None
     if z.has_targets:
         t = np.lib.format.open_memmap(
             folder / "targets.npy", mode="w+", dtype=np.float32, shape=(n, *VP_SHAPE)
         )
+        reserve(folder / "targets.npy")
     for i, sid in enumerate(z.sample_ids):
         g[i] = z.read_gathers(sid)
         if t is not None:

@@ -8,7 +8,10 @@ the submission once, atomically (:class:`~speedstructure.submission.SubmissionWr
 default: ``paths.submission``), then validates it.  ``--model`` is an MLflow model
 URI (default: the ``champion`` alias of ``mlflow.registered_model``), a
 ``registered.json`` written by the ``register`` stage (its ``model_uri``; what the
-DVC stage uses, so it predicts exactly what was registered), or an ensemble file.
+DVC stage uses, so it predicts exactly what was registered), an ensemble file or a
+downloaded MLflow model folder.  A registered model is read by this package's code
+(:func:`speedstructure.ensemble.load_mlflow_model`), never by ``mlflow.pyfunc.load_model``,
+which would execute the Python code stored with it.
 """
 
 from __future__ import annotations
@@ -41,14 +44,21 @@ def load_predictor(model: str | os.PathLike, params: Params):
     """A callable ``gathers (B, 5, 10001, 31) -> (B, 300, 1259)`` and a description.
 
     ``model``: an MLflow model URI (``models:/...``, ``runs:/...``), a
-    ``registered.json`` (its ``model_uri``) or an ensemble file; files are relative
-    to the project root.
+    ``registered.json`` (its ``model_uri``), an ensemble file or an MLflow model folder;
+    files are relative to the project root.
     """
-    from speedstructure.ensemble import Ensemble, read_spec
+    from speedstructure.ensemble import Ensemble, load_mlflow_model, read_spec
 
     s = str(model)
     if not _is_uri(s):
         p = resolve_path(s, params.root)
+        if p.is_dir():
+            if (p / "MLmodel").is_file():
+                return load_mlflow_model(p).predict, f"MLflow model folder {p}"
+            raise UserError(
+                f"{p}: is a directory, not a model (give the register stage's JSON, an "
+                "ensemble .json, an MLflow model folder or a models:/ URI)"
+            )
         if not p.is_file():
             raise UserError(f"{p}: model file not found")
         try:
@@ -59,20 +69,27 @@ def load_predictor(model: str | os.PathLike, params: Params):
             ens = Ensemble(read_spec(p), root=params.root)
             return ens.predict, f"ensemble file {p}"
         s = doc["model_uri"]
-    return _load_pyfunc(s, params), s
+    return _load_registered(s, params), s
 
 
-def _load_pyfunc(uri: str, params: Params):
+def _load_registered(uri: str, params: Params):
+    """The ensemble of a registered model, downloaded and read without running its code."""
+    import tempfile
+
     import mlflow
 
     from speedstructure import tracking
+    from speedstructure.ensemble import load_mlflow_model
 
     tracking.setup(project=params)
-    try:
-        pyfunc = mlflow.pyfunc.load_model(uri)
-    except Exception as exc:  # MLflow raises its own types for unknown names/aliases
-        raise UserError(f"cannot load model '{uri}': {exc}") from exc
-    return lambda x: np.asarray(pyfunc.predict(np.asarray(x, dtype=np.float32)))
+    with tempfile.TemporaryDirectory(prefix="speedstructure-model-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        except Exception as exc:  # MLflow raises its own types for unknown names/aliases
+            reason = " ".join(str(exc).split())
+            raise UserError(f"cannot load model '{uri}': {reason}") from exc
+        ensemble = load_mlflow_model(local)  # checkpoints are in memory: the folder can go
+    return ensemble.predict
 
 
 def predict_to_submission(

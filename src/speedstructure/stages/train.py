@@ -14,9 +14,16 @@ stages run) is discarded.  Under ``torchrun`` every rank runs the command and ra
 writes the files.
 
 With MLflow (``--mlflow``, the default) the stage is one run: the variant and train
-settings as params, per-epoch train loss / validation MAPE / learning rate, the best
-checkpoint, history and the training-curve plot (``curves.png``, drawn in any case);
-tags variant, fold, git commit and DVC stage.
+settings as params, per-epoch train loss / validation MAPE / learning rate, the history
+and the training-curve plot (``curves.png``, drawn in any case); tags variant, fold, git
+commit, DVC stage and ``CUDA_VISIBLE_DEVICES``.  The checkpoint is not copied into MLflow:
+the run records a reference to the DVC-tracked ``best.pt`` (artifact
+``model/checkpoint.json`` and tags ``checkpoint_path``, ``checkpoint_md5``: its path and
+the MD5 that ``dvc.lock`` records), so each checkpoint is stored once by DVC and once in
+the registered model (:mod:`speedstructure.stages.register`).  An interrupted training
+that resumes continues its run (the run id is saved in ``last.pt``), and a tracking server
+that is unreachable for a while does not stop it (:class:`speedstructure.tracking.TrainingRun`).
+The run records ``train.threads`` as the CPU thread count actually used.
 """
 
 from __future__ import annotations
@@ -24,17 +31,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from pathlib import Path
 
 from speedstructure.config import Params, as_plain, load_params, resolve_path
-from speedstructure.engine.checkpoint import BEST_NAME, CURVES_NAME, HISTORY_NAME, METRICS_NAME
+from speedstructure.engine.checkpoint import CURVES_NAME, HISTORY_NAME, METRICS_NAME
 from speedstructure.engine.data import SampleDataset, read_folds_table, rows_in_store
-from speedstructure.engine.loop import EpochCallback, TrainResult, train_model
+from speedstructure.engine.loop import EpochCallback, StartCallback, TrainResult, train_model
 from speedstructure.engine.runtime import (
     is_main_process,
     launcher_local_rank,
     pick_device,
     seed_everything,
+    set_threads,
 )
+from speedstructure.fsutil import file_md5
 
 
 def run_training(
@@ -50,20 +60,22 @@ def run_training(
     restart_on_change: bool = False,
     progress: bool | None = None,
     on_epoch_end: EpochCallback | None = None,
+    on_start: StartCallback | None = None,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train variant ``variant`` of ``params`` on fold ``fold``.
 
     Samples are read from the zips named in the fold table (default:
     ``paths.folds_table``), or, with ``store``, from the ingested sample store (which
     must hold every sample of the table).  ``output`` defaults to
-    :meth:`Params.run_dir`; ``epochs``, ``device`` and ``progress`` override the
-    ``train`` settings.  Relative paths are relative to the project root.
+    :meth:`Params.run_dir`; ``epochs``, ``device``, ``progress`` and ``threads`` override
+    the ``train`` settings.  Relative paths are relative to the project root.
     """
     from speedstructure.model import build_model
 
     v = params.variant(variant)
     cfg = params.train_for(v)
-    overrides = {"epochs": epochs, "progress": progress}
+    overrides = {"epochs": epochs, "progress": progress, "threads": threads}
     cfg = dataclasses.replace(cfg, **{k: x for k, x in overrides.items() if x is not None})
     table = resolve_path(folds_table, params.root) if folds_table else params.path("folds_table")
     out = resolve_path(output, params.root) if output else params.run_dir(variant, fold)
@@ -72,6 +84,7 @@ def run_training(
         store_dir = resolve_path(store, params.root)
         train_rows, val_rows = rows_in_store(store_dir, table, train_rows, val_rows)
     dev_req = device if device is not None else cfg.device
+    set_threads(cfg.threads)
     seed_everything(int(cfg.seed))  # identical initial weights on every rank
     model = build_model(v, device=pick_device(dev_req, launcher_local_rank()), name=variant)
     train_ds, val_ds = SampleDataset(train_rows), SampleDataset(val_rows)
@@ -87,6 +100,7 @@ def run_training(
             variant=v,
             meta={"variant_name": variant, "fold": int(fold)},
             restart_on_change=restart_on_change,
+            on_start=on_start,
         )
     finally:
         train_ds.close()
@@ -97,10 +111,14 @@ def run_training_stage(
     params: Params, variant: str, fold: int, *, track: bool = True, **kw
 ) -> TrainResult:
     """:func:`run_training` as a pipeline stage: the training-curve plot, and on rank 0
-    with ``track`` an MLflow run around it (see the module docstring)."""
+    with ``track`` an MLflow run around it (see the module docstring).  ``train.threads``
+    is resolved here (:func:`~speedstructure.engine.runtime.resolve_threads`), so the run
+    records the count used."""
+    from speedstructure.engine.runtime import resolve_threads
     from speedstructure.plots import plot_training_curves
 
     title = f"{variant} fold {fold}"
+    kw.setdefault("threads", resolve_threads(params.train_for(variant).threads))
     if not (track and is_main_process()):
         res = run_training(params, variant, fold, **kw)
         if is_main_process():
@@ -111,7 +129,7 @@ def run_training_stage(
     v = params.variant(variant)
     logged = {
         "variant": {k: x for k, x in as_plain(v).items() if k != "train"},
-        "train": as_plain(params.train_for(v)),
+        "train": {**as_plain(params.train_for(v)), "threads": kw["threads"]},
     }
     run_name = f"{variant}-f{int(fold)}"
     tags = {
@@ -119,28 +137,44 @@ def run_training_stage(
         "variant": variant,
         "fold": int(fold),
         "dvc_stage": f"train@{run_name}",
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
     }
-    with tracking.start_run(run_name, params, tags=tags, params=logged):
-        res = run_training(params, variant, fold, on_epoch_end=_log_epoch, **kw)
+    run = tracking.TrainingRun(run_name, params, tags=tags, params=logged, metrics_of=epoch_metrics)
+    with run:  # one run per training, continued when it resumes (its id is in last.pt)
+        res = run_training(
+            params, variant, fold, on_start=run.attach, on_epoch_end=run.log_epoch, **kw
+        )
         curves = plot_training_curves(res.history, res.best_path.parent / CURVES_NAME, title)
-        _log_result(res, curves)
+        run.finish(lambda: _log_result(res, curves, params.root))
     return res
 
 
-def _log_epoch(row: dict) -> None:
-    from speedstructure import tracking
-
-    metrics = {
+def epoch_metrics(row: dict) -> dict:
+    """The MLflow metrics of one history row (logged at step ``row['epoch']``)."""
+    return {
         "train_loss": row["train_loss"],
         "val_mape": row["val_mape"],
         "lr": row["lr"],
         "epoch_seconds": row["seconds"],
     }
-    tracking.log_metrics(metrics, step=int(row["epoch"]))
 
 
-def _log_result(res: TrainResult, curves: os.PathLike) -> None:
-    """The run's summary metrics, stop reason, checkpoint and training files in MLflow."""
+def checkpoint_reference(path: Path, root: Path) -> dict:
+    """What a training run logs instead of a copy of its checkpoint: the DVC-tracked file's
+    path (relative to the checkout when inside it), its MD5 (the hash ``dvc.lock`` records
+    for it, so ``dvc checkout`` / ``dvc pull`` restore exactly it) and its size."""
+    path = Path(path).resolve()
+    try:
+        shown = path.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        shown = str(path)
+    return {"path": shown, "md5": file_md5(path), "bytes": path.stat().st_size}
+
+
+def _log_result(res: TrainResult, curves: os.PathLike, root: Path) -> None:
+    """The run's summary metrics, stop reason, training files and a reference to the
+    checkpoint in MLflow (the checkpoint itself is stored once: by DVC; the registered
+    model holds the one copy the registry needs)."""
     import mlflow
 
     from speedstructure import tracking
@@ -155,15 +189,20 @@ def _log_result(res: TrainResult, curves: os.PathLike) -> None:
     )
     mlflow.set_tag("stop_reason", res.stop_reason)
     out = res.best_path.parent
-    for name in (BEST_NAME, METRICS_NAME, HISTORY_NAME):
+    if res.best_path.is_file():
+        ref = checkpoint_reference(res.best_path, root)
+        mlflow.set_tags({"checkpoint_path": ref["path"], "checkpoint_md5": ref["md5"]})
+        mlflow.log_dict(ref, f"model/{CHECKPOINT_REF_NAME}")
+    for name in (METRICS_NAME, HISTORY_NAME):
         if (out / name).is_file():
-            folder = "model" if name == BEST_NAME else "training"
-            mlflow.log_artifact(str(out / name), artifact_path=folder)
+            mlflow.log_artifact(str(out / name), artifact_path="training")
     mlflow.log_artifact(str(curves), artifact_path="training")
 
 
 # --------------------------------------------------------------------------- CLI
 
+
+CHECKPOINT_REF_NAME = "checkpoint.json"  # the run's reference to best.pt (artifact model/...)
 
 _DESCRIPTION = (
     "Train a variant (params.yaml variants:) on fold K; resumes from OUTPUT/last.pt. "

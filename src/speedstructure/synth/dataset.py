@@ -7,13 +7,19 @@
 
     data/train.zip  data/train_extended_1.zip  data/train_extended_2.zip  data/test.zip
     data/test_labels.npz        # test targets keyed by sample id (scoring only)
+    data/test_ood.zip           # the out-of-distribution test set: gathers only
+    data/test_ood_labels.npz    # its targets
     data/synth_meta.json        # the synth params that made them
 
-Every sample has its own random stream derived from ``(seed, split, index)``,
+The out-of-distribution (OOD) test set (``synth.ood``, file names
+``data.ood_zip`` / ``data.ood_labels``) has its own seed and size and shifted
+prior ranges (``v_top``, ``v_bottom``, ``trend_power``, ``water_depth``);
+``synth.ood.n_test: 0`` writes none.  Every sample has its own random stream
+derived from ``(seed, split, index)`` (the OOD set: ``(ood.seed, 4, index)``),
 so the output does not depend on the number of worker processes, and the same
 seed gives byte-identical zips.  Sample ids (18 alphanumerics) are unique
-across all zips.  Generation runs in ``synth.workers`` processes with a
-progress bar.  ``synth_meta.json`` records :func:`config_digest` of the ``synth``
+across all zips, the OOD one included.  Generation runs in ``synth.workers``
+processes with a progress bar.  ``synth_meta.json`` records :func:`config_digest` of the ``synth``
 section: while it matches, ``speedstructure synth`` regenerates nothing.  Existing
 zips that this generator did not write (real challenge data, say) are never
 overwritten without ``--force``.
@@ -25,6 +31,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import string
 import time
 from collections import Counter
@@ -36,7 +43,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from speedstructure.config import SPLITS, SimParams, SynthConfig, as_plain, load_params
+from speedstructure.config import (
+    PRIOR_KEYS,
+    SPLITS,
+    DataConfig,
+    SimParams,
+    SynthConfig,
+    as_plain,
+    load_params,
+)
 from speedstructure.dataio import ZipWriter
 from speedstructure.errors import UserError
 from speedstructure.fsutil import atomic_output, atomic_write_json
@@ -50,17 +65,22 @@ SIZE_KEYS: dict[str, str] = {  # split -> the synth key with its number of sampl
 UNLABELLED = "test"  # the split whose zip holds no targets (they go to test_labels.npz)
 META_NAME = "synth_meta.json"
 LABELS_NAME = "test_labels.npz"
+OOD_SPLIT_INDEX = len(SPLITS)  # the OOD set's stream index, apart from every challenge split
 _ALPHABET = np.array(list(string.ascii_letters + string.digits))
+log = logging.getLogger(__name__)
 
 
-def make_sample_ids(seed: int, n: int) -> list[str]:
-    """``n`` unique 18-character alphanumeric ids, reproducible from ``seed``."""
+def make_sample_ids(
+    seed: int, n: int, exclude: set[str] | frozenset[str] = frozenset()
+) -> list[str]:
+    """``n`` unique 18-character alphanumeric ids, reproducible from ``seed``, none in
+    ``exclude``."""
     rng = np.random.default_rng([seed, 0x1D])
     ids: list[str] = []
     seen: set[str] = set()
     while len(ids) < n:
         sid = "".join(_ALPHABET[rng.integers(len(_ALPHABET), size=18)])
-        if sid not in seen:
+        if sid not in seen and sid not in exclude:
             seen.add(sid)
             ids.append(sid)
     return ids
@@ -68,6 +88,13 @@ def make_sample_ids(seed: int, n: int) -> list[str]:
 
 def sample_rng(seed: int, split_index: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, split_index, index])
+
+
+def ood_config(cfg: SynthConfig) -> SynthConfig:
+    """``cfg`` with the OOD set's seed and shifted prior ranges (``synth.ood``)."""
+    return dataclasses.replace(
+        cfg, seed=int(cfg.ood.seed), **{k: getattr(cfg.ood, k) for k in PRIOR_KEYS}
+    )
 
 
 def make_velocity(cfg: SynthConfig, split_index: int, index: int) -> tuple[str, np.ndarray]:
@@ -112,9 +139,16 @@ def outputs(out_dir: Path) -> list[Path]:
     ]
 
 
-def up_to_date(cfg: SynthConfig, out_dir: Path) -> bool:
+def ood_outputs(out_dir: Path, data: DataConfig | None = None) -> list[Path]:
+    """The OOD test set's zip and targets (``data.ood_zip``, ``data.ood_labels``)."""
+    data = data or DataConfig()
+    return [out_dir / data.ood_zip, out_dir / data.ood_labels]
+
+
+def up_to_date(cfg: SynthConfig, out_dir: Path, data: DataConfig | None = None) -> bool:
     meta = out_dir / META_NAME
-    if not all(p.exists() for p in outputs(out_dir)):
+    expected = outputs(out_dir) + (ood_outputs(out_dir, data) if cfg.ood.n_test > 0 else [])
+    if not all(p.exists() for p in expected):
         return False
     try:
         return json.loads(meta.read_text()).get("digest") == config_digest(cfg)
@@ -171,16 +205,16 @@ def _write_split(
     cfg: SynthConfig,
     split_index: int,
     ids: list[str],
-    out_dir: Path,
+    zip_path: Path,
     tally: _Tally,
     bar: tqdm,
+    labelled: bool,
 ) -> dict[str, Any]:
-    """Simulate one split's samples in ``pool`` and write its zip; returns its summary."""
-    name = SPLITS[split_index]
-    labelled = name != UNLABELLED
+    """Simulate one split's samples in ``pool`` and write its zip (with the targets if
+    ``labelled``, else into ``tally.labels``); returns its summary."""
     families: Counter[str] = Counter()
     jobs = [(cfg, split_index, i) for i in range(len(ids))]
-    with ZipWriter(out_dir / f"{name}.zip") as zw:
+    with ZipWriter(zip_path) as zw:
         for sid, (family, gathers, v) in zip(
             ids, pool.map(_make_sample, jobs, chunksize=1), strict=True
         ):
@@ -191,6 +225,32 @@ def _write_split(
     return {"samples": len(ids), "families": dict(sorted(families.items()))}
 
 
+def _save_labels(path: Path, labels: dict[str, np.ndarray]) -> None:
+    with atomic_output(path, suffix=".npz") as tmp:
+        np.savez(tmp, **labels)
+
+
+def _write_ood(
+    pool: Executor, cfg: SynthConfig, taken: list[str], out_dir: Path, data: DataConfig, bar: tqdm
+) -> dict[str, Any] | None:
+    """The OOD test set (``synth.ood``): its zip and targets, ids unlike any in ``taken``;
+    its summary (None, and stale files removed, when ``synth.ood.n_test`` is 0)."""
+    zip_path, labels_path = ood_outputs(out_dir, data)
+    if cfg.ood.n_test <= 0:
+        for p in (zip_path, labels_path):
+            if p.exists():
+                log.info("synth.ood.n_test is 0: removing the stale %s", p)
+                p.unlink()
+        return None
+    ood = ood_config(cfg)
+    ids = make_sample_ids(ood.seed, int(cfg.ood.n_test), exclude=frozenset(taken))
+    tally = _Tally()
+    info = _write_split(pool, ood, OOD_SPLIT_INDEX, ids, zip_path, tally, bar, labelled=False)
+    _save_labels(labels_path, tally.labels)
+    priors = {k: list(getattr(ood, k)) for k in PRIOR_KEYS}
+    return {"zip": zip_path.name, **info, "seed": ood.seed, "priors": priors, **tally.stats()}
+
+
 def generate(
     cfg: SynthConfig,
     out_dir: Path,
@@ -198,8 +258,10 @@ def generate(
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
+    data: DataConfig | None = None,
 ) -> dict[str, Any]:
-    """Write the four zips, the test labels and the metadata; returns the summary."""
+    """Write the four zips, the test labels, the OOD test set (``data`` names its files) and
+    the metadata; returns the summary."""
     from speedstructure.synth.simulate import check_sim
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +274,8 @@ def generate(
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"digest": config_digest(cfg), "seed": int(cfg.seed), "splits": {}}
     tally = _Tally()
-    bar = tqdm(total=total, desc="synth", unit="sample", disable=not progress)
+    n_all = total + max(int(cfg.ood.n_test), 0)
+    bar = tqdm(total=n_all, desc="synth", unit="sample", disable=not progress)
     start = 0
     with ProcessPoolExecutor(
         max_workers=workers, initializer=_init_worker, initargs=(sim,)
@@ -221,13 +284,22 @@ def generate(
             split_ids = ids[start : start + sizes[name]]
             start += sizes[name]
             summary["splits"][name] = _write_split(
-                pool, cfg, split_index, split_ids, out_dir, tally, bar
+                pool,
+                cfg,
+                split_index,
+                split_ids,
+                out_dir / f"{name}.zip",
+                tally,
+                bar,
+                labelled=name != UNLABELLED,
             )
+        ood = _write_ood(pool, cfg, ids, out_dir, data or DataConfig(), bar)
     bar.close()
-    with atomic_output(out_dir / LABELS_NAME, suffix=".npz") as tmp:
-        np.savez(tmp, **tally.labels)
+    _save_labels(out_dir / LABELS_NAME, tally.labels)
     summary.update(samples=total, seconds=round(time.perf_counter() - t0, 2), **tally.stats())
-    summary["samples_per_second"] = round(total / max(summary["seconds"], 1e-9), 3)
+    summary["samples_per_second"] = round(n_all / max(summary["seconds"], 1e-9), 3)
+    if ood is not None:
+        summary["ood"] = ood
     atomic_write_json(out_dir / META_NAME, summary)
     return summary
 
@@ -238,6 +310,15 @@ def format_summary(summary: dict[str, Any], out_dir: Path) -> str:
         fam = ", ".join(f"{k} {v}" for k, v in info["families"].items())
         lines.append(f"  {name + '.zip':<24} {info['samples']:>5} samples  ({fam})")
     lines.append(f"  {LABELS_NAME:<24} test targets for scoring")
+    ood = summary.get("ood")
+    if ood:
+        fam = ", ".join(f"{k} {v}" for k, v in ood["families"].items())
+        lines.append(f"  {ood['zip']:<24} {ood['samples']:>5} samples  ({fam})")
+        shifts = "; ".join(f"{k} {v}" for k, v in ood["priors"].items())
+        lines.append(
+            f"    out of distribution (seed {ood['seed']}, targets beside it): {shifts}; "
+            f"velocity mean {ood['velocity_mean']} km/s"
+        )
     lines.append(
         f"  velocity mean {summary['velocity_mean']} km/s, range [{summary['velocity_min']}, "
         f"{summary['velocity_max']}]; median gather std {summary['gather_std_median']}"
@@ -256,13 +337,18 @@ def _cmd(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     cfg = dataclasses.replace(params.synth, **overrides)
     out_dir = Path(args.output) if args.output else params.path("data")
-    if not args.force and up_to_date(cfg, out_dir):
+    if not args.force and up_to_date(cfg, out_dir, params.data):
         summary = json.loads((out_dir / META_NAME).read_text())
         print(format_summary(summary, out_dir))
         print("  (up to date with params.yaml: nothing regenerated; --force to redo)")
         return 0
     summary = generate(
-        cfg, out_dir, workers=args.workers, force=args.force, progress=not args.quiet
+        cfg,
+        out_dir,
+        workers=args.workers,
+        force=args.force,
+        progress=not args.quiet,
+        data=params.data,
     )
     print(format_summary(summary, out_dir))
     return 0

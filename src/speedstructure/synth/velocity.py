@@ -4,16 +4,22 @@ A model is float32 ``(300, 1259)`` in km/s: axis 0 is x (300 cells of 1 m),
 axis 1 is depth (1259 cells of 1 m).  Every model has
 
 * a water layer (``water_velocity``) on top whose gently curved floor lies
-  between ``water_depth[0]`` and ``water_depth[1]`` cells;
+  between ``water_depth[0]`` and ``water_depth[1]`` cells (its mean depth drawn
+  uniformly within them, its relief 6-45 m);
 * below it a stack of thin layers (about 10-60 m thick, dozens of them) whose
   boundaries are all offsets of one structural surface ``h(x)``: boundary k
   lies at ``z = offset_k + h(x)``.  A cell's layer is found from its
   "structural depth" ``u = z - h(x)`` (plus a fault throw or an intrusion's
   uplift where the family has one);
-* layer velocities that rise with structural depth from about 1.6-2.2 km/s
-  under the floor to about 3.9-4.5 km/s at the bottom, with per-layer noise, a
-  small per-layer lateral gradient and occasional inversions (a layer slower
-  than the one above).  The floor cuts the layers (an unconformity).
+* layer velocities that follow a trend in structural depth,
+  ``v_top + (v_bot - v_top) * t ** power`` with ``t`` from 0 under the floor
+  to 1 at the bottom, where ``v_top``, ``v_bot`` and ``power`` are drawn
+  uniformly from the ``v_top``, ``v_bottom`` and ``trend_power`` ranges
+  (params.yaml ``synth``; power < 1: fast rise under the floor then flat,
+  > 1: slow sediments deep down), with per-layer noise, a small per-layer
+  lateral gradient and occasional inversions (a layer slower than the one
+  above).  The floor cuts the layers (an unconformity).  Sediment is never
+  slower than water + 0.05 km/s.
 
 Families differ in ``h`` and in what is added to it:
 
@@ -178,7 +184,8 @@ def generate_velocity(rng: np.random.Generator, family: str, cfg: SynthConfig) -
     """One synthetic model, float32 ``(300, 1259)`` in km/s, clipped to [v_min, v_max].
 
     ``cfg`` is params.yaml's ``synth`` section (``v_min``, ``v_max``,
-    ``water_velocity``, ``water_depth`` are used).
+    ``water_velocity`` and the priors ``water_depth``, ``v_top``, ``v_bottom``,
+    ``trend_power`` are used).  The draws come in a fixed order from ``rng``.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown velocity family '{family}' (known: {', '.join(FAMILIES)})")
@@ -203,9 +210,9 @@ def generate_velocity(rng: np.random.Generator, family: str, cfg: SynthConfig) -
     centres = edges - thick[:n_layers] / 2
 
     # Velocity trend with depth, per-layer noise, inversions, lateral gradient.
-    v_top = rng.uniform(1.6, 2.2)
-    v_bot = rng.uniform(3.9, 4.5)
-    power = rng.uniform(0.6, 1.1)
+    v_top = rng.uniform(*cfg.v_top)
+    v_bot = rng.uniform(*cfg.v_bottom)
+    power = rng.uniform(*cfg.trend_power)
     t = np.clip((centres - u_top) / max(u_bot - u_top, 1.0), 0.0, 1.0)
     v_layer = v_top + (v_bot - v_top) * t**power
     v_layer += rng.normal(0.0, rng.uniform(0.03, 0.10), n_layers)
