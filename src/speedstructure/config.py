@@ -90,7 +90,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class FoldsConfig:
-    """K-Means groups of the training velocity models and the stratified folds (``folds:``)."""
+    """K-Means groups of the training velocity models and the stratified folds (``folds:``):
+    ``k_groups`` clusters, ``n_folds`` folds, their seeds, example models drawn per group."""
 
     k_groups: int = 6
     n_folds: int = 5
@@ -104,15 +105,17 @@ class MlflowConfig:
     """Experiment tracking (``mlflow:``); MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME override."""
 
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    retry_seconds: float = 600.0  # how long a finished training retries an unreachable server
     artifact_root: str = "mlruns/artifacts"
     experiment: str = "speedstructure"
     registered_model: str = "speedstructure-ensemble"
-    retry_seconds: float = 600.0  # how long a finished training retries an unreachable server
 
 
 @dataclass(frozen=True)
 class SimParams:
-    """Simulation settings of the synthetic data (``synth.sim``)."""
+    """Simulation settings of the synthetic data (``synth.sim``): grid spacing ``dx`` (m),
+    output interval ``dt`` (s), finite-difference order, absorbing cells, Ricker peak
+    frequency (Hz), and the delivered sampling (``record_dt`` s, ``n_time`` samples)."""
 
     dx: float = 5.0
     dt: float = 0.0005
@@ -153,14 +156,6 @@ class SynthConfig:
     n_extended_1: int = 60
     n_extended_2: int = 60
     n_test: int = 24
-    workers: int = 2
-    v_min: float = V_MIN
-    v_max: float = V_MAX
-    water_velocity: float = 1.5
-    water_depth: tuple[int, int] = (100, 450)
-    v_top: tuple[float, float] = (1.6, 2.6)
-    v_bottom: tuple[float, float] = (3.5, 4.5)
-    trend_power: tuple[float, float] = (0.5, 1.5)
     families: tuple[str, ...] = (
         "flat",
         "dipping",
@@ -169,6 +164,14 @@ class SynthConfig:
         "faulted",
         "intrusion",
     )
+    workers: int = 2
+    water_depth: tuple[int, int] = (100, 450)
+    v_top: tuple[float, float] = (1.6, 2.6)
+    v_bottom: tuple[float, float] = (3.5, 4.5)
+    trend_power: tuple[float, float] = (0.5, 1.5)
+    water_velocity: float = 1.5
+    v_min: float = V_MIN
+    v_max: float = V_MAX
     sim: SimParams = field(default_factory=SimParams)
     ood: SynthOodConfig = field(default_factory=SynthOodConfig)
 
@@ -198,11 +201,11 @@ class TrainConfig:
     const_factor: float = 0.02
     flip_prob: float = 0.5
     patience: int = 3
+    tta_val: bool = False
+    device: str = "auto"
     seed: int = 42
     num_workers: int = 0
     threads: int | None = None  # torch CPU threads; None: cores / training processes
-    tta_val: bool = False
-    device: str = "auto"
     progress: bool = True
     ddp_find_unused: bool = False
     grad_checkpointing: bool = False
@@ -624,6 +627,15 @@ def replace_checked(obj, overrides: dict[str, Any] | None, where: str):
     return build(type(obj), merged, where)
 
 
+# scalar type -> (what the error says it must be, the check); bools are not numbers here
+_SCALARS: dict[type, tuple[str, Any]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
 def coerce(value: Any, hint: Any, where: str) -> Any:
     """``value`` checked against type ``hint`` (ints pass as floats; lists become tuples)."""
     origin = typing.get_origin(hint)
@@ -637,21 +649,10 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         return value if isinstance(value, hint) else build(hint, value, where)
     if hint is Any:
         return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+    if hint in _SCALARS:
+        what, accepts = _SCALARS[hint]
+        if not accepts(value):
+            raise ConfigError(f"{where} must be {what}, got {value!r}")
         return value
     if origin is tuple:
         return _coerce_tuple(value, args, where)
