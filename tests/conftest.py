@@ -83,18 +83,23 @@ def tiny_zips(tmp_path_factory) -> dict[str, Path]:
     return _write_zips(tmp_path_factory.mktemp("tiny") / "data")
 
 
+# a two-block EVA02-tiny on 28 px images (2 x 2 tokens per source); module-level tests that
+# cannot take a fixture import it (`from conftest import TINY_VARIANT`)
+TINY_VARIANT: dict[str, Any] = {
+    "arch": "eva_fusion",
+    "backbone": TINY_BACKBONE,
+    "pretrained": "none",
+    "img_size": 28,
+    "depth": 2,
+    "split_at": 1,
+    "fusion": "dual",
+    "channel_heads": 4,
+    "fusion_heads": 2,
+}
+
+
 def _tiny_variant(**overrides: Any) -> dict[str, Any]:
-    cfg = {
-        "arch": "eva_fusion",
-        "backbone": TINY_BACKBONE,
-        "pretrained": "none",
-        "img_size": 28,
-        "depth": 2,
-        "split_at": 1,
-        "fusion": "dual",
-        "channel_heads": 4,
-        "fusion_heads": 2,
-    }
+    cfg = dict(TINY_VARIANT)
     cfg.update(overrides)
     return cfg
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import TINY_VARIANT
 from speedstructure import cli
 from speedstructure.config import V_MAX, V_MIN
 from speedstructure.dataio import GATHER_NAMES, FolderSamples, list_sample_ids, open_input
@@ -28,15 +29,7 @@ from speedstructure.stages.predict import (
 GSHAPE = (5, 10001, 31)
 VSHAPE = (300, 1259)
 SHIPPED = Path(__file__).resolve().parents[1] / "params.yaml"
-EVA = {  # a mean-fusion network (module-scoped, so not the conftest's tiny_variant)
-    "arch": "eva_fusion",
-    "backbone": "eva02_tiny_patch14_224.mim_in22k",
-    "pretrained": "none",
-    "img_size": 28,
-    "depth": 2,
-    "split_at": 1,
-    "fusion": "mean",
-}
+EVA = {**TINY_VARIANT, "fusion": "mean"}  # a mean-fusion network, for a module-scoped fixture
 IDS = ["FOLDERSAMPLE000001", "FOLDERSAMPLE000002", "FOLDERSAMPLE000003"]
 
 

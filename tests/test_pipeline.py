@@ -27,19 +27,13 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import TINY_VARIANT
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "arch": "eva_fusion",
-    "backbone": "eva02_tiny_patch14_224.mim_in22k",
-    "pretrained": "none",
-    "img_size": 28,
-    "depth": 2,
-    "split_at": 1,
-    "prior": "depth_trend",
-}
+TINY = {**TINY_VARIANT, "prior": "depth_trend"}  # fusion and heads are set per variant below
 
 
 def _env() -> dict[str, str]:
@@ -70,6 +64,12 @@ def run(
 
 def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     return run([str(BIN / "dvc"), *args], cwd, check)
+
+
+def _assert_valid_submission(project: Path) -> None:
+    cmd = ["validate-submission", "--submission", "submission/submission.npz"]
+    check = run([str(BIN / "speedstructure"), *cmd, "--test-zip", "data/test.zip"], project)
+    assert check.stdout.startswith("OK: 3 arrays")
 
 
 def tiny_params() -> dict:
@@ -189,18 +189,7 @@ def test_repro_builds_every_output(project, first_repro):
     # predicted by the registered model and scored beside the test set
     assert ev["ood"]["n_test"] == 2 and 0 < ev["ood"]["ensemble_mape"] < 1
     assert "Out-of-distribution test MAPE on 2 samples (test_ood.zip)" in report
-    check = run(
-        [
-            str(BIN / "speedstructure"),
-            "validate-submission",
-            "--submission",
-            "submission/submission.npz",
-            "--test-zip",
-            "data/test.zip",
-        ],
-        p,
-    )
-    assert check.stdout.startswith("OK: 3 arrays")
+    _assert_valid_submission(p)
     assert dvc("status", "-q", cwd=p, check=False).returncode == 0
 
 
@@ -460,18 +449,7 @@ def test_repro_on_data_without_test_labels_completes(project, first_repro):
     dvc("repro", cwd=project)
     ev = json.loads((project / "metrics/evaluate.json").read_text())
     assert ev["labels"] == "none" and ev["n_test"] == 3 and "not scored" in ev["note"]
-    check = run(
-        [
-            str(BIN / "speedstructure"),
-            "validate-submission",
-            "--submission",
-            "submission/submission.npz",
-            "--test-zip",
-            "data/test.zip",
-        ],
-        project,
-    )
-    assert check.stdout.startswith("OK: 3 arrays")
+    _assert_valid_submission(project)
     report = run([str(BIN / "speedstructure"), "report"], project).stdout
     assert report.startswith("No test labels: 3 test predictions, not scored")
     assert dvc("status", "-q", cwd=project, check=False).returncode == 0

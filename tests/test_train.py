@@ -264,26 +264,16 @@ def test_gradient_accumulation_matches_bigger_batch(data, tmp_path):
     # differences (1.3e-3 on a 3.7e-3 update of fusion.self_attn.out_proj on an AMD EPYC), so
     # the comparison is made where it is well posed: the AdamW group and the step counts.
     common = {"epochs": 1, "clip": 0.0, "eps": 1.0, "ema_decay": 0.9, "lr": 1e-2, "muon_lr": 0.0}
-    a = _run(
-        data,
-        tmp_path / "a",
-        _cfg(batch_size=2, accum_steps=1, **common),
-        train_idx=[0, 1],
-        val_idx=[2],
-    )
-    b = _run(
-        data,
-        tmp_path / "b",
-        _cfg(batch_size=1, accum_steps=2, **common),
-        train_idx=[0, 1],
-        val_idx=[2],
-    )
-    c = _run(
-        data,
-        tmp_path / "c",
-        _cfg(batch_size=1, accum_steps=1, **common),
-        train_idx=[0, 1],
-        val_idx=[2],
+    batching = {"a": (2, 1), "b": (1, 2), "c": (1, 1)}  # (batch_size, accum_steps)
+    a, b, c = (
+        _run(
+            data,
+            tmp_path / name,
+            _cfg(batch_size=bs, accum_steps=acc, **common),
+            train_idx=[0, 1],
+            val_idx=[2],
+        )
+        for name, (bs, acc) in batching.items()
     )
     sa, sb, sc = _load(a.last_path), _load(b.last_path), _load(c.last_path)
     assert sa["opt_steps"] == sb["opt_steps"] == 1 and sc["opt_steps"] == 2
