@@ -115,8 +115,17 @@ def file_md5(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """The MD5 of a file's content: what DVC records for it in ``dvc.lock`` / ``.dvc`` files."""
     import hashlib
 
-    h = hashlib.md5()
+    h = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def relative_path(path: str | os.PathLike, root: Path) -> str:
+    """``path`` relative to ``root`` in POSIX form (the absolute path when it lies outside)."""
+    full = Path(path).resolve()
+    try:
+        return full.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return full.as_posix()

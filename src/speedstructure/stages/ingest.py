@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import errno
-import hashlib
 import io
 import json
 import os
@@ -51,7 +50,7 @@ from speedstructure.dataio import (
     ZipSamples,
 )
 from speedstructure.errors import DataError
-from speedstructure.fsutil import atomic_output
+from speedstructure.fsutil import atomic_output, file_md5, relative_path
 
 INDEX_COLUMNS = ("sample_id", "zip", "split", "row", "has_target")
 STORE_FORMAT = 1
@@ -59,21 +58,6 @@ COMMAND_HELP = (
     "Read every member of data.zips (in paths.data) through the validating loader and write "
     "the memory-mapped sample store (paths.store)."
 )
-
-
-def _rel(p: Path, root: Path) -> str:
-    try:
-        return p.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(p.resolve())
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_zips(handles: dict[str, ZipSamples]) -> None:
@@ -138,7 +122,7 @@ def _index_csv(handles: dict[str, ZipSamples], root: Path) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(INDEX_COLUMNS)
     for split, z in handles.items():
-        zip_name = _rel(z.path, root)
+        zip_name = relative_path(z.path, root)
         w.writerows(
             (sid, zip_name, split, i, int(z.has_targets)) for i, sid in enumerate(z.sample_ids)
         )
@@ -150,9 +134,9 @@ def _manifest(handles: dict[str, ZipSamples], root: Path, seconds: float) -> dic
         "format": STORE_FORMAT,
         "splits": {
             s: {
-                "zip": _rel(z.path, root),
+                "zip": relative_path(z.path, root),
                 "samples": len(z),
-                "md5": _digest(z.path),
+                "md5": file_md5(z.path),
                 "has_targets": z.has_targets,
             }
             for s, z in handles.items()

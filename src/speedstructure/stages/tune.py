@@ -29,7 +29,7 @@ import numpy as np
 from speedstructure import cli
 from speedstructure.config import ConfigError, Params, TuneConfig, load_params
 from speedstructure.errors import DataError, UserError
-from speedstructure.fsutil import atomic_write_json, atomic_write_text
+from speedstructure.fsutil import atomic_write_json, atomic_write_text, relative_path
 from speedstructure.weights import (
     STRATEGIES,
     Scorer,
@@ -86,13 +86,6 @@ def optuna_storage(params: Params) -> str | Path:
     """``paths.optuna_db``: a SQLite file under the root, or a database URL as given."""
     db = params.paths.optuna_db
     return db if "://" in db else params.path("optuna_db")
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.resolve().as_posix()
 
 
 def _fold_targets(params: Params, fold: int) -> tuple[list[str], np.ndarray]:
@@ -169,7 +162,7 @@ def load_fold(params: Params, fold: int, members: list[tuple[str, str]]):
         first = first or (path, set(ids))
         if not np.isfinite(preds[k]).all():
             raise DataError(f"{path}: predictions contain non-finite values")
-        checkpoints.append(_rel(ckpt, params.root))
+        checkpoints.append(relative_path(ckpt, params.root))
     return ids, preds, targets, checkpoints
 
 
@@ -399,6 +392,6 @@ def _cmd(args: argparse.Namespace) -> int:
         weights = ", ".join(f"{m['variant']}={m['weight']:.3f}" for m in f["members"])
         held = ", ".join(f"{s} {v:.5f}" for s, v in f["heldout"].items())
         print(f"fold {f['fold']} ({f['n_val']} val): {weights}; held-out MAPE: {held}")
-    wrote = ", ".join(_rel(res["files"][k], params.root) for k in ("ensemble", "metrics"))
+    wrote = ", ".join(relative_path(res["files"][k], params.root) for k in ("ensemble", "metrics"))
     print(f"cv MAPE (held-out, tuned): {ens['cv_mape']:.5f}; wrote {wrote}")
     return 0
