@@ -15,91 +15,127 @@ DASHBOARD_PORT ?= 8080
 PROFILE ?= default
 GPUS ?= 0
 
-.PHONY: setup data demo repro train train-parallel weights tune predict evaluate report ui dashboard profile lint format test test-fast bench bench-gpu clean-venv
+.DEFAULT_GOAL := help
 
+.PHONY: help clean setup data demo repro train train-parallel weights tune predict evaluate refine report exp plots ui dashboard profile lint format test test-fast bench bench-gpu clean-venv
+
+help: ## this list (the default target)
+	@echo "speedstructure: make TARGET (README.md has the details)"
+	@awk -F':.*## ' '/^[a-z][a-z-]*:.*## / { printf "  make %-15s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+
+# Remove the pipeline's outputs (store, folds, models, ensemble, registry, submission, metrics,
+# reports, plots) and logs, bench results and dvc_plots/; data/, the venv and mlruns/ (the MLflow
+# and Optuna history) stay.  `dvc pull` or `dvc repro` brings the outputs back (the small ones
+# committed to git also `git checkout -- .`)
+clean: ## remove the pipeline outputs, logs, bench results, dvc_plots/ (not data/, mlruns/, .venv)
+	rm -rf store folds models ensemble registry submission metrics reports plots dvc_plots logs bench
+
+# Create the virtual environment and install the package (once; again when pyproject.toml changes)
 $(VENV)/.installed: pyproject.toml
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+# (and the page `dvc plots show` fills, vega inlined: .dvc/config plots.html_template)
+setup: $(VENV)/.installed ## create .venv and install the package (again when pyproject.toml changes)
+	@$(SS) plots-template --quiet
 
 # The synthetic dataset (skipped when the four zips are there and up to date), versioned by data.dvc.
-data: setup
+data: setup ## write the synthetic dataset into data/ (skipped when up to date) and dvc add it
 	$(SS) synth
 	$(DVC) add data
 
 # The whole job on the embedded default: the synthetic data if missing or stale (real zips
 # without data/synth_meta.json are left alone), the DVC pipeline, the test MAPE table.
-demo: setup
+demo: setup ## the whole job on the embedded default data, then the test-MAPE table
 	@if [ -f data/synth_meta.json ] || [ ! -f data/train.zip ]; then $(MAKE) --no-print-directory data; fi
 	$(DVC) repro
 	@$(SS) report
 
-repro: setup
+repro: setup ## dvc repro: run what changed
 	$(DVC) repro
 
 # Every training stage (and what they need), then their validation MAPE.
-train: setup
+train: setup ## every training stage, then their validation MAPE
 	$(DVC) repro train
 	$(DVC) metrics show models/*/fold_*/metrics.json
 
 # The pending training stages at once, one GPU each: make train-parallel GPUS="0 1 2 3"
 # (each through `dvc repro`, with CUDA_VISIBLE_DEVICES set; logs in logs/train-parallel/)
-train-parallel: setup
+train-parallel: setup ## pending training stages at once, one GPU each (GPUS="0 1 2 3")
 	$(SS) train-parallel --gpus $(GPUS)
 
 # The pretrained backbone weights, once, online (weights/*.safetensors, tracked by DVC)
-weights: setup
+weights: setup ## download the pretrained backbone weights once (online)
 	$(SS) fetch-weights
 
-tune: setup
+tune: setup ## the Optuna ensemble weights (and the training they need)
 	$(DVC) repro tune
 
-predict: setup
+predict: setup ## the submission from the registered model
 	$(DVC) repro predict
 
-evaluate: setup
+evaluate: setup ## the test evaluation, then the table
 	$(DVC) repro evaluate
 	@$(SS) report
 
-report: setup
+# Full-waveform refinement of the submission's predictions (the refine stage, off in the pipeline:
+# refine.enabled false): every test sample, or SAMPLES=N (the first N) / SAMPLES=id1,id2;
+# ITERATIONS=n overrides refine.iterations.  Writes submission/refined/ and metrics/refine.json
+refine: setup ## FWI refinement of the predictions, slow (SAMPLES=N|id,id ITERATIONS=n)
+	$(SS) refine --run $(if $(SAMPLES),--samples $(SAMPLES)) $(if $(ITERATIONS),--iterations $(ITERATIONS))
+
+report: setup ## print the test-MAPE table of the last evaluation
 	@$(SS) report
 
-# MLflow UI (runs, metrics, plots, artifacts, the model registry) on http://127.0.0.1:$(UI_PORT)
-ui: setup
+# The experiments of HEAD side by side (`dvc exp run -S KEY=VALUE` adds one): the ensemble's
+# CV, test, R2_lat and out-of-distribution figures and the parameters that differ, in 120
+# columns (`dvc metrics show` / `dvc metrics diff` have every metric, each run's included)
+exp: setup ## the experiments side by side in 120 columns (dvc exp show)
+	@$(DVC) exp show --no-pager --only-changed --drop 'Created|.*[/:]|[a-z0-9_]+$$|heldout\.' \
+		--keep '(cv_mape|test_mape|lateral_r2|ood_test_mape)$$'
+
+# Every plot (the training curves of all runs, the tuned weights, per-sample test MAPE,
+# the figures) in dvc_plots/index.html, readable offline
+plots: setup ## every plot in dvc_plots/index.html, readable offline
+	$(DVC) plots show
+
+# MLflow UI (runs, metrics, plots, artifacts, the model registry) on http://127.0.0.1:$(UI_PORT):
+# one server (2 processes); MLflow's job runner (huey consumers: 8 more processes, ~1.4 GB) is off
+ui: setup ## MLflow UI on http://127.0.0.1:5000 (UI_PORT=...)
 	@mkdir -p mlruns/artifacts
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --default-artifact-root $(CURDIR)/mlruns/artifacts \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+		$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --default-artifact-root $(CURDIR)/mlruns/artifacts \
 		--host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 # optuna-dashboard over the ensemble-weight studies on http://127.0.0.1:$(DASHBOARD_PORT)
-dashboard: setup
+dashboard: setup ## optuna-dashboard on http://127.0.0.1:8080 (DASHBOARD_PORT=...)
 	$(VENV)/bin/optuna-dashboard $(OPTUNA_DB) --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 # Switch params.yaml to another profile: make profile PROFILE=competition
-profile: setup
+profile: setup ## switch params.yaml to a profile (PROFILE=competition | default)
 	$(SS) profile $(PROFILE)
 
 # ruff (lint + format check) over the package and the tests
-lint: setup
+lint: setup ## ruff lint and format check
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
 # apply ruff's formatter and safe fixes
-format: setup
+format: setup ## apply ruff format and safe fixes
 	$(VENV)/bin/ruff format src tests
 	$(VENV)/bin/ruff check --fix src tests
 
 # everything, lint included (what CI runs: .ci/run)
-test: setup lint
+test: setup lint ## lint and every test (what CI runs)
 	$(PY) -m pytest -q
 
 # the development loop: lint and the fast tests (the slow end-to-end tests deselected)
-test-fast: setup lint
+test-fast: setup lint ## lint and the fast tests
 	$(PY) -m pytest -q -m "not slow"
 
-bench: setup
+bench: setup ## the CPU benchmarks into bench/*.json
 	@mkdir -p bench
 	$(SS) bench data --json bench/data.json
 	$(SS) bench store --json bench/store.json
@@ -107,9 +143,9 @@ bench: setup
 	$(SS) bench parallel --json bench/parallel.json
 
 # The competition variants' training path checked and timed on this machine's GPU
-bench-gpu: setup
+bench-gpu: setup ## the competition training path timed on this machine's GPU
 	@mkdir -p bench
 	$(SS) bench gpu --json bench/gpu.json
 
-clean-venv:
+clean-venv: ## remove .venv
 	rm -rf $(VENV)

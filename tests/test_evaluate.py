@@ -136,7 +136,12 @@ def test_run_evaluate_on_a_tiny_project(tmp_path, tiny_zips, tiny_params):
         ref(2.2), rel=1e-5
     )
     assert "registered" not in m
-    assert json.loads(params.path("evaluate_metrics").read_text()) == json.loads(json.dumps(m))
+    assert json.loads(params.path("evaluate_report").read_text()) == json.loads(json.dumps(m))
+    # the DVC metrics: only what experiments are compared on, under MLflow's names
+    lean = json.loads(params.path("evaluate_metrics").read_text())
+    assert lean == {k: E.flat_metrics(m)[k] for k in E.HEADLINE}
+    curves = params.path("training_curves").read_text().splitlines()
+    assert curves[0] == "run,epoch,train_loss,val_mape"  # every run's history.csv, one table
     # a prediction of 1.02 x the truth keeps 98 % of its lateral deviation: R2_lat = 1 - 0.02^2
     assert m["lateral_r2"] == pytest.approx(1 - 0.02**2, rel=1e-6)
     oracle = np.broadcast_to(g.mean(axis=1, keepdims=True), g.shape)
@@ -228,9 +233,11 @@ def test_evaluate_scores_the_ood_set_beside_the_test_set(tmp_path, tiny_zips, ti
     # 2.65 km/s from the surface down: the floor error is each truth's mean floor depth
     assert o["water_floor_error_m"] == pytest.approx(float(water_floor_depth(g).mean()))
     assert m["ensemble_mape"] == pytest.approx(0.02, rel=1e-4)  # the test set's, unchanged
-    assert json.loads(params.path("evaluate_metrics").read_text())["ood"] == json.loads(
+    assert json.loads(params.path("evaluate_report").read_text())["ood"] == json.loads(
         json.dumps(o)
     )
+    lean = json.loads(params.path("evaluate_metrics").read_text())
+    assert lean["ood_test_mape"] == o["ensemble_mape"] and "per_group" not in lean
     flat = E.flat_metrics(m)
     assert flat["ood_test_mape"] == o["ensemble_mape"] and flat["test_mape"] == m["ensemble_mape"]
     assert {"ood_baseline_mape", "ood_lateral_r2", "ood_water_floor_error_m"} <= set(flat)
@@ -302,7 +309,9 @@ def test_evaluate_without_test_labels_records_it_and_keeps_the_submission(
     m = E.run_evaluate(params, track=False, progress=False)
     assert m["labels"] == E.NO_LABELS and m["n_test"] == 3
     assert "test_labels.npz not found" in m["note"] and m["mean_velocity"] == pytest.approx(3.0)
-    assert json.loads(params.path("evaluate_metrics").read_text()) == m
+    assert json.loads(params.path("evaluate_report").read_text()) == m
+    lean = json.loads(params.path("evaluate_metrics").read_text())
+    assert lean == {"labels": "none", "n_test": 3}
     table = params.path("evaluate_per_sample").read_text().splitlines()
     assert table[0] == "sample_id,ensemble_mape,mean_velocity" and len(table) == 4
     assert params.path("evaluate_figure").stat().st_size > 0

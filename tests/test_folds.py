@@ -209,7 +209,8 @@ def test_stage_outputs(stage):
     assert set(val_counts) == {str(k) for k in range(N_FOLDS)}
     assert sum(sum(d.values()) for d in val_counts.values()) == 30
     counts = pd.read_csv(root / "folds" / "group_counts.csv")
-    assert list(counts.columns) == ["fold", "group", "count"]
+    assert list(counts.columns) == ["fold", "group", "bar", "count"]
+    assert counts["bar"].is_unique and "fold 0 / group 1" in set(counts["bar"])  # none merge
     assert counts["count"].sum() == 36
     assert counts.loc[counts["fold"] == "extended", "count"].sum() == 6
     assert set(counts["fold"]) == {"extended", *(f"fold {k}" for k in range(N_FOLDS))}

@@ -6,8 +6,9 @@ order on the same copy: the first `dvc repro` builds everything; a second does
 nothing; changing one variant's param reruns only that variant's training
 stages; each checkpoint is stored once in mlruns/ and linked from the DVC cache;
 `make train-parallel` runs two training stages at once, one "GPU" each; the
-MLflow UI serves the runs; a DVC remote round trip restores data and models;
-without test labels (as the real data comes) `dvc repro` still completes.
+MLflow UI serves the runs; a teammate's clone that pulls from a DVC remote has
+nothing to rerun and draws the plots offline; `make exp` compares an experiment in
+120 columns; without test labels (as the real data comes) `dvc repro` still completes.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ def _env() -> dict[str, str]:
 
 
 def run(
-    cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600
+    cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600, **env: str
 ) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    env = {**_env(), **env}
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
@@ -127,8 +129,11 @@ def project(tmp_path_factory) -> Path:
     run(["git", "init", "-q"], proj)
     dvc("init", "-q", cwd=proj)
     dvc("config", "core.analytics", "false", cwd=proj)
-    # the project's cache setting: links into the cache rather than copies where possible
-    dvc("config", "cache.type", dvc("config", "cache.type", cwd=ROOT).stdout.strip(), cwd=proj)
+    # the project's settings: links into the cache rather than copies where possible; the
+    # offline page of `dvc plots show` (written by `make setup`) and the plots' templates
+    for key in ("cache.type", "plots.html_template"):
+        dvc("config", key, dvc("config", key, cwd=ROOT).stdout.strip(), cwd=proj)
+    shutil.copytree(ROOT / ".dvc/plots", proj / ".dvc/plots")
     run(
         ["make", "--no-print-directory", "data"], proj
     )  # synth + `dvc add data`, as on a fresh clone
@@ -176,7 +181,7 @@ def test_repro_builds_every_output(project, first_repro):
     for f in ens["folds"]:
         assert {m["variant"] for m in f["members"]} == {"tiny_a", "tiny_b"}
         assert abs(sum(m["weight"] for m in f["members"]) - 1) < 1e-9
-    ev = json.loads((p / "metrics/evaluate.json").read_text())
+    ev = json.loads((p / "reports/evaluate.json").read_text())
     assert ev["n_test"] == 3 and 0 < ev["ensemble_mape"] < 1 and 0 < ev["baseline_mape"] < 1
     assert (
         ev["per_depth"]["0-150"]["baseline"] < ev["per_depth"]["150-300"]["baseline"]
@@ -260,7 +265,7 @@ def _reflinks(folder: Path) -> bool:
         dst.unlink(missing_ok=True)
 
 
-def test_champion_predicts_what_the_submission_holds(project, first_repro):
+def test_champion_predicts_what_the_submission_holds(project, first_repro, tmp_path):
     import mlflow
 
     from speedstructure.dataio import ZipSamples
@@ -269,7 +274,10 @@ def test_champion_predicts_what_the_submission_holds(project, first_repro):
     mv = client.get_model_version_by_alias("speedstructure-ensemble", "champion")
     reg = json.loads((project / "registry/registered.json").read_text())
     assert int(mv.version) == reg["version"] == 1 and reg["champion"]
-    model = mlflow.pyfunc.load_model("models:/speedstructure-ensemble@champion")
+    store = sorted((p, p.stat().st_mtime_ns) for p in (project / "mlruns").rglob("*"))
+    uri = "models:/speedstructure-ensemble@champion"
+    model = mlflow.pyfunc.load_model(uri, dst_path=str(tmp_path))  # as the model card says
+    assert sorted((p, p.stat().st_mtime_ns) for p in (project / "mlruns").rglob("*")) == store
     with ZipSamples(project / "data/test.zip") as z:
         sid = z.sample_ids[1]
         x = z.read_gathers(sid)
@@ -313,6 +321,24 @@ def test_editing_an_imported_module_marks_the_stages_that_import_it(project, fir
     finally:
         target.write_text(original)
     assert not json.loads(dvc("status", "--json", cwd=project).stdout)
+
+
+def _process_tree(pid: int) -> list[bytes]:
+    """The command lines of ``pid`` and its descendants."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True)
+    children: dict[int, list[int]] = {}
+    for line in out.stdout.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            tree.append(Path(f"/proc/{p}/cmdline").read_bytes())
+        except OSError:
+            continue
+    return tree
 
 
 def _free_port() -> int:
@@ -370,6 +396,9 @@ def test_make_ui_serves_the_runs_on_loopback(project, first_repro):
         assert body is not None, "MLflow UI did not answer"
         aliases = {a["alias"] for a in body["registered_model"].get("aliases", [])}
         assert "champion" in aliases
+        assert "# speedstructure-ensemble" in body["registered_model"]["description"]
+        tree = _process_tree(proc.pid)  # make, mlflow ui and its server: no job runner
+        assert len(tree) <= 3 and not [c for c in tree if b"huey" in c or b"_job_runner" in c]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
@@ -415,29 +444,110 @@ def test_a_second_repro_in_the_same_checkout_is_refused_with_dvc_lock(project, f
             os.kill(stage, signal.SIGCONT)
         out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out
-    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    ev = json.loads((project / "reports/evaluate.json").read_text())
     assert ev["n_test"] == 3
     assert dvc("status", "-q", cwd=project, check=False).returncode == 0
 
 
-def test_dvc_remote_round_trip(project, first_repro, tmp_path):
-    remote = tmp_path / "remote"
-    dvc("remote", "add", "-f", "-d", "local", str(remote), cwd=project)
+SHARED = [  # outputs a clone gets from the DVC remote (the rest of what it needs is in git)
+    "data/train.zip",
+    "store/manifest.json",
+    "store/train/gathers.npy",
+    "folds/folds.csv",
+    "models/tiny_a/fold_0/best.pt",
+    "models/tiny_a/fold_0/curves.png",
+    "ensemble/ensemble.json",
+    "submission/submission.npz",
+    "plots/evaluate/best_median_worst.png",
+]
+VERSIONED = [  # small text outputs committed to git (no timings)
+    "metrics/evaluate.json",
+    "metrics/tune.json",
+    "reports/evaluate.json",
+    "models/tiny_a/fold_0/metrics.json",
+    "models/tiny_a/fold_0/history.csv",
+    "plots/training.csv",
+    "plots/tune_weights.csv",
+    "folds/summary.json",
+    "registry/registered.json",
+]
+
+
+def test_a_clone_that_pulls_from_the_remote_has_nothing_to_rerun(project, first_repro, tmp_path):
+    """A teammate's `git clone` + `dvc pull` from a local remote: every output is back (small
+    text from git, the rest from the remote) and `dvc repro --dry` plans no stage."""
+    dvc("remote", "add", "-f", "-d", "local", str(tmp_path / "remote"), cwd=project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "the pipeline's outputs"], project)
+    assert run(["git", "status", "--porcelain"], project).stdout == ""
+    tracked = set(run(["git", "ls-files"], project).stdout.split())
+    assert set(VERSIONED) <= tracked and not set(SHARED) & tracked
+    assert not [f for f in tracked if f.endswith(("last.pt", ".pt", ".npy", ".png"))]
+    assert (
+        "seconds" not in (project / VERSIONED[3]).read_text() + (project / VERSIONED[4]).read_text()
+    )
     dvc("push", "-q", cwd=project)
-    tracked = [
-        project / "data" / "train.zip",
-        project / "models/tiny_a/fold_0/best.pt",
-        project / "folds/folds.csv",
-        project / "ensemble/ensemble.json",
-        project / "submission/submission.npz",
-    ]
-    before = {p: p.read_bytes() for p in tracked}
-    shutil.rmtree(project / ".dvc" / "cache")
-    for p in tracked:
-        p.unlink()
-    dvc("pull", "-q", cwd=project)
-    for p, data in before.items():
-        assert p.read_bytes() == data, p
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    dvc("pull", "-q", cwd=clone)
+    for rel in SHARED + VERSIONED:
+        assert (clone / rel).read_bytes() == (project / rel).read_bytes(), rel
+    dry = dvc("repro", "--dry", cwd=clone).stdout
+    assert "Running stage" not in dry, dry
+    status = dvc("status", cwd=clone)
+    assert "up to date" in status.stdout, status.stdout
+    # dvc metrics diff against HEAD works (the metrics are in git): nothing changed
+    assert dvc("metrics", "diff", "HEAD", "--json", cwd=clone).stdout.strip() in ("{}", "")
+    # and the plots, drawn offline: no script, style or image from outside
+    run([str(BIN / "speedstructure"), "plots-template"], clone)
+    dvc("plots", "show", "-o", "dvc_plots", cwd=clone)
+    page = (clone / "dvc_plots/index.html").read_text()
+    assert "vegaEmbed" in page and page.count("<img") >= 4  # the charts and the figures
+    assert external_urls(page) == [], external_urls(page)
+    charts = json.loads(dvc("plots", "show", "--json", cwd=clone).stdout)["data"]
+    curves = charts["plots/training.csv"][0]["content"]  # every run in one chart
+    assert {d["run"] for d in curves["data"]["values"]} == set(
+        yaml.safe_load((clone / "params.yaml").read_text())["runs"]
+    )
+    weights = charts["plots/tune_weights.csv"][0]["content"]["data"]["values"]
+    assert {w["member"] for w in weights} == {
+        f"{v} @ fold {k}" for v in ("tiny_a", "tiny_b") for k in (0, 1)
+    }
+
+
+def external_urls(html: str) -> list[str]:
+    """The http(s) URLs that ``html`` loads: src / href attributes and CSS url(...)."""
+    import re
+
+    attrs = re.findall(r"""(?:src|href)\s*=\s*["']?\s*((?:https?:)?//[^"'\s>]+)""", html, re.I)
+    return attrs + re.findall(r"""url\(\s*["']?((?:https?:)?//[^"')\s]+)""", html, re.I)
+
+
+def test_external_urls_finds_what_a_cdn_page_loads():
+    cdn = '<script src="https://cdn.jsdelivr.net/npm/vega@5"></script><a href="//x.org/a">'
+    assert external_urls(cdn) == ["https://cdn.jsdelivr.net/npm/vega@5", "//x.org/a"]
+    assert external_urls('<img src="static/a.png"><a href="#top">') == []
+
+
+def test_make_exp_shows_the_ensemble_test_mape_of_an_experiment_in_120_columns(
+    project, first_repro
+):
+    """One experiment with one changed parameter (only evaluate reruns) beside the workspace
+    and HEAD: `make exp` prints them with the ensemble's test MAPE, within 120 columns."""
+    out = dvc("exp", "run", "-S", "evaluate.batch_size=1", cwd=project).stdout
+    ran = {ln.split("'")[1] for ln in out.splitlines() if ln.startswith("Running stage")}
+    assert ran == {"evaluate"}, ran
+    table = run(["make", "--no-print-directory", "exp"], project, COLUMNS="120").stdout
+    lines = [ln.rstrip() for ln in table.splitlines() if ln.strip()]
+    assert max(map(len, lines)) <= 120 and "…" not in table, table
+    header = next(ln for ln in lines if "Experiment" in ln).split()
+    assert header[:3] == ["Experiment", "cv_mape", "test_mape"] and "evaluate.batch_size" in header
+    rows = [ln.split() for ln in lines if ln.split()[0] in ("workspace", "└──", "├──")]
+    assert len(rows) == 2, table  # the workspace and the experiment
+    for row in rows:
+        cells = row[3:] if row[0] != "workspace" else row[1:]
+        assert 0 < float(cells[1]) < 1, row  # test MAPE
+    print(table)  # pytest -s shows it
 
 
 def test_repro_on_data_without_test_labels_completes(project, first_repro):
@@ -447,7 +557,7 @@ def test_repro_on_data_without_test_labels_completes(project, first_repro):
         (project / "data" / name).unlink(missing_ok=True)  # as the real data comes
     dvc("add", "-q", "data", cwd=project)
     dvc("repro", cwd=project)
-    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    ev = json.loads((project / "reports/evaluate.json").read_text())
     assert ev["labels"] == "none" and ev["n_test"] == 3 and "not scored" in ev["note"]
     _assert_valid_submission(project)
     report = run([str(BIN / "speedstructure"), "report"], project).stdout

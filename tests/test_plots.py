@@ -97,3 +97,32 @@ def test_plot_velocity_grid(tmp_path):
     _check_png(out)
     with pytest.raises(ValueError):
         plot_velocity_grid(models, ["one title"], tmp_path / "bad.png")
+
+
+def test_figures_are_world_readable_and_a_fitted_baseline_gets_one_panel(tmp_path):
+    import os
+    import stat
+
+    from matplotlib.image import imread
+
+    from speedstructure.plots import plot_training_curves
+
+    old = os.umask(0o022)
+    try:
+        trained = plot_training_curves(
+            [
+                {"epoch": 1, "train_loss": 0.1, "val_mape": 0.09, "lr": 1e-3},
+                {"epoch": 2, "train_loss": 0.08, "val_mape": 0.07, "lr": 5e-4},
+            ],
+            tmp_path / "trained.png",
+        )
+        fitted = plot_training_curves(
+            [{"epoch": 0, "train_loss": float("nan"), "val_mape": 0.1, "lr": 0.0}],
+            tmp_path / "fitted.png",
+        )
+    finally:
+        os.umask(old)
+    for path in (trained, fitted):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    # the baseline's figure is one panel (not a dot beside an lr = 0 panel): narrower
+    assert imread(fitted).shape[1] < imread(trained).shape[1]

@@ -174,6 +174,22 @@ def test_split_half_never_scores_on_tuned_samples():
         W.split_half_report(preds[:, :1], truth[:1], names, None, n_trials=5, seed=1, split_seed=3)
 
 
+def test_optuna_parameters_are_named_by_member_without_changing_the_result():
+    """optuna-dashboard shows parameter names: ``u_<member>``, the weights as user attributes
+    ``w_<member>``; TPE draws in suggestion order, so the names change no number."""
+    preds, truth = _problem(n=6)
+    names = ["tiny_dual42", "tiny_single4", "baseline_depth_trend"]
+    w_named, named = W.fit_weights(preds, truth, n_trials=15, seed=2, names=names)
+    w_plain, plain = W.fit_weights(preds, truth, n_trials=15, seed=2)
+    np.testing.assert_array_equal(w_named, w_plain)
+    assert [t.value for t in named.trials] == [t.value for t in plain.trials]
+    assert list(named.trials[3].params) == [f"u_{n}" for n in names]
+    best = named.best_trial.user_attrs
+    assert [best[f"w_{n}"] for n in names] == pytest.approx(w_named.tolist())
+    with pytest.raises(W.TuneError, match="unique"):
+        W.fit_weights(preds, truth, n_trials=2, seed=0, names=["a", "a", "b"])
+
+
 def test_study_resumes_by_name(tmp_path, caplog):
     preds, truth = _problem(n=4)
     db = tmp_path / "sub" / "optuna.db"
@@ -314,13 +330,16 @@ def test_run_tune_end_to_end(tmp_path, shared_data, tiny_params, monkeypatch):
         for m, e in zip(f["members"], np.eye(2), strict=True):
             assert m["val_mape"] == pytest.approx(_ref_mape(preds, tgt, e), rel=1e-5)
     assert ens["cv_mape"] == pytest.approx(np.mean([f["heldout"]["tuned"] for f in ens["folds"]]))
-    metrics = json.loads(params.path("tune_metrics").read_text())
+    lean = json.loads(params.path("tune_metrics").read_text())  # the DVC metrics
+    assert set(lean) == {"cv_mape", "heldout"} and lean["cv_mape"] == pytest.approx(ens["cv_mape"])
+    metrics = json.loads(params.path("tune_report").read_text())  # the detail
     assert metrics["cv_mape"] == pytest.approx(ens["cv_mape"])
     assert set(metrics["folds"]) == {"fold0", "fold1"}
     assert set(metrics["heldout"]) == {"best_single", "equal", "hand", "tuned"}
     assert metrics["heldout"]["tuned"] == pytest.approx(ens["cv_mape"])
     csv_rows = params.path("tune_weights").read_text().splitlines()
-    assert csv_rows[0] == "fold,variant,weight" and len(csv_rows) == 5
+    assert csv_rows[0] == "fold,variant,member,weight" and len(csv_rows) == 5
+    assert csv_rows[1].startswith("0,tiny_a,tiny_a @ fold 0,")  # one bar per fold and member
     assert params.path("tune_plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert params.path("optuna_db").is_file()
 

@@ -59,9 +59,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "predict a zip or folder of samples into a submission .npz",
     ),
     "evaluate": ("speedstructure.stages.evaluate", "score the submission against the test targets"),
+    "qc": (
+        "speedstructure.stages.qc",
+        "re-simulate every prediction and compare with its gathers (physics consistency)",
+    ),
+    "refine": (
+        "speedstructure.stages.refine",
+        "refine predictions by full-waveform inversion (optional, slow)",
+    ),
     "report": (
         "speedstructure.stages.evaluate",
         "print the test MAPE table of the last evaluation",
+    ),
+    "relocate-mlruns": (
+        "speedstructure.tracking",
+        "point a moved or copied checkout's MLflow store at its own artifacts",
     ),
     "validate-submission": (
         "speedstructure.submission",
@@ -90,6 +102,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-parallel": (
         "speedstructure.parallel",
         "run the pending training stages concurrently, one GPU each",
+    ),
+    "plots-template": (
+        "speedstructure.dvcplots",
+        "write the page `dvc plots show` fills, with the vega libraries inlined (offline)",
     ),
 }
 

@@ -64,14 +64,26 @@ class PathsConfig:
     parallel_logs: str = "logs/train-parallel"
     ensemble: str = "ensemble/ensemble.json"
     tune_metrics: str = "metrics/tune.json"
+    tune_report: str = "reports/tune.json"
     tune_weights: str = "plots/tune_weights.csv"
     tune_plot: str = "plots/tune_heldout.png"
     optuna_db: str = "mlruns/optuna.db"
     registered: str = "registry/registered.json"
     submission: str = "submission/submission.npz"
     evaluate_metrics: str = "metrics/evaluate.json"
+    evaluate_report: str = "reports/evaluate.json"
+    training_curves: str = "plots/training.csv"
     evaluate_per_sample: str = "plots/evaluate/per_sample.csv"
     evaluate_figure: str = "plots/evaluate/best_median_worst.png"
+    uncertainty: str = "submission/uncertainty.npz"
+    calibration_metrics: str = "metrics/calibration.json"
+    uncertainty_metrics: str = "metrics/uncertainty.json"
+    uncertainty_figure: str = "plots/evaluate/uncertainty.png"
+    qc_metrics: str = "metrics/qc.json"
+    qc_table: str = "plots/qc/per_sample.csv"
+    qc_figure: str = "plots/qc/worst_gathers.png"
+    refined: str = "submission/refined"
+    refine_metrics: str = "metrics/refine.json"
 
 
 SPLITS: tuple[str, ...] = ("train", "train_extended_1", "train_extended_2", "test")
@@ -219,6 +231,7 @@ HEAD_RESIZES = ("area", "linear")
 LAYOUTS = ("fold", "time_receiver")
 AMPLITUDES = ("linear", "signlog")
 HEADS = ("rows", "grid")
+FLOORS = ("learned", "picked")  # the water floor: see Variant.floor
 NORMS = ("batch", "group", "none")
 PRIORS = ("none", "depth_trend")
 AMPS = ("none", "bf16", "fp16")
@@ -237,6 +250,9 @@ class Variant:
     v_min: float = V_MIN
     v_max: float = V_MAX
     tta_flip: str = "consistent"
+    # learned: as predicted | picked: predict() moves each column to the floor picked from the
+    # gathers (seafloor.py)
+    floor: str = "learned"
     input_scale: float = 1.0e3
     train: dict[str, Any] = field(default_factory=dict)  # overrides of the train section
 
@@ -334,6 +350,44 @@ class EvaluateConfig:
     focus_band: tuple[int, int] = (300, 900)
 
 
+@dataclass(frozen=True)
+class UncertaintyConfig:
+    """The calibrated intervals (``uncertainty:``, :mod:`speedstructure.uncertainty`): nominal
+    coverage, bands (m below the predicted water floor), score scale, histogram resolution."""
+
+    coverage: float = 0.9
+    bands: tuple[int, ...] = (0, 50, 150, 300, 500, 750, 1259)
+    scale: str = "relative"
+    resolution: float = 1.0e-4
+
+
+@dataclass(frozen=True)
+class QcConfig:
+    """The physics check (``qc:``, :mod:`speedstructure.physics`): the mute after the direct
+    arrival and its taper (s), the low-pass (Hz), the AGC window (s), figure rows."""
+
+    mute_after: float = 0.1
+    taper: float = 0.05
+    lowpass_hz: float = 12.0
+    rolloff_hz: float = 4.0
+    agc_window: float = 0.2
+    worst_samples: int = 3
+    threads: int | None = 1
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """The optional FWI refinement (``refine:``, :mod:`speedstructure.fwi`)."""
+
+    enabled: bool = False
+    samples: int | None = None  # the first N test samples (None: all)
+    iterations: int = 4
+    grid_m: int = 20
+    step: float = 0.05
+    max_halvings: int = 3
+    threads: int | None = 1
+
+
 SECTIONS: dict[str, type] = {
     "paths": PathsConfig,
     "data": DataConfig,
@@ -345,6 +399,9 @@ SECTIONS: dict[str, type] = {
     "tune": TuneConfig,
     "predict": PredictConfig,
     "evaluate": EvaluateConfig,
+    "uncertainty": UncertaintyConfig,
+    "qc": QcConfig,
+    "refine": RefineConfig,
 }
 
 
@@ -366,6 +423,9 @@ class Params:
     tune: TuneConfig = field(default_factory=TuneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
+    qc: QcConfig = field(default_factory=QcConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = PARAMS_FILE
 
@@ -520,7 +580,7 @@ def parse_variant(raw: Any, where: str = "variant") -> Variant:
 def _check_variant(v: Variant, where: str) -> None:
     if not float(v.v_min) < float(v.v_max):
         raise ConfigError(f"{where}: v_min must be below v_max")
-    choices: list[tuple[str, tuple[str, ...]]] = [("tta_flip", FLIP_MODES)]
+    choices: list[tuple[str, tuple[str, ...]]] = [("tta_flip", FLIP_MODES), ("floor", FLOORS)]
     if isinstance(v, EvaFusionVariant):
         choices += [
             ("layout", LAYOUTS),
@@ -547,6 +607,9 @@ def _check_references(p: Params) -> None:
     src = p.source
     _check_choice(p.train.amp, AMPS, f"{src}: train.amp")
     _check_choice(p.train.device, DEVICES, f"{src}: train.device")
+    _check_choice(p.uncertainty.scale, ("relative", "absolute"), f"{src}: uncertainty.scale")
+    if not 0 < p.uncertainty.coverage < 1:
+        raise ConfigError(f"{src}: uncertainty.coverage must be in (0, 1)")
     for name in p.variants:
         t = p.train_for(name)
         _check_choice(t.amp, AMPS, f"{src}: variants.{name}.train.amp")

@@ -66,6 +66,7 @@ from speedstructure.config import (
 )
 from speedstructure.dataio import GATHER_SHAPE, SOURCES, VP_SHAPE
 from speedstructure.errors import UserError
+from speedstructure.seafloor import with_picked_floor
 
 __all__ = [
     "ARCHS",
@@ -123,6 +124,12 @@ def flip_target(y):
     return torch.flip(y, dims=(-2,))
 
 
+def impose_picked_floor(pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``pred`` with the water floor picked from the gathers ``x`` imposed (seafloor.py)."""
+    fixed = with_picked_floor(pred.float().cpu().numpy(), x.float().cpu().numpy())
+    return torch.from_numpy(fixed).to(device=pred.device, dtype=pred.dtype)
+
+
 def _median(preds: list[torch.Tensor]) -> torch.Tensor:
     """Element-wise median; for an even count the mean of the two middle values."""
     if len(preds) == 1:
@@ -148,6 +155,7 @@ class VelocityModel(nn.Module):
         self.v_min = float(variant.v_min)
         self.v_max = float(variant.v_max)
         self.tta_flip = variant.tta_flip
+        self.floor = variant.floor
         self.input_scale = float(variant.input_scale)
         self.prior = prior
         if prior == "depth_trend":
@@ -182,7 +190,8 @@ class VelocityModel(nn.Module):
         self, x: torch.Tensor, tta: bool = True, flip_mode: str | None = None
     ) -> torch.Tensor:
         """Velocities ``(B, 300, 1259)`` in eval mode; with ``tta`` the median of the plain
-        prediction and the flipped-back prediction of the flipped input."""
+        prediction and the flipped-back prediction of the flipped input; with the variant's
+        ``floor: picked`` each column moved to the water floor picked from ``x``."""
         was_training = self.training
         self.eval()
         try:
@@ -190,9 +199,12 @@ class VelocityModel(nn.Module):
             if tta:
                 mode = flip_mode or self.tta_flip
                 preds.append(flip_target(self(flip_inputs(x, mode))))
-            return _median(preds)
+            pred = _median(preds)
         finally:
             self.train(was_training)
+        if self.floor == "picked":
+            pred = impose_picked_floor(pred, x)
+        return pred
 
     @staticmethod
     def _check_input(x: torch.Tensor) -> None:
@@ -776,6 +788,7 @@ def model_summary(name: str, params: Params) -> dict[str, Any]:
         "(matmul, convolution, attention; 2 FLOPs per multiply-add)"
     )
     out["tta_flip"] = v.tta_flip
+    out["floor"] = v.floor
     return out
 
 
@@ -811,6 +824,7 @@ _SUMMARY_KEYS = (
     "image_shape_per_source",
     "token_grid",
     "tta_flip",
+    "floor",
 )
 
 

@@ -66,6 +66,27 @@ def _velocity_panel(
     return im
 
 
+def section_row(fig: Figure, axes: Sequence, panels: Sequence[tuple]) -> None:
+    """One row of (depth, x) sections: ``panels`` are ``(image (300, 1259), title, cmap,
+    (vmin, vmax), unit)``, each drawn on its axis with a colour bar labelled ``unit``."""
+    for col, (img, title, cmap, (lo, hi), unit) in enumerate(panels):
+        ax = axes[col]
+        extent = (0, img.shape[0], img.shape[1], 0)
+        im = ax.imshow(
+            img.T,
+            cmap=cmap,
+            vmin=lo,
+            vmax=hi,
+            extent=extent,
+            aspect="auto",
+            interpolation="nearest",
+        )
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("x (m)")
+        ax.set_ylabel("depth (m)" if col == 0 else "")
+        fig.colorbar(im, ax=ax, shrink=0.8, label=unit)
+
+
 def plot_sample(
     gathers: np.ndarray,
     velocity: np.ndarray | None,
@@ -153,7 +174,11 @@ def plot_velocity_grid(
 def plot_training_curves(
     history: Sequence[dict], path: str | os.PathLike, title: str | None = None
 ) -> Path:
-    """PNG of training loss and validation MAPE per epoch (left) and the learning rate (right)."""
+    """PNG of training loss and validation MAPE per epoch (left) and the learning rate (right);
+    for a model fitted in closed form (no learning rate in its history) one panel with its
+    validation MAPE."""
+    if all(float(h["lr"]) == 0.0 for h in history):
+        return _plot_fitted(history, path, title)
     epochs = [int(h["epoch"]) for h in history]
     fig = Figure(figsize=(9, 3.5), layout="constrained")
     ax, ax_lr = fig.subplots(1, 2)
@@ -169,6 +194,25 @@ def plot_training_curves(
     ax_lr.set_xlabel("epoch")
     ax_lr.set_ylabel("learning rate (end of epoch)")
     ax_lr.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def _plot_fitted(history: Sequence[dict], path: str | os.PathLike, title: str | None) -> Path:
+    """The 'curves' of a closed-form model (a baseline): its validation MAPE as one bar."""
+    val = float(history[-1]["val_mape"]) if history else float("nan")
+    fig = Figure(figsize=(6, 2.2), layout="constrained")
+    ax = fig.subplots()
+    ax.barh(["validation"], [val if np.isfinite(val) else 0.0], color="tab:orange")
+    ax.set_xlabel("MAPE")
+    ax.set_title(
+        f"fitted in closed form, not trained: validation MAPE {val:.4f}"
+        if np.isfinite(val)
+        else "fitted in closed form, not trained: no validation set",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3, axis="x")
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)

@@ -6,7 +6,9 @@ challenge metric, MAPE (:mod:`speedstructure.metrics`), with Optuna's TPE
 sampler; the simplex is parameterised as in Optuna's FAQ (Dirichlet):
 ``u_i ~ U(0, 1)``, ``x_i = -log(u_i)``, ``w = x / sum(x)``.  Equal weights are
 the first trial, so the tuned weights are never worse than equal weights on
-the data they were tuned on.
+the data they were tuned on.  The Optuna parameters are named by member
+(``u_<member>``, e.g. ``u_tiny_dual42``) and every trial records its weights as user
+attributes ``w_<member>``, so optuna-dashboard shows which member each value belongs to.
 
 Because tuning on the validation set overfits it, :func:`split_half_report`
 judges a fold by splitting its samples into halves A and B: weights are tuned
@@ -203,8 +205,9 @@ def dirichlet_weights(u: Sequence[float]) -> np.ndarray:
     return np.full(x.size, 1.0 / x.size) if total <= 0 else x / total
 
 
-def _param(i: int) -> str:
-    return f"u_{i}"
+def _param(name: str) -> str:
+    """The Optuna parameter of a member: ``u_<member name>``."""
+    return f"u_{name}"
 
 
 @contextlib.contextmanager
@@ -284,7 +287,7 @@ def _study(scorer: Scorer, rows, names, *, seed, storage, study_name, restart_st
         return optuna.create_study(study_name=study_name, direction="minimize", sampler=sampler), 0
     if not study_name:
         raise TuneError("a stored study needs a study_name")
-    fingerprint = scorer.fingerprint(rows, names)
+    fingerprint = scorer.fingerprint(rows, [_param(n) for n in names])  # names as parameters
     study = _open_study(store, study_name, fingerprint, names, rows.size, restart_stale)
     n_existing = len(study.trials)
     study = optuna.load_study(
@@ -322,8 +325,8 @@ def fit_weights(
     scorer = _as_scorer(preds, targets)
     m = scorer.n_members
     names = list(names) if names is not None else [f"m{k}" for k in range(m)]
-    if len(names) != m:
-        raise TuneError(f"{len(names)} member names for {m} members")
+    if len(names) != m or len(set(names)) != m:
+        raise TuneError(f"{len(names)} member names for {m} members (unique): {names}")
     if m == 1:
         return np.ones(1), None
     if int(n_trials) < 1:
@@ -331,8 +334,10 @@ def fit_weights(
     rows = scorer.rows(idx)
 
     def objective(trial) -> float:
-        w = dirichlet_weights([trial.suggest_float(_param(k), 0.0, 1.0) for k in range(m)])
+        w = dirichlet_weights([trial.suggest_float(_param(n), 0.0, 1.0) for n in names])
         trial.set_user_attr("weights", w.tolist())
+        for n, wk in zip(names, w, strict=True):
+            trial.set_user_attr(f"w_{n}", float(wk))
         return scorer(w, rows)
 
     with _quiet_optuna():
@@ -346,14 +351,12 @@ def fit_weights(
             restart_stale=restart_stale,
         )
         if n_existing == 0:
-            study.enqueue_trial({_param(k): 0.5 for k in range(m)})  # equal weights
+            study.enqueue_trial({_param(n): 0.5 for n in names})  # equal weights
         todo = int(n_trials) - len(complete_trials(study))
         if todo > 0:
             study.optimize(objective, n_trials=todo)
     best = study.best_trial
-    w = best.user_attrs.get("weights") or dirichlet_weights(
-        [best.params[_param(k)] for k in range(m)]
-    )
+    w = best.user_attrs.get("weights") or dirichlet_weights([best.params[_param(n)] for n in names])
     return np.asarray(w, dtype=np.float64), study
 
 

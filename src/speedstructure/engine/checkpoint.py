@@ -7,8 +7,9 @@ Files (rank 0 only; each written atomically through :func:`speedstructure.fsutil
                      rebuilds the network
     last.pt          a TrainState: everything needed to continue, written at each epoch end
     val_preds.npz    float16 (300, 1259) prediction of the best model per validation sample id
-    metrics.json     best_val_mape, best_epoch, epochs, seconds, stop_reason, n_val
-    history.csv      one row per epoch: epoch, train_loss, val_mape, lr, seconds
+    metrics.json     best_val_mape, best_epoch, epochs, stop_reason, n_val (a DVC metric)
+    history.csv      one row per epoch: epoch, train_loss, val_mape, lr
+                     (both versioned in git: no timings, which go to MLflow and last.pt)
     curves.png       the training curves (drawn by the train stage)
 
 A :class:`TrainState` is saved, resumed and fingerprinted as one object.  Its
@@ -49,7 +50,7 @@ METRICS_NAME = "metrics.json"
 HISTORY_NAME = "history.csv"
 CURVES_NAME = "curves.png"
 CHECKPOINT_FORMAT = 1
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_mape", "lr", "seconds")
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_mape", "lr")  # no "seconds": versioned
 
 # train settings that may change between a run and its resumption without invalidating it
 RESUME_FREE_KEYS = frozenset(

@@ -622,7 +622,6 @@ def finish(run: Run, model: nn.Module, val_ds: Dataset | None, state: TrainState
         "best_val_mape": state.best_val_mape,
         "best_epoch": state.best_epoch,
         "epochs": state.epoch,
-        "seconds": round(state.seconds, 3),
         "stop_reason": state.stop_reason,
         "n_val": len(res.val_ids),
         "val_preds": VAL_PREDS_MODE,

@@ -9,9 +9,13 @@ for comparison on the same samples, the depth-trend baseline (mean over its
 fold models) and the best single ensemble member (the member with the best
 validation MAPE, chosen without looking at the test set).  Every trained
 (variant, fold) run is scored too.  A figure shows truth, prediction and
-error for the best, median and worst samples.  Everything is written as DVC
-metrics and plots (``paths.evaluate_metrics``, ``paths.evaluate_per_sample``,
-``paths.evaluate_figure``) and logged to MLflow; the registered model version
+error for the best, median and worst samples.  Everything measured goes to
+``paths.evaluate_report``; the few figures experiments are compared on (test MAPE,
+ratio to the baseline, R2_lat, the OOD test MAPE: :func:`headline`) to the DVC metrics
+``paths.evaluate_metrics``; the per-sample table and the figure are DVC plots
+(``paths.evaluate_per_sample``, ``paths.evaluate_figure``), and every run's
+``history.csv`` is gathered into ``paths.training_curves`` (one chart of all the
+training curves).  All of it is logged to MLflow; the registered model version
 (``paths.registered``) gets a ``test_mape`` tag.
 
 The out-of-distribution test set (``data.ood_zip`` and ``data.ood_labels`` in
@@ -43,7 +47,7 @@ import numpy as np
 from speedstructure import cli
 from speedstructure.config import V_MAX, V_MIN, ConfigError, Params, load_params
 from speedstructure.errors import DataError, UserError
-from speedstructure.fsutil import atomic_write_json, atomic_write_text
+from speedstructure.fsutil import atomic_write_json, atomic_write_text, relative_path
 from speedstructure.metrics import (
     lateral_r2,
     laterally_constant_oracle,
@@ -55,7 +59,6 @@ DESCRIPTION = (
     "MAPE per sample, per K-Means group and per depth band, against the depth-trend baseline "
     "and the best single member; figures; MLflow."
 )
-_IMSHOW = {"aspect": "auto", "interpolation": "nearest"}
 log = logging.getLogger(__name__)
 
 
@@ -329,6 +332,17 @@ def evaluate_ood(params: Params, runs, base_keys, progress: bool = True) -> dict
 
 
 def run_evaluate(params: Params, *, track: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Score the submission (see the module doc); writes the stage's files, returns the
+    metrics.  With ``track`` all of it runs inside the stage's MLflow run, opened first (a
+    failure leaves it FAILED)."""
+    from speedstructure import tracking
+
+    tags = {"stage": "evaluate", "dvc_stage": "evaluate"}
+    with tracking.stage_run(track, "evaluate", params, tags=tags):
+        return _evaluate(params, track=track, progress=progress)
+
+
+def _evaluate(params: Params, *, track: bool, progress: bool) -> dict[str, Any]:
     """Score the submission (see the module doc); writes the stage's files, returns the metrics."""
     if not params.test_labels_path().is_file():  # real data: the challenge ships no test targets
         return evaluate_without_labels(params, track=track)
@@ -344,6 +358,11 @@ def run_evaluate(params: Params, *, track: bool = True, progress: bool = True) -
     reg_path = params.path("registered")
     if reg_path.is_file():
         metrics["registered"] = json.loads(reg_path.read_text())
+    from speedstructure.uncertainty_report import evaluate_uncertainty
+
+    unc = evaluate_uncertainty(params, ids, truths, ens, track=track)  # paths.uncertainty_*
+    if unc is not None:
+        metrics["uncertainty"] = unc
     files = write_outputs(params, metrics, ids, columns, truths, ens)
     if track:
         _log_mlflow(params, metrics, files)
@@ -357,19 +376,62 @@ def write_outputs(params: Params, metrics, ids, columns, truths, ens) -> list[Pa
     """The metrics JSON, the per-sample CSV and the best/median/worst figure."""
     import pandas as pd
 
-    out_metrics = atomic_write_json(params.path("evaluate_metrics"), metrics)
+    written = write_reports(params, metrics)
     table = pd.DataFrame({"sample_id": ids, **columns})
     out_csv = atomic_write_text(params.path("evaluate_per_sample"), table.to_csv(index=False))
     scores = columns["ensemble_mape"]
     fig = plot_cases(ids, truths, ens, scores, params.path("evaluate_figure"))
-    return [out_metrics, out_csv, fig]
+    return [*written, out_csv, fig]
+
+
+# the DVC metrics (paths.evaluate_metrics, what `make exp` compares), under MLflow's names
+HEADLINE = ("test_mape", "baseline_mape", "ratio_to_baseline", "lateral_r2")
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The figures experiments are compared on: the ensemble's test MAPE, the baseline's, their
+    ratio, R2_lat, and the same on the OOD set when scored (``ood_`` prefix); without test
+    targets, ``labels: none``.  The rest of ``metrics`` stays in ``paths.evaluate_report``."""
+    if metrics.get("labels") == NO_LABELS:
+        return {"labels": NO_LABELS, "n_test": metrics["n_test"]}
+    flat = flat_metrics(metrics)
+    keys = [*HEADLINE, "ood_test_mape", "ood_ratio_to_baseline"]
+    return {k: flat[k] for k in keys if k in flat and math.isfinite(flat[k])}
+
+
+def write_training_curves(params: Params) -> Path:
+    """Every run's ``history.csv`` in one table (run, epoch, train_loss, val_mape):
+    ``paths.training_curves``, the top-level DVC plot of all the training curves."""
+    import csv
+
+    from speedstructure.engine.checkpoint import HISTORY_NAME
+
+    rows = ["run,epoch,train_loss,val_mape"]
+    for key, run in run_paths(params).items():
+        path = run["checkpoint"].parent / HISTORY_NAME
+        if path.is_file():
+            with path.open(newline="") as f:
+                for r in csv.DictReader(f):
+                    values = [r.get(c, "") for c in ("train_loss", "val_mape")]
+                    values = [v if v and math.isfinite(float(v)) else "" for v in values]
+                    rows.append(",".join([key, r["epoch"], *values]))
+    return atomic_write_text(params.path("training_curves"), "\n".join(rows) + "\n")
+
+
+def write_reports(params: Params, metrics: dict[str, Any]) -> list[Path]:
+    """The report (all of ``metrics``), the DVC metrics (:func:`headline`), the curves table."""
+    return [
+        atomic_write_json(params.path("evaluate_report"), metrics),
+        atomic_write_json(params.path("evaluate_metrics"), headline(metrics)),
+        write_training_curves(params),
+    ]
 
 
 def plot_cases(ids, truths, preds, scores, path: Path) -> Path:
     """Truth, prediction and error of the best, median and worst samples (a 3 x 3 figure)."""
     from matplotlib.figure import Figure
 
-    from speedstructure.plots import VELOCITY_CMAP, save_figure
+    from speedstructure.plots import VELOCITY_CMAP, save_figure, section_row
 
     order = np.argsort(scores)
     picks = [("best", order[0]), ("median", order[len(order) // 2]), ("worst", order[-1])]
@@ -377,19 +439,13 @@ def plot_cases(ids, truths, preds, scores, path: Path) -> Path:
     axes = fig.subplots(3, 3, squeeze=False)
     for row, (label, i) in enumerate(picks):
         err = np.abs(preds[i] - truths[i]) / truths[i] * 100
+        v_range = (V_MIN, V_MAX)
         panels = [
-            (truths[i], f"{label}: truth ({ids[i][:8]})", VELOCITY_CMAP, (V_MIN, V_MAX)),
-            (preds[i], f"prediction, MAPE {scores[i]:.4f}", VELOCITY_CMAP, (V_MIN, V_MAX)),
-            (err, "abs. error (%)", "magma", (0, max(5.0, float(np.percentile(err, 99))))),
+            (truths[i], f"{label}: truth ({ids[i][:8]})", VELOCITY_CMAP, v_range, "km/s"),
+            (preds[i], f"prediction, MAPE {scores[i]:.4f}", VELOCITY_CMAP, v_range, "km/s"),
+            (err, "abs. error", "magma", (0, max(5.0, float(np.percentile(err, 99)))), "%"),
         ]
-        for col, (img, title, cmap, (lo, hi)) in enumerate(panels):
-            ax = axes[row, col]
-            extent = (0, img.shape[0], img.shape[1], 0)
-            im = ax.imshow(img.T, cmap=cmap, vmin=lo, vmax=hi, extent=extent, **_IMSHOW)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("x (m)")
-            ax.set_ylabel("depth (m)" if col == 0 else "")
-            fig.colorbar(im, ax=ax, shrink=0.8)
+        section_row(fig, axes[row], panels)
     fig.suptitle("test samples: truth / ensemble prediction / error")
     return save_figure(fig, path)
 
@@ -419,11 +475,9 @@ def _log_mlflow(params: Params, metrics: dict[str, Any], files: list[Path]) -> N
 
     from speedstructure import tracking
 
-    tags = {"stage": "evaluate", "dvc_stage": "evaluate"}
-    with tracking.start_run("evaluate", project=params, tags=tags):
-        tracking.log_metrics(flat_metrics(metrics))
-        for f in files:
-            mlflow.log_artifact(str(f), artifact_path="evaluate")
+    tracking.log_metrics(flat_metrics(metrics))  # into the stage's run (run_evaluate)
+    for f in files:
+        mlflow.log_artifact(str(f), artifact_path="evaluate")
     reg = metrics.get("registered")
     if reg:
         client = mlflow.MlflowClient()
@@ -433,6 +487,23 @@ def _log_mlflow(params: Params, metrics: dict[str, Any], files: list[Path]) -> N
         if "ood" in metrics:
             mape = f"{metrics['ood']['ensemble_mape']:.6f}"
             client.set_model_version_tag(reg["name"], str(reg["version"]), "ood_test_mape", mape)
+        _update_card(client, reg, metrics)
+
+
+def _update_card(client, reg: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """The registered version's model card (its description) with the test figures, and the
+    uncertainty calibration's scalar figures when the metrics hold them (``calibration`` or
+    ``uncertainty``: name -> figure, e.g. the test coverage and mean interval width)."""
+    from speedstructure import modelcard
+
+    name, version = reg["name"], str(reg["version"])
+    card = client.get_model_version(name, version).description or ""
+    card = modelcard.with_section(card, modelcard.TEST, modelcard.test_section(metrics))
+    figures = metrics.get("calibration") or metrics.get("uncertainty")
+    calibration = modelcard.calibration_section(figures)
+    if calibration:
+        card = modelcard.with_section(card, modelcard.CALIBRATION, calibration)
+    client.update_model_version(name, version, description=card)
 
 
 # --------------------------------------------------------------------------- without test labels
@@ -456,8 +527,8 @@ def evaluate_without_labels(params: Params, *, track: bool = True) -> dict[str, 
     metrics: dict[str, Any] = {
         "labels": NO_LABELS,
         "n_test": len(ids),
-        "note": f"{labels} not found: the submission is not scored",
-        "submission": str(sub_path),
+        "note": f"{relative_path(labels, params.root)} not found: the submission is not scored",
+        "submission": relative_path(sub_path, params.root),
         "mean_velocity": float(means.mean()),
     }
     reg_path = params.path("registered")
@@ -466,10 +537,13 @@ def evaluate_without_labels(params: Params, *, track: bool = True) -> dict[str, 
     rows = ["sample_id,ensemble_mape,mean_velocity"]
     rows += [f"{sid},,{m:.6f}" for sid, m in zip(ids, means, strict=True)]
     files = [
-        atomic_write_json(params.path("evaluate_metrics"), metrics),
+        *write_reports(params, metrics),
         atomic_write_text(params.path("evaluate_per_sample"), "\n".join(rows) + "\n"),
         plot_predictions(ids, preds, params.path("evaluate_figure")),
     ]
+    from speedstructure.uncertainty_report import describe_uncertainty
+
+    describe_uncertainty(params, ids, preds, track=track)  # paths.uncertainty_*: widths only
     log.info("evaluate: %s; %d predictions described, not scored", metrics["note"], len(ids))
     if track:
         _log_unlabelled(params, metrics, files)
@@ -480,19 +554,15 @@ def plot_predictions(ids, preds, path: Path) -> Path:
     """The first, median and last predicted velocity models (no truth to compare with)."""
     from matplotlib.figure import Figure
 
-    from speedstructure.plots import VELOCITY_CMAP, save_figure
+    from speedstructure.plots import VELOCITY_CMAP, save_figure, section_row
 
     picks = sorted({0, len(ids) // 2, len(ids) - 1})
     fig = Figure(figsize=(3.2 * len(picks), 4), layout="constrained")
-    for ax, i in zip(fig.subplots(1, len(picks), squeeze=False)[0], picks, strict=True):
-        extent = (0, preds[i].shape[0], preds[i].shape[1], 0)
-        im = ax.imshow(
-            preds[i].T, cmap=VELOCITY_CMAP, vmin=V_MIN, vmax=V_MAX, extent=extent, **_IMSHOW
-        )
-        ax.set_title(f"{ids[i][:8]}: prediction", fontsize=9)
-        ax.set_xlabel("x (m)")
-        ax.set_ylabel("depth (m)")
-        fig.colorbar(im, ax=ax, shrink=0.8)
+    panels = [
+        (preds[i], f"{ids[i][:8]}: prediction", VELOCITY_CMAP, (V_MIN, V_MAX), "km/s")
+        for i in picks
+    ]
+    section_row(fig, fig.subplots(1, len(picks), squeeze=False)[0], panels)
     fig.suptitle("test samples without labels: predictions only")
     return save_figure(fig, path)
 
@@ -502,13 +572,17 @@ def _log_unlabelled(params: Params, metrics: dict[str, Any], files: list[Path]) 
 
     from speedstructure import tracking
 
-    tags = {"stage": "evaluate", "dvc_stage": "evaluate", "labels": NO_LABELS}
-    with tracking.start_run("evaluate", project=params, tags=tags):
+    tags = {"stage": "evaluate", "dvc_stage": "evaluate"}
+    own = mlflow.active_run() is None  # called alone, not by run_evaluate: a run of its own
+    with tracking.stage_run(own, "evaluate", params, tags=tags):
+        mlflow.set_tag("labels", NO_LABELS)
         tracking.log_metrics(
             {"n_test": metrics["n_test"], "mean_velocity": metrics["mean_velocity"]}
         )
         for f in files:
             mlflow.log_artifact(str(f), artifact_path="evaluate")
+    if metrics.get("registered"):
+        _update_card(mlflow.MlflowClient(), metrics["registered"], metrics)
 
 
 def _unlabelled_report(metrics: dict[str, Any], submission: str | None) -> str:
@@ -582,7 +656,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     params = load_params()
-    path = params.path("evaluate_metrics")
+    path = params.path("evaluate_report")
     if not path.is_file():
         raise UserError(f"{path}: no evaluation yet (run `dvc repro` or `make demo`)")
     print(format_report(json.loads(path.read_text()), str(params.path("submission"))))

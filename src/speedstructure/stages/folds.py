@@ -13,8 +13,8 @@ Settings: ``folds:`` in params.yaml; input ``paths.store``; outputs (``paths.*``
     folds_table      sample_id, zip, split, group, fold
     kmeans           the fitted K-Means as plain arrays (:class:`KMeansCentres`, an ``.npz``
                      read without pickle: it travels through DVC remotes)
-    folds_summary    sizes, inertia, group counts per fold (DVC metrics)
-    group_counts     fold, group, count (DVC bar plot)
+    folds_summary    sizes, inertia, group counts per fold (detail, versioned in git)
+    group_counts     fold, group, bar, count (DVC bar plot: one bar per fold and group)
     folds_plots      group_counts.png, groups.png: the seed's exploratory figures
 """
 
@@ -203,10 +203,13 @@ def make_folds(store_path: Path, cfg: FoldsConfig, progress: bool = False):
 
 
 def group_counts(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows (fold, group, count) over the validation folds (extended samples as fold 'extended')."""
+    """Rows (fold, group, bar, count) over the validation folds (extended samples as fold
+    'extended'); ``bar`` ("fold 0 / group 3") is the DVC plot's axis: one bar per pair."""
     t = table.copy()
     t["fold"] = t["fold"].map(lambda f: "extended" if f < 0 else f"fold {f}")
-    return t.groupby(["fold", "group"]).size().rename("count").reset_index()
+    counts = t.groupby(["fold", "group"]).size().rename("count").reset_index()
+    counts.insert(2, "bar", counts["fold"] + " / group " + counts["group"].astype(str))
+    return counts
 
 
 def summarize(table: pd.DataFrame, km) -> dict[str, Any]:
@@ -289,29 +292,30 @@ def write_outputs(params: Params, table: pd.DataFrame, km, summary: dict[str, An
     ]
 
 
-def _track(params: Params, summary: dict[str, Any], artifacts: list[Path]) -> None:
+def _track(summary: dict[str, Any], artifacts: list[Path]) -> None:
+    """The summary figures and the outputs, into the active run."""
     import mlflow
 
     from speedstructure import tracking
 
-    with tracking.start_run(
-        "folds",
-        params,
-        tags={"stage": "folds", "dvc_stage": "folds"},
-        params={"folds": as_plain(params.folds)},
-    ):
-        tracking.log_metrics({k: summary[k] for k in ("inertia", "n_train", "n_extended")})
-        for f in artifacts:
-            mlflow.log_artifact(str(f), artifact_path="folds")
+    tracking.log_metrics({k: summary[k] for k in ("inertia", "n_train", "n_extended")})
+    for f in artifacts:
+        mlflow.log_artifact(str(f), artifact_path="folds")
 
 
 def run_folds(params: Params, *, track: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Run the stage: write the fold table, K-Means, summary, counts and plots."""
-    table, km, _ = make_folds(params.path("store"), params.folds, progress=progress)
-    summary = summarize(table, km)
-    artifacts = write_outputs(params, table, km, summary)
-    if track:
-        _track(params, summary, artifacts)
+    """Run the stage: write the fold table, K-Means, summary, counts and plots; with
+    ``track`` inside an MLflow run opened first (a failure leaves it FAILED)."""
+    from speedstructure import tracking
+
+    tags = {"stage": "folds", "dvc_stage": "folds"}
+    run_params = {"folds": as_plain(params.folds)}
+    with tracking.stage_run(track, "folds", params, tags=tags, params=run_params):
+        table, km, _ = make_folds(params.path("store"), params.folds, progress=progress)
+        summary = summarize(table, km)
+        artifacts = write_outputs(params, table, km, summary)
+        if track:
+            _track(summary, artifacts)
     return summary
 
 

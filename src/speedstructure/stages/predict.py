@@ -100,31 +100,50 @@ def predict_to_submission(
     batch_size: int = 4,
     v_range: tuple[float, float] = (V_MIN, V_MAX),
     progress: bool = True,
+    uncertainty: Path | None = None,
+    water_velocity: float = 1.5,
 ) -> dict[str, Any]:
-    """Predict every sample of ``input_path`` and write the submission once; then validate it."""
+    """Predict every sample of ``input_path`` and write the submission once; then validate it.
+
+    With ``uncertainty`` (a path) and a calibrated ensemble behind ``predict_fn``
+    (:func:`speedstructure.uncertainty.ensemble_calibration`), the interval half-width of
+    every cell is written there too (float32, the submission's keys)."""
+    import contextlib
+
     from tqdm import tqdm
 
     from speedstructure.dataio import open_input
     from speedstructure.ensemble import iter_batches
     from speedstructure.submission import SubmissionWriter, validate_submission
+    from speedstructure.uncertainty import NpzWriter, ensemble_calibration, half_width
 
     reader = open_input(input_path)
     ids = list(reader.sample_ids)
     output = Path(output)
     bar = tqdm(total=len(ids), desc="predict", unit="sample", disable=not progress)
     try:
-        with SubmissionWriter(output) as w:
+        calibration = ensemble_calibration(predict_fn) if uncertainty else None
+        with contextlib.ExitStack() as stack:
+            w = stack.enter_context(SubmissionWriter(output))
+            u = stack.enter_context(NpzWriter(uncertainty)) if calibration else None
             for chunk, x in iter_batches(reader, ids, batch_size):
                 pred = predict_fn(x)
                 for sid, p in zip(chunk, pred, strict=True):
                     w.add(sid, np.clip(p, *v_range))
+                    if u is not None:
+                        u.add(sid, half_width(np.clip(p, *v_range), calibration, water_velocity))
                 bar.update(len(chunk))
     finally:
         bar.close()
         reader.close()
     report = validate_submission(output, ids, v_min=v_range[0], v_max=v_range[1])
     report.raise_if_problems()
-    return {"samples": len(ids), "output": str(output), "validation": report.summary()}
+    return {
+        "samples": len(ids),
+        "output": str(output),
+        "validation": report.summary(),
+        "uncertainty": str(uncertainty) if calibration else None,
+    }
 
 
 # --------------------------------------------------------------------------- CLI
@@ -147,6 +166,11 @@ def add_commands(subparsers) -> None:
     for option, help_ in OPTIONS.items():
         p.add_argument(option, default=None, help=help_)
     p.add_argument("--batch-size", type=int, default=None, help="default: predict.batch_size")
+    p.add_argument(
+        "--uncertainty",
+        default=None,
+        help="interval half-widths .npz (default: paths.uncertainty, or beside --output)",
+    )
     cli.add_quiet_option(p)
     p.set_defaults(func=_cmd)
 
@@ -154,14 +178,27 @@ def add_commands(subparsers) -> None:
 def _cmd(args: argparse.Namespace) -> int:
     params = load_params()
     predict_fn, desc = load_predictor(args.model or default_model_uri(params), params)
+    output = resolve_path(args.output, params.root) if args.output else params.path("submission")
+    if args.uncertainty:
+        unc = resolve_path(args.uncertainty, params.root)
+    elif output == params.path("submission"):
+        unc = params.path("uncertainty")
+    else:  # another submission: its half-widths beside it
+        unc = output.with_name(f"{output.stem}_uncertainty.npz")
     out = predict_to_submission(
         predict_fn,
         resolve_path(args.input, params.root) if args.input else params.zip_path("test"),
-        resolve_path(args.output, params.root) if args.output else params.path("submission"),
+        output,
         batch_size=args.batch_size or params.predict.batch_size,
         progress=not args.quiet,
+        uncertainty=unc,
+        water_velocity=params.synth.water_velocity,
     )
     print(
         f"predict: {out['samples']} samples with {desc} -> {out['output']}\n  {out['validation']}"
     )
+    if out["uncertainty"]:
+        print(f"  interval half-widths (calibrated) -> {out['uncertainty']}")
+    else:
+        print("  no uncertainty written: the ensemble carries no calibration (rerun tune)")
     return 0

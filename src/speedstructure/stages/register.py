@@ -9,6 +9,13 @@ stays; the alias ``champion`` moves to the new version only if its
 cross-validated MAPE (the held-out tuned MAPE of the ``tune`` stage, tag
 ``cv_mape``) is lower than the current champion's.
 
+The stage's MLflow run (opened before anything is read, so a failure leaves a FAILED
+run) logs the members and weights per fold (params ``members``, ``fold<k>.members``;
+metrics ``fold<k>/weight_<member>``), the CV figures of the ensemble file (``cv_mape``,
+``heldout_<strategy>``, ``fold<k>/val_mape``), the ensemble file and the model card
+(``register/``).  The version's description is its model card and the registered model's
+a summary (:mod:`speedstructure.modelcard`); the ``evaluate`` stage adds the test MAPE.
+
 ``speedstructure register [--output FILE]`` reads ``paths.ensemble`` and writes
 ``paths.registered`` (the new version, its URI, whether it became champion),
 which the ``predict`` stage reads so that what it predicts is exactly what was
@@ -122,34 +129,81 @@ def _promote(client, name: str, version, cv: float) -> dict[str, Any]:
     }
 
 
-def register_ensemble(
-    spec_path: Path, params: Params, *, run_name: str = "register"
-) -> dict[str, Any]:
-    """Log the ensemble as a pyfunc model, register a version, move ``champion`` if better."""
+def _log_ensemble(spec_path: Path, spec: dict[str, Any], name: str) -> None:
+    """The active run's params (members per fold), metrics (weights, CV figures) and the
+    ensemble file."""
     import mlflow
 
     from speedstructure import tracking
 
-    spec = read_spec(spec_path)
-    cv = float(spec.get("cv_mape", math.nan))
-    if not math.isfinite(cv):
-        raise UserError(f"{spec_path}: no finite cv_mape (the tune stage writes it)")
-    artifacts = _artifacts(spec_path, spec, params.root)
+    folds = spec["folds"]
+    members = sorted({m["variant"] for f in folds for m in f["members"]})
+    tracking.log_params(
+        {
+            "registered_model": name,
+            "members": ",".join(members),
+            "n_folds": len(folds),
+            **{
+                f"fold{f['fold']}.members": ",".join(m["variant"] for m in f["members"])
+                for f in folds
+            },
+        }
+    )
+    metrics = {
+        "cv_mape": spec["cv_mape"],
+        "n_folds": len(folds),
+        "n_members": sum(len(f["members"]) for f in folds),
+    }
+    for s in {s for f in folds for s in f.get("heldout", {})}:
+        if all(s in f["heldout"] for f in folds):
+            metrics[f"heldout_{s}"] = sum(f["heldout"][s] for f in folds) / len(folds)
+    for f in folds:
+        k = f["fold"]
+        metrics.update({f"fold{k}/weight_{m['variant']}": m["weight"] for m in f["members"]})
+        metrics.update({f"fold{k}/{key}": f.get(key) for key in ("val_mape", "n_val")})
+        metrics[f"fold{k}/heldout_tuned"] = f.get("heldout", {}).get("tuned")
+    tracking.log_metrics(metrics)
+    mlflow.log_artifact(str(spec_path), artifact_path="register")
+
+
+def _describe(client, params: Params, name: str, version: str, spec, champion) -> str:
+    """The model cards: the version's and the registered model's descriptions."""
+    import mlflow
+
+    from speedstructure import modelcard
+
+    card = modelcard.version_card(params, name, version, spec, modelcard.data_summary(params))
+    client.update_model_version(name, version, description=card)
+    client.update_registered_model(name, modelcard.model_description(params, name, champion))
+    mlflow.log_text(card, "register/model_card.md")
+    mlflow.set_tag("mlflow.note.content", card)  # the run's description in the UI
+    return card
+
+
+def register_ensemble(
+    spec_path: Path, params: Params, *, run_name: str = "register"
+) -> dict[str, Any]:
+    """Log the ensemble as a pyfunc model, register a version, move ``champion`` if better,
+    describe both with the model card."""
+    import mlflow
+
+    from speedstructure import tracking
+
     name = params.mlflow.registered_model
     tags = {"stage": "register", "dvc_stage": "register"}
     with tracking.start_run(run_name, project=params, tags=tags) as run:
-        tracking.log_metrics(
-            {
-                "cv_mape": cv,
-                "n_folds": len(spec["folds"]),
-                "n_members": sum(len(f["members"]) for f in spec["folds"]),
-            }
-        )
+        spec = read_spec(spec_path)
+        cv = float(spec.get("cv_mape", math.nan))
+        if not math.isfinite(cv):
+            raise UserError(f"{spec_path}: no finite cv_mape (the tune stage writes it)")
+        artifacts = _artifacts(spec_path, spec, params.root)
+        _log_ensemble(spec_path, spec, name)
         info = _log_model(artifacts)
         mv = mlflow.register_model(info.model_uri, name, tags={CV_TAG: repr(cv)})
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, mv.version, "source_run", run.info.run_id)
         champion = _promote(client, name, mv, cv)
+        _describe(client, params, name, mv.version, spec, champion)
         mlflow.set_tags({"registered_version": mv.version, "promoted": str(champion["champion"])})
     return {
         "name": name,

@@ -12,8 +12,9 @@ Optuna study in ``paths.optuna_db`` (a rerun resumes it).  Subcommand::
 Files written (``paths.*`` of ``params.yaml``)::
 
     ensemble       members, checkpoints and weights per fold
-    tune_metrics   held-out MAPE per strategy, per fold and overall
-    tune_weights   CSV: fold, variant, weight
+    tune_metrics   the DVC metrics: cv_mape and the held-out MAPE per strategy (mean over folds)
+    tune_report    the detail: the same per fold (validation MAPE, samples) and the trials
+    tune_weights   CSV: fold, variant, member ("variant @ fold K": a bar each), weight
     tune_plot      PNG: held-out MAPE per strategy and fold
 """
 
@@ -47,6 +48,7 @@ DESCRIPTION = (
 OUTPUTS = {  # result key -> paths key
     "ensemble": "ensemble",
     "metrics": "tune_metrics",
+    "report": "tune_report",
     "weights_csv": "tune_weights",
     "heldout_png": "tune_plot",
 }
@@ -261,28 +263,61 @@ def run_tune(params: Params, *, track: bool = True, n_trials: int | None = None)
     of :data:`OUTPUTS`).  ``track`` logs to MLflow through :mod:`speedstructure.tracking`;
     ``n_trials`` overrides ``tune.n_trials``.
     """
-    cfg = tune_settings(params, n_trials)
-    fold_entries, histories = [], {}
-    for fold, members in member_runs(params).items():
-        entry, histories[fold] = tune_fold(params, cfg, fold, members)
-        fold_entries.append(entry)
-    ensemble, metrics = summarise(params, cfg, fold_entries)
-    files = write_outputs(params, ensemble, metrics)
-    if track:
-        _log_mlflow(params, cfg, ensemble, metrics, histories, files)
+    from speedstructure import tracking
+
+    tags = {"stage": "tune", "dvc_stage": "tune"}
+    with tracking.stage_run(track, "tune", params, tags=tags):  # opened first: crashes FAIL it
+        cfg = tune_settings(params, n_trials)
+        if track:
+            tracking.log_params(_run_params(params, cfg))
+        fold_entries = [
+            _tune_fold_run(params, cfg, fold, members, track)
+            for fold, members in member_runs(params).items()
+        ]
+        ensemble, metrics = summarise(params, cfg, fold_entries)
+        ensemble["calibration"] = _calibrate(params, fold_entries, track)
+        files = write_outputs(params, ensemble, metrics)
+        if track:
+            _log_results(ensemble, metrics, files)
     return {"ensemble": ensemble, "metrics": metrics, "files": files}
+
+
+def _calibrate(params: Params, fold_entries: list[dict], track: bool) -> dict:
+    """The uncertainty calibration (:mod:`speedstructure.uncertainty`) from each fold's tuned
+    ensemble on its validation samples (out of fold); its figures go to
+    ``paths.calibration_metrics`` (and MLflow)."""
+    from speedstructure import tracking, uncertainty
+    from speedstructure.config import V_MAX, V_MIN
+
+    runs = member_runs(params)
+    folds = {}
+    for f in fold_entries:
+        _, preds, targets, _ = load_fold(params, f["fold"], runs[f["fold"]])
+        w = np.array([m["weight"] for m in f["members"]], np.float32)
+        pred = np.tensordot(w, preds.astype(np.float32), axes=1)
+        folds[f["fold"]] = (np.clip(pred, V_MIN, V_MAX), targets)
+        del preds
+    water = params.synth.water_velocity
+    calibration, metrics = uncertainty.calibrate(folds, params.uncertainty, water)
+    atomic_write_json(params.path("calibration_metrics"), metrics)
+    if track:
+        cross = metrics["cross_fold"] or {}
+        tracking.log_metrics({"oof_cross_fold_coverage": cross.get("coverage")})
+    return calibration
 
 
 # --------------------------------------------------------------------------- outputs
 
 
 def write_outputs(params: Params, ensemble: dict, metrics: dict) -> dict[str, Path]:
-    """The ensemble file, the metrics, the weights CSV and the held-out figure."""
+    """The ensemble file, the metrics (lean: what experiments are compared on) and the
+    report (all of ``metrics``), the weights CSV and the held-out figure."""
     files = {name: params.path(key) for name, key in OUTPUTS.items()}
     atomic_write_json(files["ensemble"], ensemble)
-    atomic_write_json(files["metrics"], metrics)
-    rows = ["fold,variant,weight"] + [
-        f"{f['fold']},{m['variant']},{m['weight']:.6f}"
+    atomic_write_json(files["metrics"], {k: metrics[k] for k in ("cv_mape", "heldout")})
+    atomic_write_json(files["report"], metrics)
+    rows = ["fold,variant,member,weight"] + [
+        f"{f['fold']},{m['variant']},{m['variant']} @ fold {f['fold']},{m['weight']:.6f}"
         for f in ensemble["folds"]
         for m in f["members"]
     ]
@@ -317,61 +352,64 @@ def _plot_heldout(fold_entries: list[dict], strategies: list[str], path: Path) -
     save_figure(fig, path)
 
 
-def _log_mlflow(
-    params: Params,
-    cfg: TuneConfig,
-    ensemble: dict,
-    metrics: dict,
-    histories: dict[int, list],
-    files: dict[str, Path],
-) -> None:
-    """Parent run ``tune`` (artifacts, cv_mape) with one nested run ``tune-fold<k>`` per fold."""
-    import mlflow
-
-    from speedstructure import tracking
-
-    run_params = {
-        "variants": ",".join(ensemble["variants"]),
+def _run_params(params: Params, cfg: TuneConfig) -> dict[str, Any]:
+    """The params of the MLflow run ``tune``."""
+    return {
+        "variants": ",".join(params.ensemble.variants),
         "n_trials": cfg.n_trials,
         "seed": cfg.seed,
         "storage": params.paths.optuna_db,
         "study_prefix": cfg.study_prefix,
         "split_seed": cfg.split_seed,
     }
-    tags = {"stage": "tune", "dvc_stage": "tune"}
-    with tracking.start_run("tune", project=params, tags=tags, params=run_params):
-        for f in ensemble["folds"]:
-            _log_fold(params, cfg, f, histories.get(f["fold"], []))
-        heldout = {f"heldout_{s}": v for s, v in metrics["heldout"].items()}
-        mlflow.log_metrics({"cv_mape": ensemble["cv_mape"], **heldout})
-        for key in OUTPUTS:
-            mlflow.log_artifact(str(files[key]), artifact_path="tune")
 
 
-def _log_fold(params: Params, cfg: TuneConfig, fold: dict, history: list) -> None:
-    """The nested run ``tune-fold<k>``: the trial curve, weights and held-out MAPEs."""
+def _tune_fold_run(
+    params: Params, cfg: TuneConfig, fold: int, members: list[tuple[str, str]], track: bool
+) -> dict:
+    """:func:`tune_fold`, with ``track`` inside the nested run ``tune-fold<k>`` (opened
+    first); returns the fold's entry."""
+    from speedstructure import tracking
+
+    run_params = {"members": ",".join(v for v, _ in members), "n_trials": cfg.n_trials}
+    tags = {"stage": "tune", "fold": str(fold)}
+    with tracking.stage_run(
+        track,
+        f"tune-fold{fold}",
+        params,
+        tags=tags,
+        nested=True,
+        params={**run_params, "fold": fold},
+    ):
+        entry, history = tune_fold(params, cfg, fold, members)
+        if track:
+            _log_fold(entry, history)
+    return entry
+
+
+def _log_results(ensemble: dict, metrics: dict, files: dict[str, Path]) -> None:
+    """The run ``tune``'s cv_mape, held-out MAPEs and output files."""
+    import mlflow
+
+    heldout = {f"heldout_{s}": v for s, v in metrics["heldout"].items()}
+    mlflow.log_metrics({"cv_mape": ensemble["cv_mape"], **heldout})
+    for key in OUTPUTS:
+        mlflow.log_artifact(str(files[key]), artifact_path="tune")
+
+
+def _log_fold(fold: dict, history: list) -> None:
+    """Into the nested run ``tune-fold<k>``: the trial curve, weights and held-out MAPEs."""
     import mlflow
     from mlflow.entities import Metric
 
-    from speedstructure import tracking
-
-    k = fold["fold"]
-    members = [m["variant"] for m in fold["members"]]
-    with tracking.start_run(
-        f"tune-fold{k}",
-        project=params,
-        tags={"stage": "tune", "fold": str(k)},
-        nested=True,
-        params={"members": ",".join(members), "n_trials": cfg.n_trials, "fold": k},
-    ):
-        run_id = mlflow.active_run().info.run_id
-        trial_metrics = [Metric("trial_mape", v, ts, n) for n, v, ts in history]
-        client = mlflow.MlflowClient()
-        for s in range(0, len(trial_metrics), 1000):
-            client.log_batch(run_id, metrics=trial_metrics[s : s + 1000])
-        mlflow.log_metrics({f"weight_{m['variant']}": m["weight"] for m in fold["members"]})
-        mlflow.log_metrics({f"heldout_{s}": v for s, v in fold["heldout"].items()})
-        mlflow.log_metrics({"val_mape": fold["val_mape"], "n_val": fold["n_val"]})
+    run_id = mlflow.active_run().info.run_id
+    trial_metrics = [Metric("trial_mape", v, ts, n) for n, v, ts in history]
+    client = mlflow.MlflowClient()
+    for s in range(0, len(trial_metrics), 1000):
+        client.log_batch(run_id, metrics=trial_metrics[s : s + 1000])
+    mlflow.log_metrics({f"weight_{m['variant']}": m["weight"] for m in fold["members"]})
+    mlflow.log_metrics({f"heldout_{s}": v for s, v in fold["heldout"].items()})
+    mlflow.log_metrics({"val_mape": fold["val_mape"], "n_val": fold["n_val"]})
 
 
 # --------------------------------------------------------------------------- CLI

@@ -20,9 +20,10 @@ so the output does not depend on the number of worker processes, and the same
 seed gives byte-identical zips.  Sample ids (18 alphanumerics) are unique
 across all zips, the OOD one included.  Generation runs in ``synth.workers``
 processes with a progress bar.  ``synth_meta.json`` records :func:`config_digest` of the ``synth``
-section: while it matches, ``speedstructure synth`` regenerates nothing.  Existing
-zips that this generator did not write (real challenge data, say) are never
-overwritten without ``--force``.
+section and what was drawn (no timings: the same settings give the same bytes, so
+``data.dvc`` matches on every machine); while the digest matches, ``speedstructure synth``
+regenerates nothing.  Existing zips that this generator did not write (real challenge
+data, say) are never overwritten without ``--force``.
 """
 
 from __future__ import annotations
@@ -296,12 +297,13 @@ def generate(
         ood = _write_ood(pool, cfg, ids, out_dir, data or DataConfig(), bar)
     bar.close()
     _save_labels(out_dir / LABELS_NAME, tally.labels)
-    summary.update(samples=total, seconds=round(time.perf_counter() - t0, 2), **tally.stats())
-    summary["samples_per_second"] = round(n_all / max(summary["seconds"], 1e-9), 3)
+    summary.update(samples=total, **tally.stats())
     if ood is not None:
         summary["ood"] = ood
-    atomic_write_json(out_dir / META_NAME, summary)
-    return summary
+    atomic_write_json(out_dir / META_NAME, summary)  # no timings: data.dvc's hash is stable
+    seconds = round(time.perf_counter() - t0, 2)
+    rate = round(n_all / max(seconds, 1e-9), 3)
+    return {**summary, "seconds": seconds, "samples_per_second": rate}
 
 
 def format_summary(summary: dict[str, Any], out_dir: Path) -> str:
@@ -323,9 +325,10 @@ def format_summary(summary: dict[str, Any], out_dir: Path) -> str:
         f"  velocity mean {summary['velocity_mean']} km/s, range [{summary['velocity_min']}, "
         f"{summary['velocity_max']}]; median gather std {summary['gather_std_median']}"
     )
-    lines.append(
-        f"  generated in {summary['seconds']} s ({summary['samples_per_second']} samples/s)"
-    )
+    if "seconds" in summary:  # this run's timing (printed, never written into paths.data)
+        lines.append(
+            f"  generated in {summary['seconds']} s ({summary['samples_per_second']} samples/s)"
+        )
     return "\n".join(lines)
 
 

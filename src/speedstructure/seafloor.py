@@ -1,0 +1,137 @@
+"""The water floor read from the gathers: the sea-floor reflection's two-way time, in metres.
+
+Above the water floor every velocity model is water, so until the sea-floor reflection
+arrives every sample records the same wavefield: the direct wave of a water-only model.
+:func:`pick_floor` subtracts that wavefield (simulated once with the project's simulator,
+:mod:`speedstructure.synth.simulate`), takes on each near-offset trace (source-receiver
+offset <= ``MAX_OFFSET_M``) the first positive lobe of what remains (the reflection off a
+faster floor has the source wavelet's polarity), converts its time to a depth at the
+source-receiver midpoint (straight rays in water over a locally flat floor), and takes per
+column the median of the picks whose midpoints lie within ``HALF_WINDOW_M``.
+
+The wavelet delay (time from the wavelet's start to its positive peak) is measured on the
+same simulated direct wave, at the receiver right above the first source, so nothing is
+fitted on labels.  :func:`impose_floor` moves each column of a predicted model vertically so
+that its water floor lies at the picked depth and sets water above it.
+
+On the embedded synthetic set the picks are within about 2 m of the truth on average
+(README, "Models and training"); the variants opt in with ``floor: picked``.  Limits: the
+first arrival comes from the nearest point of the floor, so a strongly curved syncline
+(tens of metres of relief over a few hundred metres) is picked too shallow at its bottom;
+the data must carry the challenge's acquisition and wavelet (the simulator's settings).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+
+from speedstructure.config import SimParams
+from speedstructure.dataio import NX, NZ
+
+log = logging.getLogger(__name__)
+
+WATER_KM_S = 1.5
+THRESHOLD = 0.2  # a trace's first sample above this fraction of its positive maximum ...
+WINDOW_S = 0.03  # ... starts the window in which the lobe's peak is taken
+MAX_OFFSET_M = 150.0  # near offsets only: the flat-floor approximation holds best there
+HALF_WINDOW_M = 20.0  # picks whose midpoint lies this close to a column vote for it
+MIN_PICKS = 3  # a column with fewer votes keeps the predicted floor
+
+
+@functools.lru_cache(maxsize=4)
+def water_response(sim: SimParams | None = None) -> tuple[np.ndarray, float]:
+    """The five gathers of a water-only model ``(5, 10001, 31)`` float64 and the wavelet delay
+    in seconds (direct-wave peak time minus the straight-ray time at the nearest receiver)."""
+    from speedstructure.synth.simulate import (
+        RECEIVER_DEPTH_M,
+        SOURCE_DEPTH_M,
+        Simulator,
+    )
+
+    simulator = Simulator(sim)
+    direct = simulator(np.full((NX, NZ), WATER_KM_S, np.float32)).astype(np.float64)
+    peak = int(np.argmax(direct[0, :, 0]))  # source at x = 0 m, receiver at x = 0 m
+    distance = SOURCE_DEPTH_M - RECEIVER_DEPTH_M
+    delay = peak * simulator.cfg.record_dt - distance / (WATER_KM_S * 1000.0)
+    return direct, delay
+
+
+def _geometry() -> tuple[np.ndarray, np.ndarray, float]:
+    """Source-receiver midpoints and offsets ``(5, 31)`` in metres, and the depth sum
+    ``z_source + z_receiver``."""
+    from speedstructure.synth.simulate import (
+        RECEIVER_DEPTH_M,
+        RECEIVER_X_M,
+        SOURCE_DEPTH_M,
+        SOURCE_X_M,
+    )
+
+    xs = np.asarray(SOURCE_X_M)[:, None]
+    xr = np.asarray(RECEIVER_X_M)[None, :]
+    return (xs + xr) / 2.0, np.abs(xr - xs), SOURCE_DEPTH_M + RECEIVER_DEPTH_M
+
+
+def _lobe_times(residual: np.ndarray, record_dt: float) -> np.ndarray:
+    """Per trace ``(5, 31)``, the time (s) of the first positive lobe's peak of
+    ``residual (5, T, 31)``; NaN where a trace has no positive sample."""
+    tr = np.moveaxis(residual, 1, -1)  # (5, 31, T)
+    top = tr.max(axis=-1, keepdims=True)
+    start = np.argmax(tr > THRESHOLD * top, axis=-1)  # (5, 31)
+    width = max(1, int(round(WINDOW_S / record_dt)))
+    idx = np.minimum(start[..., None] + np.arange(width), tr.shape[-1] - 1)
+    peak = start + np.argmax(np.take_along_axis(tr, idx, axis=-1), axis=-1)
+    times = peak * record_dt
+    return np.where(top[..., 0] > 0, times, np.nan)
+
+
+def pick_floor(gathers: np.ndarray, sim: SimParams | None = None) -> np.ndarray:
+    """Water-floor depth per column ``(300,)`` in metres (NaN where fewer than
+    ``MIN_PICKS`` near-offset picks vote) for one sample's gathers ``(5, 10001, 31)``."""
+    direct, delay = water_response(sim)
+    record_dt = (sim or SimParams()).record_dt
+    times = _lobe_times(np.asarray(gathers, np.float64) - direct, record_dt) - delay
+    mid, offset, depth_sum = _geometry()
+    path2 = (WATER_KM_S * 1000.0 * times) ** 2 - offset**2
+    ok = np.isfinite(path2) & (path2 > 0) & (offset <= MAX_OFFSET_M)
+    depth = (np.sqrt(np.where(ok, path2, 0.0)) + depth_sum) / 2.0
+    mid, depth = mid[ok], depth[ok]
+    near = np.abs(mid[None, :] - np.arange(NX, dtype=np.float64)[:, None]) <= HALF_WINDOW_M
+    votes = np.where(near, depth[None, :], np.nan)  # (300, picks)
+    enough = near.sum(axis=1) >= MIN_PICKS
+    floor = np.full(NX, np.nan)
+    if enough.any():
+        floor[enough] = np.nanmedian(votes[enough], axis=1)
+    return floor
+
+
+def impose_floor(pred: np.ndarray, floor: np.ndarray, water: float = WATER_KM_S) -> np.ndarray:
+    """``pred (300, 1259)`` with each column shifted vertically so its water floor (first cell
+    faster than water, :func:`speedstructure.metrics.water_floor_depth`) lies at ``floor``
+    (metres; NaN keeps the column), water above, the column's last cell repeated below."""
+    from speedstructure.metrics import water_floor_depth
+
+    out = np.array(pred, copy=True)
+    predicted = water_floor_depth(out, water)
+    z = np.arange(out.shape[-1])
+    for x in np.flatnonzero(np.isfinite(floor)):
+        target = int(np.clip(round(float(floor[x])), 0, out.shape[-1]))
+        src = np.clip(z - (target - int(predicted[x])), 0, out.shape[-1] - 1)
+        column = pred[x, src]
+        column[:target] = water
+        out[x] = column
+    return out
+
+
+def with_picked_floor(preds: np.ndarray, gathers: np.ndarray) -> np.ndarray:
+    """A batch of predictions ``(B, 300, 1259)`` with the water floor picked from each
+    sample's gathers ``(B, 5, 10001, 31)`` imposed."""
+    out = np.empty_like(preds)
+    for i, (p, g) in enumerate(zip(preds, gathers, strict=True)):
+        floor = pick_floor(g)
+        if not np.isfinite(floor).any():
+            log.warning("no sea-floor reflection picked in sample %d of the batch: floor kept", i)
+        out[i] = impose_floor(p, floor)
+    return out

@@ -1,0 +1,223 @@
+"""The ``qc`` stage: is every predicted velocity model consistent with its own gathers?
+
+Each model of the submission (``paths.submission``) is re-simulated with the project's
+simulator at the challenge's acquisition (``synth.sim``: the one that made the synthetic
+data, so the true model reproduces its gathers up to float error) and compared with the
+input gathers of the test zip (:mod:`speedstructure.physics`): after the direct arrival
+(muted: it is the same for every model), low-passed, gain-controlled, the normalised L2
+misfit and the mean per-trace correlation.  No labels are needed: on real data the table
+ranks the predictions to distrust first.  With test targets (the synthetic set) the stage
+also reports the Spearman rank correlation between the misfit and the true MAPE.
+
+``speedstructure qc [--samples N] [--mlflow/--no-mlflow] [--quiet]`` writes::
+
+    qc_metrics   summary: misfit, correlation, seconds per sample, Spearman vs MAPE
+    qc_table     CSV: sample_id, misfit, trace_correlation, rank (1 = worst) [, mape]
+    qc_figure    PNG: observed, simulated and residual gathers of the worst samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from speedstructure import cli
+from speedstructure.config import Params, load_params
+from speedstructure.fsutil import atomic_write_json, atomic_write_text
+
+DESCRIPTION = (
+    "Re-simulate every predicted model and compare with its input gathers (misfit, per-trace "
+    "correlation after the direct arrival); table, figure, MLflow."
+)
+SHOT = 2  # the middle shot (x = 149 m) is drawn in the figure
+
+
+def preprocess_settings(params: Params) -> dict[str, Any]:
+    """The :class:`~speedstructure.physics.Preprocess` settings of ``qc:``."""
+    q = params.qc
+    return {
+        "mute_after": q.mute_after,
+        "taper": q.taper,
+        "lowpass_hz": q.lowpass_hz,
+        "rolloff_hz": q.rolloff_hz,
+        "agc_window": q.agc_window,
+    }
+
+
+def set_threads(threads: int | None) -> int:
+    """torch CPU threads: ``threads``, or every usable core."""
+    import torch
+
+    n = int(threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(n)
+    return n
+
+
+def load_submission(path: Path, limit: int | None = None) -> tuple[list[str], dict]:
+    """The submission's ids (sorted, the first ``limit``) and an open ``np.load``."""
+    from speedstructure.errors import UserError
+
+    if not path.is_file():
+        raise UserError(f"{path}: submission not found (run the predict stage)")
+    sub = np.load(path)
+    ids = sorted(sub.files)[: limit or None]
+    return ids, sub
+
+
+def check_samples(params: Params, ids: list[str], sub, progress: bool = True):
+    """``(rows, shots)``: one row per sample (misfit, trace correlation, seconds) and the
+    compared (preprocessed) observed and simulated gathers of shot :data:`SHOT`."""
+    from tqdm import tqdm
+
+    from speedstructure.dataio import ZipSamples
+    from speedstructure.physics import Preprocess, misfit, observed_at_sim_rate
+    from speedstructure.physics import simulate_at_sim_rate as simulate
+    from speedstructure.physics import trace_correlation as correlation
+    from speedstructure.synth.simulate import Simulator
+
+    sim = Simulator(params.synth.sim)
+    prep = Preprocess.for_simulator(sim, **preprocess_settings(params))
+    rows, shots = [], {}
+    with ZipSamples(params.zip_path("test")) as z:
+        for sid in tqdm(ids, desc="qc", unit="sample", disable=not progress):
+            t0 = time.perf_counter()
+            o = prep(observed_at_sim_rate(z.read_gathers(sid), sim))
+            s = prep(simulate(sub[sid].astype(np.float32), sim))
+            res = {"misfit": misfit(o, s), "trace_correlation": correlation(o, s)}
+            rows.append({"sample_id": sid, **res, "seconds": time.perf_counter() - t0})
+            shots[sid] = (o[SHOT].astype(np.float32), s[SHOT].astype(np.float32))
+    return rows, shots
+
+
+def true_mape(params: Params, ids: list[str], sub) -> np.ndarray | None:
+    """Per-sample MAPE against the test targets, None without them."""
+    from speedstructure.metrics import per_sample_mape
+
+    path = params.test_labels_path()
+    if not path.is_file():
+        return None
+    with np.load(path) as lab:
+        if not set(ids) <= set(lab.files):
+            return None
+        return np.array([float(per_sample_mape(sub[s][None], lab[s][None])[0]) for s in ids])
+
+
+def summarise(rows: list[dict], mape: np.ndarray | None, worst: int) -> dict[str, Any]:
+    from scipy.stats import spearmanr
+
+    misfit = np.array([r["misfit"] for r in rows])
+    corr = np.array([r["trace_correlation"] for r in rows])
+    order = np.argsort(-misfit)
+    summary: dict[str, Any] = {
+        "n_samples": len(rows),
+        "misfit_mean": float(misfit.mean()),
+        "misfit_median": float(np.median(misfit)),
+        "trace_correlation_mean": float(corr.mean()),
+        "seconds_per_sample": float(np.mean([r["seconds"] for r in rows])),
+        "worst": [rows[i]["sample_id"] for i in order[:worst]],
+        "labels": mape is not None,
+    }
+    if mape is not None and len(rows) > 2:
+        summary["spearman_misfit_mape"] = float(spearmanr(misfit, mape)[0])
+        summary["spearman_decorrelation_mape"] = float(spearmanr(-corr, mape)[0])
+    return summary
+
+
+def write_table(path: Path, rows: list[dict], mape: np.ndarray | None) -> Path:
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    table["rank"] = table["misfit"].rank(ascending=False, method="first").astype(int)
+    if mape is not None:
+        table["mape"] = mape
+    return atomic_write_text(path, table.to_csv(index=False, float_format="%.6g"))
+
+
+def plot_worst(shots: dict, worst: list[str], dt: float, path: Path) -> Path:
+    """Observed, simulated and residual gathers (shot :data:`SHOT`, as compared: muted,
+    low-passed, gain-controlled) of the worst samples, one row each."""
+    from matplotlib.figure import Figure
+
+    from speedstructure.plots import save_figure
+
+    fig = Figure(figsize=(10, 3.2 * max(1, len(worst))), layout="constrained")
+    axes = fig.subplots(max(1, len(worst)), 3, squeeze=False)
+    for row, sid in enumerate(worst):
+        obs, syn = shots[sid]
+        extent = (0, 300, obs.shape[-1] * dt, 0)
+        clip = float(np.percentile(np.abs(obs), 98)) or 1.0
+        panels = ((obs, f"{sid[:8]}: observed"), (syn, "simulated"), (obs - syn, "residual"))
+        for col, (img, title) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(img.T, cmap="gray", vmin=-clip, vmax=clip, aspect="auto", extent=extent)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("receiver x (m)")
+            ax.set_ylabel("time (s)" if col == 0 else "")
+    fig.suptitle(f"worst physics misfit: shot {SHOT + 1} after the direct arrival (AGC)")
+    return save_figure(fig, path)
+
+
+def run_qc(
+    params: Params, *, track: bool = True, progress: bool = True, samples: int | None = None
+) -> dict[str, Any]:
+    """The stage (see the module doc); returns the summary."""
+    from speedstructure import tracking
+
+    tags = {"stage": "qc", "dvc_stage": "qc"}
+    with tracking.stage_run(track, "qc", params, tags=tags):  # opened first: crashes FAIL it
+        threads = set_threads(params.qc.threads)
+        if track:
+            tracking.log_params({"qc": preprocess_settings(params), "threads": threads})
+        ids, sub = load_submission(params.path("submission"), samples)
+        with sub:
+            rows, shots = check_samples(params, ids, sub, progress)
+            mape = true_mape(params, ids, sub)
+        summary = summarise(rows, mape, params.qc.worst_samples)
+        dt = float(params.synth.sim.dt)
+        files = [
+            atomic_write_json(params.path("qc_metrics"), summary),
+            write_table(params.path("qc_table"), rows, mape),
+            plot_worst(shots, summary["worst"], dt, params.path("qc_figure")),
+        ]
+        if track:
+            _log_mlflow(summary, files)
+    return summary
+
+
+def _log_mlflow(summary: dict[str, Any], files: list[Path]) -> None:
+    import mlflow
+
+    from speedstructure import tracking
+
+    tracking.log_metrics({k: v for k, v in summary.items() if k not in ("worst", "labels")})
+    for f in files:
+        mlflow.log_artifact(str(f), artifact_path="qc")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("qc", help=cli.COMMANDS["qc"][1], description=DESCRIPTION)
+    p.add_argument("--samples", type=int, default=None, help="only the first N samples")
+    cli.add_mlflow_option(p)
+    cli.add_quiet_option(p)
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    s = run_qc(load_params(), track=args.mlflow, progress=not args.quiet, samples=args.samples)
+    line = (
+        f"qc: {s['n_samples']} samples, misfit mean {s['misfit_mean']:.4f} "
+        f"(median {s['misfit_median']:.4f}), trace correlation {s['trace_correlation_mean']:.3f}, "
+        f"{s['seconds_per_sample']:.2f} s per sample"
+    )
+    if "spearman_misfit_mape" in s:
+        line += f"; Spearman(misfit, MAPE) {s['spearman_misfit_mape']:.3f}"
+    print(line + f"\n  worst: {', '.join(s['worst'])}")
+    return 0
