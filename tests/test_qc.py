@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,8 @@ def test_qc_stage_ranks_a_perturbed_prediction_worse(tmp_path, tiny_params):
     table = (tmp_path / params.paths.qc_table).read_text().splitlines()
     assert table[0].startswith("sample_id,misfit,trace_correlation") and len(table) == 4
     assert (tmp_path / params.paths.qc_figure).is_file()
+    # versioned outputs hold no timings (the same params give the same bytes)
+    assert "seconds" not in table[0]
+    metrics = json.loads((tmp_path / params.paths.qc_metrics).read_text())
+    assert "seconds_per_sample" not in metrics and "worst" not in metrics
+    assert metrics["spearman_misfit_mape"] == pytest.approx(1.0)

@@ -50,13 +50,15 @@ def evaluate_uncertainty(
     metrics["per_sample"] = {
         sid: {k: float(v[i]) for k, v in columns.items()} for i, sid in enumerate(ids)
     }
-    out = atomic_write_json(params.path("uncertainty_metrics"), metrics)
+    keys = ("coverage", "mean_width", "spearman_uncertainty_error", "pearson_uncertainty_error")
+    headline = {k: metrics[k] for k in keys}
+    report = atomic_write_json(params.path("uncertainty_report"), metrics)
+    atomic_write_json(params.path("uncertainty_metrics"), headline)
     mape = (np.abs(preds - truths) / truths).mean(axis=(1, 2))
     fig = plot_uncertainty(ids, truths, preds, hw, mape, params.path("uncertainty_figure"))
-    headline = {k: metrics[k] for k in ("coverage", "mean_width", "spearman_uncertainty_error")}
     if track:
-        _log(metrics, [out, fig])
-    return {**headline, "pearson_uncertainty_error": metrics["pearson_uncertainty_error"]}
+        _log(metrics, [report, fig])
+    return headline
 
 
 def _log(metrics: dict[str, Any], files: list[Path]) -> None:
@@ -129,8 +131,10 @@ def describe_uncertainty(
             for a, b in zip(edges[:-1], edges[1:], strict=True)
         },
     }
+    lean = {k: metrics[k] for k in ("labels", "n_test", "mean_width")}
+    atomic_write_json(params.path("uncertainty_metrics"), lean)
     files = [
-        atomic_write_json(params.path("uncertainty_metrics"), metrics),
+        atomic_write_json(params.path("uncertainty_report"), metrics),
         plot_half_widths(ids, preds, hw, params.path("uncertainty_figure")),
     ]
     if track:

@@ -11,7 +11,7 @@ also reports the Spearman rank correlation between the misfit and the true MAPE.
 
 ``speedstructure qc [--samples N] [--mlflow/--no-mlflow] [--quiet]`` writes::
 
-    qc_metrics   summary: misfit, correlation, seconds per sample, Spearman vs MAPE
+    qc_metrics   summary: misfit, correlation, Spearman vs MAPE (seconds per sample: MLflow)
     qc_table     CSV: sample_id, misfit, trace_correlation, rank (1 = worst) [, mape]
     qc_figure    PNG: observed, simulated and residual gathers of the worst samples
 """
@@ -128,10 +128,16 @@ def summarise(rows: list[dict], mape: np.ndarray | None, worst: int) -> dict[str
     return summary
 
 
+def lean_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary as a declared DVC metric: numbers only (the worst samples are ranked in the
+    table; the time per sample goes to MLflow and the console, never into versioned files)."""
+    return {k: v for k, v in summary.items() if k not in ("worst", "seconds_per_sample")}
+
+
 def write_table(path: Path, rows: list[dict], mape: np.ndarray | None) -> Path:
     import pandas as pd
 
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).drop(columns="seconds")  # timings stay out of versioned files
     table["rank"] = table["misfit"].rank(ascending=False, method="first").astype(int)
     if mape is not None:
         table["mape"] = mape
@@ -180,7 +186,7 @@ def run_qc(
         summary = summarise(rows, mape, params.qc.worst_samples)
         dt = float(params.synth.sim.dt)
         files = [
-            atomic_write_json(params.path("qc_metrics"), summary),
+            atomic_write_json(params.path("qc_metrics"), lean_summary(summary)),
             write_table(params.path("qc_table"), rows, mape),
             plot_worst(shots, summary["worst"], dt, params.path("qc_figure")),
         ]
