@@ -155,3 +155,29 @@ def trend_checkpoint(path: Path, velocity: float) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": m.state_dict(), "variant": {"arch": "depth_trend"}}, path)
     return path
+
+
+# ---- small physics cases (tests/test_qc.py, tests/test_refine.py: `from conftest import ...`)
+# a 10 m grid and 0.3 s of record: deepwave runs them in about a second
+SMALL_SIM_SETTINGS = {"dx": 10.0, "dt": 0.0005, "n_time": 3001}
+SMALL_PREP = {"mute_after": 0.05, "taper": 0.02, "lowpass_hz": 20.0, "agc_window": 0.1}
+
+
+def layered_model(nz: int = 200, floor: int = 60) -> np.ndarray:
+    """Water to ``floor`` m, then a gradient with a faster layer: ``(300, nz)`` km/s."""
+    v = np.full((300, nz), 1.5, np.float32)
+    z = np.arange(nz - floor, dtype=np.float32)
+    v[:, floor:] = 1.9 + 0.004 * z
+    v[:, floor + 60 : floor + 80] += 0.4
+    return v
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """deepwave on small grids: one torch thread (more only contend for the cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

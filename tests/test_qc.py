@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import SMALL_PREP, SMALL_SIM_SETTINGS, layered_model
 from speedstructure.config import SimParams
 from speedstructure.physics import (
     Preprocess,
@@ -16,28 +17,8 @@ from speedstructure.physics import (
 )
 from speedstructure.synth.simulate import Simulator
 
-SMALL = SimParams(dx=10.0, dt=0.0005, n_time=3001)  # 10 m grid, 0.3 s: fast
-PREP = {"mute_after": 0.05, "taper": 0.02, "lowpass_hz": 20.0, "agc_window": 0.1}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """deepwave on these small grids: one torch thread (more only contend for the cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def layered(nz: int = 200, floor: int = 60) -> np.ndarray:
-    """Water to ``floor`` m, then a gradient with a faster layer."""
-    v = np.full((300, nz), 1.5, np.float32)
-    z = np.arange(nz - floor, dtype=np.float32)
-    v[:, floor:] = 1.9 + 0.004 * z
-    v[:, floor + 60 : floor + 80] += 0.4
-    return v
+SMALL = SimParams(**SMALL_SIM_SETTINGS)  # 10 m grid, 0.3 s: fast
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def perturbed(v: np.ndarray, factor: float) -> np.ndarray:
@@ -47,7 +28,7 @@ def perturbed(v: np.ndarray, factor: float) -> np.ndarray:
 @pytest.fixture(scope="module")
 def small_case():
     sim = Simulator(SMALL)
-    truth = layered()
+    truth = layered_model()
     return sim, truth, observed_at_sim_rate(sim(truth), sim)
 
 
@@ -60,7 +41,7 @@ def test_observed_gathers_decimate_to_the_simulators_own_samples(small_case):
 
 def test_misfit_is_zero_for_the_true_model_and_grows_with_the_perturbation(small_case):
     sim, truth, obs = small_case
-    prep = Preprocess.for_simulator(sim, **PREP)
+    prep = Preprocess.for_simulator(sim, **SMALL_PREP)
     results = [
         compare(obs, simulate_at_sim_rate(perturbed(truth, f), sim), prep) for f in (1.0, 1.03, 1.1)
     ]
@@ -73,7 +54,7 @@ def test_misfit_is_zero_for_the_true_model_and_grows_with_the_perturbation(small
 
 def test_the_mute_removes_the_direct_arrival(small_case):
     sim, truth, obs = small_case
-    prep = Preprocess.for_simulator(sim, **PREP)
+    prep = Preprocess.for_simulator(sim, **SMALL_PREP)
     mute = prep.mute()
     assert mute.shape == obs.shape
     # the first samples (direct arrival, identical for every model) carry no weight
@@ -87,7 +68,7 @@ def test_qc_stage_ranks_a_perturbed_prediction_worse(tmp_path, tiny_params):
     from speedstructure.stages.qc import run_qc
 
     sim = Simulator(SimParams())
-    truth = np.pad(layered(nz=400), ((0, 0), (0, 859)), mode="edge")
+    truth = np.pad(layered_model(nz=400), ((0, 0), (0, 859)), mode="edge")
     gathers = sim(truth)
     ids = ["QC00000000000000A0", "QC00000000000000B0", "QC00000000000000C0"]
     data = tmp_path / "data"

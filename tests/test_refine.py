@@ -5,31 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import SMALL_PREP, SMALL_SIM_SETTINGS, layered_model
 from speedstructure.config import SimParams
 from speedstructure.physics import observed_at_sim_rate, simulate_at_sim_rate
 from speedstructure.synth.simulate import Simulator
 
-SMALL = SimParams(dx=10.0, dt=0.0005, n_time=3001)
-PREP = {"mute_after": 0.05, "taper": 0.02, "lowpass_hz": 20.0, "agc_window": 0.1}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """deepwave on these small grids: one torch thread (more only contend for the cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def layered(nz: int = 200, floor: int = 60) -> np.ndarray:
-    v = np.full((300, nz), 1.5, np.float32)
-    z = np.arange(nz - floor, dtype=np.float32)
-    v[:, floor:] = 1.9 + 0.004 * z
-    v[:, floor + 60 : floor + 80] += 0.4
-    return v
+SMALL = SimParams(**SMALL_SIM_SETTINGS)  # 10 m grid, 0.3 s: fast
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_torch_forward_model_is_the_simulator():
@@ -39,7 +21,7 @@ def test_the_torch_forward_model_is_the_simulator():
     from speedstructure.synth.simulate import coarsen_slowness
 
     sim = Simulator(SMALL)
-    v = layered()
+    v = layered_model()
     fwd = TorchForward(sim)
     vt = torch.from_numpy(v)
     assert np.allclose(fwd.coarsen(vt).numpy(), coarsen_slowness(v, sim.factor), rtol=1e-5)
@@ -53,10 +35,10 @@ def test_refinement_lowers_the_misfit_and_keeps_the_safeguards():
     from speedstructure.fwi import FwiSettings, invert
 
     sim = Simulator(SMALL)
-    truth = layered()
+    truth = layered_model()
     obs = observed_at_sim_rate(sim(truth), sim)
     start = np.where(truth > 1.55, truth * 0.95, truth).astype(np.float32)
-    cfg = FwiSettings(iterations=2, grid_m=20, step=0.05, prep=PREP)
+    cfg = FwiSettings(iterations=2, grid_m=20, step=0.05, prep=SMALL_PREP)
     res = invert(sim, obs, start, cfg)
     assert len(res.misfits) >= 2
     assert all(b < a for a, b in zip(res.misfits, res.misfits[1:], strict=False))
