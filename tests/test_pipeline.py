@@ -364,7 +364,8 @@ def test_make_train_parallel_runs_training_stages_concurrently_one_gpu_each(proj
             latest[key] = r
     a, b = latest["0"], latest["1"]
     assert {a.data.tags["cuda_visible_devices"], b.data.tags["cuda_visible_devices"]} == {"0", "1"}
-    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # overlap
+    # Concurrency itself is checked with controlled durations in tests/test_parallel.py: these
+    # trainings last about a second, so under load their MLflow runs need not overlap.
     for f in (0, 1):
         assert (project / f"logs/train-parallel/train@tiny_a-f{f}.log").is_file()
     rest = dvc("repro", cwd=project).stdout  # the rest of the pipeline, no training
