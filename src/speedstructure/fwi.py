@@ -30,7 +30,7 @@ import numpy as np
 
 from speedstructure.config import V_MAX, V_MIN
 from speedstructure.metrics import water_floor_depth
-from speedstructure.physics import Preprocess, TorchForward
+from speedstructure.physics import Preprocess, TorchForward, running_rms
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Inversion:
         self.prep = prep
         o = self._filter(torch.as_tensor(observed, dtype=torch.float64)).numpy()
         window = max(1, int(round((prep.agc_window or 0.2) / prep.dt)))
-        weights = 1.0 / _running_rms(o, window)
+        weights = 1.0 / running_rms(o, window)
         self.weights = torch.as_tensor(weights, dtype=torch.float32)
         self.observed = torch.as_tensor(o, dtype=torch.float32) * self.weights
         self.norm = float((self.observed**2).sum())
@@ -117,13 +117,6 @@ class Inversion:
         loss = self.loss(d)
         loss.backward()
         return float(loss.detach()), d.grad.detach()
-
-
-def _running_rms(traces: np.ndarray, window: int) -> np.ndarray:
-    from scipy.ndimage import uniform_filter1d
-
-    rms = np.sqrt(uniform_filter1d(traces**2, window, axis=-1, mode="constant"))
-    return rms + 1e-3 * rms.max(axis=-1, keepdims=True) + 1e-30
 
 
 def invert(sim, observed: np.ndarray, start: np.ndarray, cfg: FwiSettings) -> FwiResult:

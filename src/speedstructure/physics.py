@@ -111,13 +111,18 @@ class Preprocess:
         return y
 
 
-def agc(traces: np.ndarray, window: int) -> np.ndarray:
-    """Each trace divided by its running RMS over ``window`` samples (floored at 0.1 % of
-    the trace's largest RMS, so silent stretches are not blown up)."""
+def running_rms(traces: np.ndarray, window: int) -> np.ndarray:
+    """Each trace's running RMS over ``window`` samples, floored at 0.1 % of the trace's
+    largest RMS (so dividing by it does not blow up silent stretches)."""
     from scipy.ndimage import uniform_filter1d
 
     rms = np.sqrt(uniform_filter1d(traces**2, window, axis=-1, mode="constant"))
-    return traces / (rms + 1e-3 * rms.max(axis=-1, keepdims=True) + 1e-30)
+    return rms + 1e-3 * rms.max(axis=-1, keepdims=True) + 1e-30
+
+
+def agc(traces: np.ndarray, window: int) -> np.ndarray:
+    """Each trace divided by its :func:`running_rms` over ``window`` samples."""
+    return traces / running_rms(traces, window)
 
 
 def misfit(observed: np.ndarray, simulated: np.ndarray) -> float:

@@ -252,19 +252,19 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_threads(requested: int | None) -> int:
+def resolve_threads(requested: int | None, key: str = "train.threads") -> int:
     """``requested`` threads, or for ``None`` the usable cores divided by the training
-    processes on the machine (at least 1)."""
+    processes on the machine (at least 1); ``key`` names the setting in the error."""
     if requested is not None:
         if int(requested) < 1:
-            raise UserError(f"train.threads must be a positive integer or null, got {requested}")
+            raise UserError(f"{key} must be a positive integer or null, got {requested}")
         return int(requested)
     return max(1, usable_cores() // training_processes())
 
 
-def set_threads(requested: int | None) -> int:
+def set_threads(requested: int | None, key: str = "train.threads") -> int:
     """Set torch's intra-op CPU threads to :func:`resolve_threads` of ``requested``; the count."""
-    n = resolve_threads(requested)
+    n = resolve_threads(requested, key)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

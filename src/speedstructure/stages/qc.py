@@ -19,7 +19,6 @@ also reports the Spearman rank correlation between the misfit and the true MAPE.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -47,15 +46,6 @@ def preprocess_settings(params: Params) -> dict[str, Any]:
         "rolloff_hz": q.rolloff_hz,
         "agc_window": q.agc_window,
     }
-
-
-def set_threads(threads: int | None) -> int:
-    """torch CPU threads: ``threads``, or every usable core."""
-    import torch
-
-    n = int(threads or len(os.sched_getaffinity(0)))
-    torch.set_num_threads(n)
-    return n
 
 
 def load_submission(path: Path, limit: int | None = None) -> tuple[list[str], dict]:
@@ -173,10 +163,11 @@ def run_qc(
 ) -> dict[str, Any]:
     """The stage (see the module doc); returns the summary."""
     from speedstructure import tracking
+    from speedstructure.engine.runtime import set_threads
 
     tags = {"stage": "qc", "dvc_stage": "qc"}
     with tracking.stage_run(track, "qc", params, tags=tags):  # opened first: crashes FAIL it
-        threads = set_threads(params.qc.threads)
+        threads = set_threads(params.qc.threads, "qc.threads")
         if track:
             tracking.log_params({"qc": preprocess_settings(params), "threads": threads})
         ids, sub = load_submission(params.path("submission"), samples)

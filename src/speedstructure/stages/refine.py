@@ -161,13 +161,14 @@ def run_refine(
 ) -> dict[str, Any]:
     """The stage (see the module doc); ``force`` runs it even with ``refine.enabled: false``."""
     from speedstructure import tracking
-    from speedstructure.stages.qc import load_submission, set_threads
+    from speedstructure.engine.runtime import set_threads
+    from speedstructure.stages.qc import load_submission
 
     if not (params.refine.enabled or force):
         return write_disabled(params)
     tags = {"stage": "refine", "dvc_stage": "refine"}
     with tracking.stage_run(track, "refine", params, tags=tags):
-        threads = set_threads(params.refine.threads)
+        threads = set_threads(params.refine.threads, "refine.threads")
         cfg = fwi_settings(params, iterations)
         if track:
             tracking.log_params({"refine": vars(cfg) | {"threads": threads}})
