@@ -10,7 +10,6 @@ import pytest
 
 from speedstructure.uncertainty import (
     Calibrator,
-    NpzWriter,
     band_index,
     calibrate,
     coverage_report,
@@ -95,11 +94,16 @@ def test_calibrate_reports_cross_fold_coverage():
     assert json.loads(json.dumps(calibration)) == calibration  # fits in the ensemble file
 
 
-def test_npz_writer_and_the_calibration_carried_by_an_ensemble(tmp_path):
-    with NpzWriter(tmp_path / "u.npz") as w:
-        w.add("a", np.ones((3, 4)))
+def test_float32_half_widths_file_and_the_calibration_carried_by_an_ensemble(tmp_path):
+    from speedstructure.submission import SubmissionWriter
+
+    sid = "a" * 18
+    for name in ("u.npz", "u2.npz"):
+        with SubmissionWriter(tmp_path / name, dtype=np.float32) as w:
+            w.add(sid, np.ones((300, 1259)))
     with np.load(tmp_path / "u.npz") as z:
-        assert z["a"].dtype == np.float32 and z.files == ["a"]
+        assert z[sid].dtype == np.float32 and z.files == [sid]
+    assert (tmp_path / "u.npz").read_bytes() == (tmp_path / "u2.npz").read_bytes()
 
     class FakeEnsemble:
         spec = {"calibration": {"quantiles": [0.1]}}

@@ -77,9 +77,10 @@ class SubmissionWriter:
     ``path`` is left as it was.
 
     ``compression`` is ``"stored"`` (default, like ``np.savez``) or
-    ``"deflated"``.  With ``v_range=(lo, hi)``, arrays with values outside it
-    are refused too.  Members carry a fixed timestamp, so equal inputs give
-    byte-identical files.
+    ``"deflated"``.  ``dtype`` is the members' type (float64, the challenge's; the
+    uncertainty file beside the submission is float32).  With ``v_range=(lo, hi)``,
+    arrays with values outside it are refused too.  Members carry a fixed
+    timestamp, so equal inputs give byte-identical files.
     """
 
     def __init__(
@@ -89,8 +90,10 @@ class SubmissionWriter:
         compression: str | int = "stored",
         compresslevel: int | None = None,
         v_range: tuple[float, float] | None = None,
+        dtype: np.dtype | type = SUBMISSION_DTYPE,
     ):
         self.path = Path(path)
+        self.dtype = np.dtype(dtype)
         self._compression = _compression(compression)
         self._compresslevel = compresslevel
         self.v_range = None if v_range is None else (float(v_range[0]), float(v_range[1]))
@@ -148,9 +151,9 @@ class SubmissionWriter:
         if sample_id in self._seen:
             raise DataError(f"{where}: added twice")
         try:
-            arr = np.ascontiguousarray(array, dtype=SUBMISSION_DTYPE)
+            arr = np.ascontiguousarray(array, dtype=self.dtype)
         except (TypeError, ValueError) as exc:
-            raise DataError(f"{where}: cannot be converted to float64 ({exc})") from exc
+            raise DataError(f"{where}: cannot be converted to {self.dtype} ({exc})") from exc
         if arr.shape != VP_SHAPE:
             raise DataError(f"{where}: shape {arr.shape}, expected {VP_SHAPE}")
         finite = np.isfinite(arr)

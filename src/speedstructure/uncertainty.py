@@ -26,9 +26,6 @@ the coverage of each fold's cells under the calibration of the other folds;
 
 from __future__ import annotations
 
-import os
-import zipfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -162,34 +159,6 @@ def coverage_report(pred, truth, hw, depth_bands) -> tuple[dict[str, Any], dict[
         "mean_abs_error": sample_err,
     }
     return metrics, columns
-
-
-# --------------------------------------------------------------------------- the file
-
-
-class NpzWriter:
-    """float32 arrays streamed into an ``.npz`` one member at a time, moved into place
-    atomically when the ``with`` block ends without an exception."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __enter__(self) -> NpzWriter:
-        import contextlib
-
-        from speedstructure.fsutil import atomic_output
-
-        self._stack = contextlib.ExitStack()
-        tmp = self._stack.enter_context(atomic_output(self.path))
-        self._zf = self._stack.enter_context(zipfile.ZipFile(tmp, "w", allowZip64=True))
-        return self
-
-    def add(self, key: str, arr: np.ndarray) -> None:
-        with self._zf.open(f"{key}.npy", "w", force_zip64=True) as fh:
-            np.lib.format.write_array(fh, np.ascontiguousarray(arr, dtype=np.float32))
-
-    def __exit__(self, *exc) -> None:
-        self._stack.__exit__(*exc)
 
 
 def calibrate(folds: dict[int, tuple[np.ndarray, np.ndarray]], cfg, water_velocity: float = 1.5):

@@ -115,7 +115,7 @@ def predict_to_submission(
     from speedstructure.dataio import open_input
     from speedstructure.ensemble import iter_batches
     from speedstructure.submission import SubmissionWriter, validate_submission
-    from speedstructure.uncertainty import NpzWriter, ensemble_calibration, half_width
+    from speedstructure.uncertainty import ensemble_calibration, half_width
 
     reader = open_input(input_path)
     ids = list(reader.sample_ids)
@@ -125,7 +125,9 @@ def predict_to_submission(
         calibration = ensemble_calibration(predict_fn) if uncertainty else None
         with contextlib.ExitStack() as stack:
             w = stack.enter_context(SubmissionWriter(output))
-            u = stack.enter_context(NpzWriter(uncertainty)) if calibration else None
+            u = None
+            if calibration:  # the half-widths: the submission's keys and checks, float32
+                u = stack.enter_context(SubmissionWriter(uncertainty, dtype=np.float32))
             for chunk, x in iter_batches(reader, ids, batch_size):
                 pred = predict_fn(x)
                 for sid, p in zip(chunk, pred, strict=True):
