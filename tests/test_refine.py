@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -64,3 +66,25 @@ def test_sample_choice_and_the_disabled_stage(tmp_path, tiny_params):
     assert summary == {"enabled": False, "n_refined": 0, "note": summary["note"]}
     assert (tmp_path / params.paths.refine_metrics).is_file()
     assert (tmp_path / params.paths.refined).is_dir()
+
+
+def test_refined_outputs_hold_no_timings(tmp_path, tiny_params):
+    import json
+
+    from speedstructure.fwi import FwiResult
+    from speedstructure.stages.refine import TABLE_NAME, summarise, write_outputs
+
+    params = tiny_params(tmp_path)
+    sid = "a" * 18
+    start = np.full((300, 1259), 2.0, np.float32)
+    results = {sid: FwiResult(start + 0.1, [1.0, 0.5], seconds=12.3, evaluations=3)}
+    cfg = SimpleNamespace(iterations=1, grid_m=20)
+    summary = summarise(results, None, 12.3, cfg)
+    assert summary["seconds_per_sample"] == pytest.approx(12.3)  # for MLflow and the console
+    np.savez(tmp_path / "sub.npz", **{sid: start})
+    with np.load(tmp_path / "sub.npz") as sub:
+        write_outputs(params, sub, results, None, summary)
+    written = json.loads((tmp_path / params.paths.refine_metrics).read_text())
+    assert "seconds_per_sample" not in written and written["misfit_after"] == 0.5
+    table = (tmp_path / params.paths.refined / TABLE_NAME).read_text().splitlines()
+    assert "seconds" not in table[0] and table[1].startswith(f"{sid},1.000000,0.500000,1,")

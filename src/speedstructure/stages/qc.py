@@ -119,8 +119,9 @@ def summarise(rows: list[dict], mape: np.ndarray | None, worst: int) -> dict[str
 
 
 def lean_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary as a declared DVC metric: numbers only (the worst samples are ranked in the
-    table; the time per sample goes to MLflow and the console, never into versioned files)."""
+    """A qc or refine summary as a declared DVC metric: no list of the worst samples (the qc
+    table ranks them) and no time per sample (MLflow and the console only: versioned files
+    hold no timings)."""
     return {k: v for k, v in summary.items() if k not in ("worst", "seconds_per_sample")}
 
 

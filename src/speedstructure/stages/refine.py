@@ -113,7 +113,9 @@ def before_after(params: Params, sub, results: dict) -> dict[str, Any] | None:
 
 
 def write_outputs(params: Params, sub, results: dict, scores, summary) -> list[Path]:
-    """The refined submission (every sample), the per-sample table, the metrics."""
+    """The refined submission (every sample), the per-sample table, the metrics (no timings:
+    those go to MLflow and the console)."""
+    from speedstructure.stages.qc import lean_summary
     from speedstructure.submission import SubmissionWriter
 
     folder = params.path("refined")
@@ -121,19 +123,16 @@ def write_outputs(params: Params, sub, results: dict, scores, summary) -> list[P
     with SubmissionWriter(folder / SUBMISSION_NAME, v_range=(V_MIN, V_MAX)) as w:
         for sid in sorted(sub.files):
             w.add(sid, results[sid].model if sid in results else sub[sid])
-    rows = ["sample_id,misfit_before,misfit_after,iterations,seconds,mape_before,mape_after"]
+    rows = ["sample_id,misfit_before,misfit_after,iterations,mape_before,mape_after"]
     for i, (sid, r) in enumerate(results.items()):
         mb = f"{scores['before']['per_sample_mape'][i]:.6f}" if scores else ""
         ma = f"{scores['after']['per_sample_mape'][i]:.6f}" if scores else ""
-        rows.append(
-            f"{sid},{r.misfits[0]:.6f},{r.misfits[-1]:.6f},{len(r.misfits) - 1},"
-            f"{r.seconds:.2f},{mb},{ma}"
-        )
+        rows.append(f"{sid},{r.misfits[0]:.6f},{r.misfits[-1]:.6f},{len(r.misfits) - 1},{mb},{ma}")
     table = atomic_write_text(folder / TABLE_NAME, "\n".join(rows) + "\n")
     return [
         folder / SUBMISSION_NAME,
         table,
-        atomic_write_json(params.path("refine_metrics"), summary),
+        atomic_write_json(params.path("refine_metrics"), lean_summary(summary)),
     ]
 
 
