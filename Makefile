@@ -17,7 +17,7 @@ GPUS ?= 0
 
 .DEFAULT_GOAL := help
 
-.PHONY: help clean setup data demo repro train train-parallel weights tune predict evaluate refine report exp plots ui dashboard profile lint format test test-fast bench bench-gpu clean-venv
+.PHONY: help clean setup data doctor demo repro train train-parallel weights tune predict evaluate refine report exp plots ui dashboard profile lint format test test-fast bench bench-gpu clean-venv
 
 help: ## this list (the default target)
 	@echo "speedstructure: make TARGET (README.md has the details)"
@@ -49,9 +49,15 @@ data: setup ## write the synthetic dataset into data/ (skipped when up to date) 
 # The whole job on the embedded default: the synthetic data if missing or stale (real zips
 # without data/synth_meta.json are left alone), the DVC pipeline, the test MAPE table.
 demo: setup ## the whole job on the embedded default data, then the test-MAPE table
+	@$(SS) doctor || echo "make demo: going on despite the doctor's findings above"
 	@if [ -f data/synth_meta.json ] || [ ! -f data/train.zip ]; then $(MAKE) --no-print-directory data; fi
 	$(DVC) repro
 	@$(SS) report
+
+# This machine and what the active profile will cost on it (20 s of timed steps; exit 1 with
+# one line per reason when it cannot run the profile: disk, no GPU for the competition profile)
+doctor: setup ## this machine, the project's state and the projected cost of the active profile
+	$(SS) doctor
 
 repro: setup ## dvc repro: run what changed
 	$(DVC) repro
@@ -140,6 +146,7 @@ bench: setup ## the CPU benchmarks into bench/*.json
 	$(SS) bench data --json bench/data.json
 	$(SS) bench store --json bench/store.json
 	$(SS) bench model --json bench/model.json
+	$(SS) bench training --json bench/training.json
 	$(SS) bench parallel --json bench/parallel.json
 
 # The competition variants' training path checked and timed on this machine's GPU

@@ -118,6 +118,8 @@ NOT_RECIPE = {  # how and where it runs, not what it learns
     "ddp_find_unused": False,
     "grad_checkpointing": False,
     "threads": None,
+    "muon_precision": "auto",  # bf16 on CUDA, as the seed ran (test_precision.py)
+    "cache_inputs": False,
 }
 COMPETITION = ("comp_s10_dual42", "comp_s10_dual22", "comp_s9_dual44", "comp_s10_single4")
 
@@ -140,6 +142,10 @@ def test_competition_variants_pin_every_training_key_to_the_seed_recipe(name):
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
     opt = build_optimizer(net, params.train_for(name), muon_names={"0.weight"})
     assert opt.muon.param_groups[0]["adjust_lr_fn"] == "original"
+    # on the seed's GPUs the orthogonalisation stays in bf16, torch's own arithmetic
+    from speedstructure.engine.runtime import muon_dtype
+
+    assert muon_dtype(params.train_for(name).muon_precision, torch.device("cuda")) == torch.bfloat16
     assert opt.adamw.param_groups[0]["eps"] == 1e-10
     # pretrained weights come from the local, DVC-tracked file (no hub at training time)
     v = params.variant(name)

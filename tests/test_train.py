@@ -694,6 +694,37 @@ GOLDEN_TINY_DUAL42_EPOCH1 = (0.06397358824809392, 0.08568539842963219)
 GOLDEN_DEPTH_TREND = 0.0982784666121006
 
 
+def test_cached_inputs_train_exactly_as_prepared_every_epoch(data, tmp_path):
+    """train.cache_inputs: the images prepared once (and their flips) give the same losses,
+    weights and EMA, bit for bit, as reading and preparing the gathers every epoch."""
+    from speedstructure.engine.data import PreparedInputs, flip_prepared_batch
+
+    cfg = _cfg(epochs=2, batch_size=2, flip_prob=0.5, lr=3e-3)
+    runs = {
+        cached: _run(data, tmp_path / str(cached), dataclasses.replace(cfg, cache_inputs=cached))
+        for cached in (False, True)
+    }
+
+    def numbers(res):
+        return [(h["train_loss"], h["val_mape"], h["lr"]) for h in res.history]
+
+    assert numbers(runs[True]) == numbers(runs[False])
+    a, b = _load(runs[False].last_path), _load(runs[True].last_path)
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    # the cache's flip is the gathers' consistent flip, prepared
+    model = _model()
+    y = torch.rand(2, 300, 1259) + 2.0
+    cache = PreparedInputs(SampleDataset(data["rows"][:2]), model.prepare)
+    pair = torch.stack([cache[i][0] for i in range(2)])
+    rows = torch.stack([SampleDataset(data["rows"][:2])[i][0] for i in range(2)])
+    torch.manual_seed(5)
+    img, y_img = flip_prepared_batch(pair, y, 1.0)
+    torch.manual_seed(5)
+    raw, y_raw = flip_batch(rows, y, 1.0)
+    assert torch.equal(img, model.prepare(raw)) and torch.equal(y_img, y_raw)
+
+
 def test_golden_engine_history(data, tmp_path):
     """Accumulation with a partial last group, flips, clipping, EMA, the depth-trend prior
     and the cosine-then-constant schedule: the same losses as the original engine."""

@@ -20,6 +20,17 @@ on this machine, and the achieved FLOP rate (forward FLOPs counted on the meta
 device, x 3 for training) as a fraction of the measured fp32 matrix-multiply
 peak (median of several large matmuls).
 
+``speedstructure bench training`` times training steps as an epoch runs them (the real
+:class:`~speedstructure.engine.loop.Trainer` on samples of the ingested store: loading, flip,
+forward, backward, optimizer step) for the default profile's trained variants, in three
+set-ups side by side in one run: *before* (Muon orthogonalising in bf16, as torch's Muon
+does, and the gathers read and prepared every step: the engine until this benchmark was
+written), *fp32 Muon* (the same, orthogonalising in float32) and *after* (the engine's
+rules: ``muon_precision: auto``, ``cache_inputs: true``); the median of ``--repeats`` steps
+after a warm-up step, with the machine's CPU capability and whether bf16 is native.
+Equal numerics of the cache are a test (``test_cached_inputs_train_exactly_...``); the
+validation MAPE at equal epochs is in the README.
+
 ``speedstructure bench gpu [--variant V] [--steps N]`` checks and times the competition
 variants' training path on this machine (:mod:`speedstructure.bench_gpu`; it imports only
 torch, timm, numpy and pyyaml, and exits 1 when a check fails).
@@ -37,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -46,6 +58,8 @@ from typing import Any
 import numpy as np
 
 from speedstructure.config import SPLITS, V_MAX, V_MIN, Params, SimParams, SynthConfig, load_params
+
+log = logging.getLogger(__name__)
 
 
 def fidelity(v: np.ndarray, sim: SimParams, fine_dx: float) -> dict[str, float]:
@@ -236,6 +250,96 @@ def bench_model(params: Params, variants: list[str], repeats: int, batch: int) -
     return out
 
 
+TRAINING_SETUPS = {  # name -> TrainConfig changes (bench training)
+    "before": {"muon_precision": "bf16", "cache_inputs": False},
+    "fp32_muon": {"muon_precision": "fp32", "cache_inputs": False},
+    "after": {"muon_precision": "auto", "cache_inputs": True},
+}
+
+
+def _training_rows(params: Params, n: int) -> list[tuple[str, str]]:
+    """The first ``n`` training rows of fold 0, read from the ingested store."""
+    from speedstructure.engine.data import read_folds_table, rows_in_store
+
+    table, store = params.path("folds_table"), params.path("store")
+    if not store.is_dir() or not table.is_file():
+        raise ValueError("bench training needs the store and the folds: run `dvc repro folds`")
+    rows, _ = read_folds_table(table, 0, params.root)
+    (rows,) = rows_in_store(store, table, rows[:n])
+    return rows
+
+
+def step_seconds(params: Params, name: str, changes: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of an epoch's training step of ``name`` with ``changes`` to its
+    training settings (loading included), and the seconds the input cache took per sample."""
+    import torch
+
+    from speedstructure.engine.data import SampleDataset
+    from speedstructure.engine.loop import Run, Trainer
+    from speedstructure.engine.runtime import Dist, pick_device
+    from speedstructure.model import build_model
+
+    cfg = dataclasses.replace(params.train_for(name), progress=False, **changes)
+    rows = _training_rows(params, cfg.batch_size * (repeats + 1))
+    device = pick_device(cfg.device)
+    torch.manual_seed(0)
+    model = build_model(params.variant(name), device=device)
+    ds = SampleDataset(rows)
+    with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
+        t0 = time.perf_counter()
+        trainer = Trainer(
+            Run(cfg=cfg, out_dir=Path(tmp), dd=Dist(), device=device), model, ds, None
+        )
+        setup = time.perf_counter() - t0
+        trainer.net.train()
+        times, t_prev = [], time.perf_counter()
+        for i, batch in enumerate(trainer.loader):
+            trainer.train_batch(batch, i, 1)
+            times.append(time.perf_counter() - t_prev)
+            t_prev = time.perf_counter()
+    ds.close()
+    return {"step": statistics.median(times[1:]), "setup_per_sample": setup / len(rows)}
+
+
+def bench_training(params: Params, variants: list[str], repeats: int) -> dict[str, Any]:
+    """Training samples per second of each variant in each of :data:`TRAINING_SETUPS`."""
+    import torch
+
+    from speedstructure.engine.runtime import cpu_capability, native_bf16
+
+    out: dict[str, Any] = {
+        "cpu_capability": cpu_capability(),
+        "native_bf16": native_bf16(torch.device("cpu")),
+        "threads": torch.get_num_threads(),
+        "steps_timed": repeats,
+        "variants": {},
+    }
+    for name in variants:
+        batch = params.train_for(name).batch_size
+        res = {}
+        for setup, changes in TRAINING_SETUPS.items():
+            t = step_seconds(params, name, changes, repeats)
+            res[setup] = {
+                "step_seconds_median": round(t["step"], 4),
+                "train_samples_per_second": round(batch / t["step"], 2),
+                "setup_seconds_per_sample": round(t["setup_per_sample"], 4),
+            }
+            log.info("bench training: %s %s: %.3f s per step", name, setup, t["step"])
+        before = res["before"]["train_samples_per_second"]
+        res["after_over_before"] = round(res["after"]["train_samples_per_second"] / before, 2)
+        res["after_over_fp32_muon"] = round(
+            res["after"]["train_samples_per_second"] / res["fp32_muon"]["train_samples_per_second"],
+            2,
+        )
+        out["variants"][name] = res
+    return out
+
+
+def _trained_default_variants(params: Params) -> list[str]:
+    names = dict.fromkeys(run.variant for run in params.runs.values())
+    return [n for n in names if params.variant(n).arch != "depth_trend"]
+
+
 def _cmd(args: argparse.Namespace) -> int:
     from speedstructure.cli import write_json_output
 
@@ -250,6 +354,9 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.what in ("model", "all"):
         names = args.variants or [k for k, v in params.variants.items() if v.profile == "default"]
         out["model"] = bench_model(params, names, args.repeats, args.batch)
+    if args.what == "training":  # not part of `all`: the bf16 set-up is slow on most CPUs
+        names = args.variants or _trained_default_variants(params)
+        out["training"] = bench_training(params, names, max(5, args.repeats))
     if args.what == "parallel":  # not part of `all`: it trains (minutes)
         from speedstructure.bench_parallel import bench_parallel
 
@@ -276,6 +383,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
         description="Benchmarks: data generation, store reads, model speed (`all`: the three); "
+        "`training`: training steps before/after the precision rule and the input cache; "
         "`gpu`: the competition variants' training path checked and timed (bf16, fp16, "
         "validation, TTA, save + resume) with random weights; `parallel`: two tiny trainings "
         "at once against one after the other.",
@@ -284,7 +392,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "what",
         nargs="?",
         default="all",
-        choices=["data", "store", "model", "all", "gpu", "parallel"],
+        choices=["data", "store", "model", "all", "training", "gpu", "parallel"],
     )
     p.add_argument("--samples", type=int, default=8, help="samples generated per timing run")
     p.add_argument("--repeats", type=int, default=3, help="timing runs (the median is reported)")

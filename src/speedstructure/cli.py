@@ -99,6 +99,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "speedstructure.pretrained",
         "download pretrained backbone weights once into a DVC-tracked file (online)",
     ),
+    "doctor": (
+        "speedstructure.doctor",
+        "this machine, the project's state and the active profile's projected cost",
+    ),
     "train-parallel": (
         "speedstructure.parallel",
         "run the pending training stages concurrently, one GPU each",

@@ -208,6 +208,9 @@ class TrainConfig:
     eps: float = 1.0e-8
     clip: float = 3.0
     amp: str = "none"
+    muon_precision: str = (
+        "auto"  # Muon's orthogonalisation: auto (CUDA bf16, CPU fp32) | bf16 | fp32
+    )
     ema_decay: float = 0.99
     T_0: int | None = None
     min_lr: float = 1.0e-5
@@ -219,6 +222,9 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 42
     num_workers: int = 0
+    cache_inputs: bool = (
+        False  # model-ready training images computed once (engine.data.PreparedInputs)
+    )
     threads: int | None = None  # torch CPU threads; None: cores / training processes
     progress: bool = True
     ddp_find_unused: bool = False
@@ -237,6 +243,7 @@ FLOORS = ("learned", "picked")  # the water floor: see Variant.floor
 NORMS = ("batch", "group", "none")
 PRIORS = ("none", "depth_trend")
 AMPS = ("none", "bf16", "fp16")
+MUON_PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -608,6 +615,7 @@ def _check_references(p: Params) -> None:
     """Cross-section checks: runs name variants, the ensemble names variants with runs."""
     src = p.source
     _check_choice(p.train.amp, AMPS, f"{src}: train.amp")
+    _check_choice(p.train.muon_precision, MUON_PRECISIONS, f"{src}: train.muon_precision")
     _check_choice(p.train.device, DEVICES, f"{src}: train.device")
     _check_choice(p.uncertainty.scale, ("relative", "absolute"), f"{src}: uncertainty.scale")
     if not 0 < p.uncertainty.coverage < 1:
@@ -615,6 +623,9 @@ def _check_references(p: Params) -> None:
     for name in p.variants:
         t = p.train_for(name)
         _check_choice(t.amp, AMPS, f"{src}: variants.{name}.train.amp")
+        _check_choice(
+            t.muon_precision, MUON_PRECISIONS, f"{src}: variants.{name}.train.muon_precision"
+        )
     unknown_splits = sorted(set(p.data.zips) - set(SPLITS))
     missing_splits = sorted(set(SPLITS) - set(p.data.zips))
     if unknown_splits or missing_splits:

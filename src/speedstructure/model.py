@@ -488,13 +488,23 @@ class EvaFusionNet(VelocityModel):
         are the Muon parameters)."""
         return list(self.backbone.blocks) + self.fusion.attention_modules()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The model-ready images ``(B, 5, H, W)`` of gathers ``(B, 5, 10001, 31)``: what
+        :meth:`forward` computes first, per sample and per source (so a sample's images are
+        the same whatever batch it is prepared in, and reversing the source order of the
+        images is reversing it in the gathers).  The training engine caches them
+        (``train.cache_inputs``) and calls ``forward(images, prepared=True)``."""
         self._check_input(x)
-        b = x.shape[0]
         img = preprocess_gathers(
             x, self.img_shape, self.input_scale, layout=self.layout, amplitude=self.amplitude
         )
-        t, rope = self.embed(img)
+        return img.reshape(x.shape[0], N_SOURCES, *img.shape[-2:])
+
+    def forward(self, x: torch.Tensor, prepared: bool = False) -> torch.Tensor:
+        """Velocities of gathers ``x``, or of the images :meth:`prepare` made of them."""
+        img = x if prepared else self.prepare(x)
+        b = img.shape[0]
+        t, rope = self.embed(img.reshape(b * N_SOURCES, 1, *img.shape[-2:]))
         t = self.run_blocks(t, rope, 0, self.split_at)
         n, c = t.shape[1], t.shape[2]
         t = self.fusion(t.reshape(b, N_SOURCES, n, c))

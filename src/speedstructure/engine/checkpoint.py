@@ -64,6 +64,7 @@ RESUME_FREE_KEYS = frozenset(
         "tta_val",
         "grad_checkpointing",
         "threads",  # the machine's share of cores (recorded in the run; numerics may differ)
+        "cache_inputs",  # the same images, prepared once or every epoch (bit-identical)
     }
 )
 

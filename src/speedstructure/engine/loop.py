@@ -11,6 +11,9 @@ set, writing into an output folder (see :mod:`speedstructure.engine.checkpoint`)
   fp16``, fp16 with a ``GradScaler``), EMA of the weights (timm ``ModelEmaV3``); the EMA
   model is what is validated and saved;
 * the physically consistent horizontal flip as augmentation;
+* with ``cache_inputs`` the model-ready images of the training set computed once, before
+  the first epoch (:class:`~speedstructure.engine.data.PreparedInputs`): the same
+  numbers as preparing them every epoch, without re-reading and resampling the gathers;
 * validation each epoch (in the training's precision; the model's head and the loss
   are float32 under autocast), early stopping and best checkpoint on validation MAPE;
 * at the end, ``val_preds.npz``: the best model's validation predictions made as the
@@ -65,7 +68,14 @@ from speedstructure.engine.checkpoint import (
     write_history,
     write_metrics,
 )
-from speedstructure.engine.data import flip_batch, make_loader, targets
+from speedstructure.engine.data import (
+    PreparedInputs,
+    cached_training_set,
+    flip_batch,
+    flip_prepared_batch,
+    make_loader,
+    targets,
+)
 from speedstructure.engine.optim import build_optimizer, build_scheduler
 from speedstructure.engine.runtime import (
     Dist,
@@ -232,8 +242,12 @@ class Trainer:
         self.sampler = DistributedSampler(
             train_ds, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=int(cfg.seed)
         )
+        self.train_set = cached_training_set(
+            train_ds, model, bool(cfg.cache_inputs), progress=run.progress
+        )
+        self.prepared = isinstance(self.train_set, PreparedInputs)
         self.loader = make_loader(
-            train_ds,
+            self.train_set,
             cfg.batch_size,
             sampler=self.sampler,
             num_workers=cfg.num_workers,
@@ -320,15 +334,9 @@ class Trainer:
         desc = f"epoch {epoch}/{run.cfg.epochs}"
         bar = progress_bar(self.loader, desc, enabled=run.progress, total=self.n_batches)
         for i, batch in enumerate(bar):
-            x = batch[0].to(run.device, non_blocking=True)
-            y = batch[1].to(run.device, non_blocking=True)
-            x, y = flip_batch(x, y, self.flip_prob)
-            group_size, last_micro = self._group(i)
-            loss = self._backward(x, y, group_size, sync=last_micro, where=(epoch, i))
-            loss_sum[0] += loss.detach().double() * x.shape[0]
-            loss_sum[1] += x.shape[0]
-            if last_micro:
-                self._optimizer_step()
+            loss, n = self.train_batch(batch, i, epoch)
+            loss_sum[0] += loss.detach().double() * n
+            loss_sum[1] += n
             if run.progress:
                 bar.set_postfix(
                     loss=f"{float(loss_sum[0] / loss_sum[1]):.5f}",
@@ -337,6 +345,21 @@ class Trainer:
         if run.dd.active:
             dist.all_reduce(loss_sum)
         return float(loss_sum[0] / loss_sum[1])
+
+    def train_batch(self, batch: tuple, i: int, epoch: int) -> tuple[torch.Tensor, int]:
+        """Batch ``i`` of an epoch as the epoch trains it: onto the device, flipped, forward
+        and backward, and the optimizer step after the last micro-batch of its group; the
+        loss and the batch's size (``speedstructure bench training`` times this)."""
+        run = self.run
+        x = batch[0].to(run.device, non_blocking=True)
+        y = batch[1].to(run.device, non_blocking=True)
+        flip = flip_prepared_batch if self.prepared else flip_batch
+        x, y = flip(x, y, self.flip_prob)
+        group_size, last_micro = self._group(i)
+        loss = self._backward(x, y, group_size, sync=last_micro, where=(epoch, i))
+        if last_micro:
+            self._optimizer_step()
+        return loss, x.shape[0]
 
     def _group(self, i: int) -> tuple[int, bool]:
         """``(micro-batches in batch i's accumulation group, whether i is its last)``; the
@@ -354,7 +377,7 @@ class Trainer:
         no_sync = not sync and run.dd.active
         with self.net.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(run.device, run.amp_dtype):
-                pred = self.net(x)
+                pred = self.net(x, prepared=True) if self.prepared else self.net(x)
             loss = mape(pred, y)
             if run.cfg.amp != "fp16" and not torch.isfinite(loss):
                 raise FloatingPointError(

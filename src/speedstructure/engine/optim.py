@@ -1,8 +1,13 @@
 """Optimizer and learning-rate schedule of the training engine.
 
-* one optimizer object (:class:`MuonAdamW`): ``torch.optim.Muon`` on the 2-D weight
+* one optimizer object (:class:`MuonAdamW`): Muon (:class:`Muon`, ``torch.optim.Muon``
+  with its Newton-Schulz orthogonalisation run in a chosen precision) on the 2-D weight
   matrices of the transformer blocks (:func:`speedstructure.model.muon_param_names`)
   and ``AdamW`` on every other parameter;
+* :func:`orthogonalize`: torch's Newton-Schulz iteration (its coefficients, step count and
+  order of operations) in bfloat16, as torch runs it, or in float32.  bfloat16 is what the
+  seed ran on its GPUs; on a CPU without native bf16 each bf16 product is emulated, 20-40x
+  slower than float32 (:func:`speedstructure.engine.runtime.muon_dtype` picks by device);
 * learning rate (:func:`build_scheduler`): cosine annealing with warm restarts (period
   ``T_0`` optimizer steps, floor ``min_lr``) for ``cosine_epochs`` epochs, then constant
   at ``const_factor x lr``; stepped once per optimizer step.
@@ -12,6 +17,7 @@ Both take their settings from a :class:`~speedstructure.config.TrainConfig`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,8 +38,91 @@ OPTIMIZER_KEYS = (
 )
 
 
+def orthogonalize(
+    grad: torch.Tensor,
+    coefficients: Sequence[float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The Newton-Schulz orthogonalisation of the 2-D ``grad`` in ``dtype``.
+
+    The operations of torch's ``_zeropower_via_newtonschulz`` in the same order: in
+    bfloat16 the result equals torch's bit for bit (``tests/test_train.py`` checks it).
+    ``grad`` is never modified (torch's in-place normalisation would write into a float32
+    input passed in float32)."""
+    if grad.ndim != 2:
+        raise ValueError(f"orthogonalize needs a 2-D matrix, got shape {tuple(grad.shape)}")
+    a, b, c = (float(k) for k in coefficients)
+    tall = grad.size(0) > grad.size(1)
+    x = grad.to(dtype, copy=True)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(int(steps)):
+        gram = x @ x.T
+        update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, update, x, beta=a)
+    return x.T if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """Muon's learning rate for a ``shape`` matrix (torch's ``adjust_lr_fn`` rules)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        ratio = math.sqrt(max(1, rows / cols))
+    elif adjust_lr_fn == "match_rms_adamw":
+        ratio = 0.2 * math.sqrt(max(rows, cols))
+    elif adjust_lr_fn == "spectral_unclamped":
+        ratio = math.sqrt(rows / cols)
+    else:
+        ratio = 1.0
+    return lr * ratio
+
+
+class Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` with the orthogonalisation in ``ns_dtype`` (bfloat16: torch's
+    own arithmetic; float32 where bf16 is slow).  Settings, state and ``state_dict`` are
+    torch's: a checkpoint of either loads into the other.  ``ns_dtype`` is how it runs,
+    not what it learns, so it is an attribute, not a saved setting."""
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        """torch's single-tensor Muon update of ``p``, orthogonalised in ``ns_dtype``."""
+        grad, lr, momentum = p.grad, float(group["lr"]), group["momentum"]
+        if grad.is_sparse or torch.is_complex(p):
+            raise RuntimeError("Muon supports neither sparse gradients nor complex parameters")
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        buf = state["momentum_buffer"]
+        buf.lerp_(grad, 1 - momentum)
+        update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+        update = orthogonalize(
+            update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
+        )
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+
+
 class MuonAdamW(torch.optim.Optimizer):
-    """``torch.optim.Muon`` on some parameters and ``AdamW`` on the rest, as one optimizer.
+    """:class:`Muon` on some parameters and ``AdamW`` on the rest, as one optimizer
+    (``ns_dtype``: the precision of Muon's orthogonalisation).
 
     ``param_groups`` and ``state`` are shared with the two inner optimizers, so
     LR schedulers, ``GradScaler``, ``zero_grad`` and ``state_dict`` /
@@ -53,14 +142,16 @@ class MuonAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         muon_lr: float | None = None,
         muon_adjust_lr: str | None = "match_rms_adamw",
+        ns_dtype: torch.dtype = torch.bfloat16,
     ):
         muon_params, adamw_params = list(muon_params), list(adamw_params)
         self.muon: torch.optim.Optimizer | None = None
         self.adamw: torch.optim.Optimizer | None = None
         groups: list[dict] = []
         if muon_params:
-            self.muon = torch.optim.Muon(
+            self.muon = Muon(
                 muon_params,
+                ns_dtype=ns_dtype,
                 lr=float(muon_lr if muon_lr is not None else lr),
                 weight_decay=float(weight_decay),
                 momentum=float(momentum),
@@ -123,9 +214,16 @@ def muon_names_of(model: nn.Module) -> set[str]:
 
 
 def build_optimizer(
-    model: nn.Module, cfg: TrainConfig, muon_names: set[str] | None = None
+    model: nn.Module,
+    cfg: TrainConfig,
+    muon_names: set[str] | None = None,
+    device: torch.device | None = None,
 ) -> MuonAdamW:
-    """:class:`MuonAdamW` with Muon on ``muon_names`` (default: :func:`muon_names_of`)."""
+    """:class:`MuonAdamW` with Muon on ``muon_names`` (default: :func:`muon_names_of`), its
+    orthogonalisation in the precision ``cfg.muon_precision`` gives on ``device`` (default:
+    the model's; :func:`~speedstructure.engine.runtime.muon_dtype`)."""
+    from speedstructure.engine.runtime import muon_dtype
+
     names = muon_names_of(model) if muon_names is None else set(muon_names)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     unknown = names - {n for n, _ in named}
@@ -133,7 +231,14 @@ def build_optimizer(
         raise ValueError(f"muon_param_names lists unknown parameters: {sorted(unknown)[:5]}")
     muon = [p for n, p in named if n in names]
     rest = [p for n, p in named if n not in names]
-    return MuonAdamW(muon, rest, **{key: getattr(cfg, key) for key in OPTIMIZER_KEYS})
+    if device is None:
+        device = next((p.device for _, p in named), torch.device("cpu"))
+    return MuonAdamW(
+        muon,
+        rest,
+        ns_dtype=muon_dtype(cfg.muon_precision, device),
+        **{key: getattr(cfg, key) for key in OPTIMIZER_KEYS},
+    )
 
 
 def build_scheduler(

@@ -2,7 +2,11 @@
 
 * :func:`pick_device`: ``auto`` (CUDA when available) | ``cpu`` | ``cuda``; under
   ``torchrun`` each rank takes ``cuda:<LOCAL_RANK>``.
-* :func:`amp_dtype` / :func:`autocast`: ``amp: none | bf16 | fp16`` (fp16 needs CUDA).
+* :func:`amp_dtype` / :func:`autocast`: ``amp: none | bf16 | fp16`` (fp16 needs CUDA; bf16
+  on a CPU without native bf16 runs, with a one-line warning naming its cost).
+* The precision rule, one place: :func:`native_bf16` (CUDA, or a CPU whose torch may use
+  AVX-512 BF16 or AMX) and :func:`muon_dtype` (``train.muon_precision: auto``: bfloat16 on
+  CUDA, as the seed ran, float32 on every CPU).
 * :func:`setup_distributed`: the process group under ``torchrun`` (gloo on CPU, nccl on
   CUDA), described by a :class:`Dist`; without ``torchrun`` one rank of one.
 * :func:`seed_everything`, :func:`rng_state` / :func:`set_rng_state` (python, numpy,
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from speedstructure.config import MUON_PRECISIONS
 from speedstructure.errors import UserError
 
 log = logging.getLogger("speedstructure.engine")  # the engine's diagnostics
@@ -63,14 +68,81 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def cpu_capability() -> str:
+    """The instruction set torch's CPU kernels use (``AVX2``, ``AVX512``, ...; capped by
+    ``ATEN_CPU_CAPABILITY``)."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run natively on ``device``: always on CUDA; on a CPU
+    only when torch may use AVX-512 (not capped to AVX2) and the CPU has AVX-512 BF16 or AMX.
+    Elsewhere (AVX2-only x86, ARM) torch emulates them, 20-40x slower than float32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or not cpu_capability().startswith("AVX512"):
+        return False
+    cpu = torch.cpu
+    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+
+
+def muon_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of Muon's orthogonalisation: ``bf16`` / ``fp32`` as asked; ``auto`` is
+    bfloat16 on CUDA (torch's and the seed's) and float32 on a CPU (an orthogonalisation of
+    the tiny models' matrices takes 2-6 ms in float32 against 74-283 ms in emulated bf16 on
+    an AVX2 CPU; float32 is never the slow choice on a CPU)."""
+    precision = str(precision or "auto").lower()
+    if precision not in MUON_PRECISIONS:
+        raise UserError(f"train.muon_precision must be auto, bf16 or fp32, got '{precision}'")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        warn_emulated_bf16("train.muon_precision bf16")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+_warned: set[str] = set()
+
+
+def warn_emulated_bf16(what: str) -> None:
+    """The one-line warning for a bf16 choice on a CPU that emulates bf16 (once per process
+    and setting)."""
+    if what in _warned:
+        return
+    _warned.add(what)
+    log.warning(
+        "%s on a CPU without native bf16 (torch CPU capability %s): bf16 matrix products are "
+        "emulated, 20-40x slower than float32; use float32 here (amp: none, "
+        "muon_precision: auto)",
+        what,
+        cpu_capability(),
+    )
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``amp`` (``none`` -> None); fp16 needs CUDA."""
+    """The autocast dtype of ``amp`` (``none`` -> None); fp16 needs CUDA; bf16 on a CPU
+    without native bf16 is warned about (:func:`warn_emulated_bf16`)."""
     amp = str(amp or "none").lower()
     if amp not in ("none", "bf16", "fp16"):
         raise UserError(f"train.amp must be none, bf16 or fp16, got '{amp}'")
     if amp == "fp16" and device.type != "cuda":
         raise UserError("train.amp fp16 needs CUDA (use bf16 or none on CPU)")
+    if amp == "bf16" and not native_bf16(device):
+        warn_emulated_bf16("train.amp bf16")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+
+def precision_record(cfg_amp: str, muon_precision: str, device: torch.device) -> dict[str, str]:
+    """What a run logs about its precision: the device, the CPU capability, whether bf16
+    is native, the autocast dtype and Muon's orthogonalisation dtype as resolved."""
+    amp = amp_dtype(cfg_amp, device)
+    return {
+        "device": device.type,
+        "cpu_capability": cpu_capability(),
+        "native_bf16": str(native_bf16(device)).lower(),
+        "amp_dtype": "float32" if amp is None else str(amp).removeprefix("torch."),
+        "muon_dtype": str(muon_dtype(muon_precision, device)).removeprefix("torch."),
+    }
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -125,11 +125,15 @@ def run_training_stage(
             plot_training_curves(res.history, res.best_path.parent / CURVES_NAME, title)
         return res
     from speedstructure import tracking
+    from speedstructure.engine.runtime import precision_record
 
     v = params.variant(variant)
+    cfg = params.train_for(v)
+    device = pick_device(kw.get("device") or cfg.device, launcher_local_rank())
     logged = {
         "variant": {k: x for k, x in as_plain(v).items() if k != "train"},
-        "train": {**as_plain(params.train_for(v)), "threads": kw["threads"]},
+        "train": {**as_plain(cfg), "threads": kw["threads"]},
+        "precision": precision_record(cfg.amp, cfg.muon_precision, device),
     }
     run_name = f"{variant}-f{int(fold)}"
     tags = {
