@@ -240,3 +240,80 @@ def test_cli_ingest(tmp_path, monkeypatch, capsys, write_zips):
     err = capsys.readouterr().err
     assert "train_extended_2.zip" in err and "not found" in err
     assert not (proj / "other").exists()
+
+
+# --------------------------------------------------------------------------- hostile values, sizes
+
+
+def _zip_with(path: Path, sid: str, *, gathers=None, target=None, extra: int = 0) -> Path:
+    """A one-sample zip; ``extra`` zero bytes appended (deflated) after the array of the third
+    gather, whose ``.npy`` header still declares (10001, 31) float32."""
+    rng = np.random.default_rng(11)
+    x = random_gathers(rng) if gathers is None else gathers
+    y = random_velocity(rng) if target is None else target
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for i, g in enumerate(GATHER_NAMES):
+            with zf.open(f"{sid}/{g}", "w", force_zip64=True) as fh:
+                fh.write(npy_bytes(x[i]))
+                for _ in range(extra // (1 << 24) if i == 2 else 0):
+                    fh.write(bytes(1 << 24))
+        zf.writestr(f"{sid}/{TARGET_NAME}", npy_bytes(y))
+    return path
+
+
+def test_a_model_in_m_per_s_is_refused_naming_zip_member_and_unit(zips, tmp_path):
+    rng = np.random.default_rng(3)
+    sid = "MPERSMPERSMPERS001"
+    bad = _zip_with(tmp_path / "ms.zip", sid, target=random_velocity(rng) * 1000)
+    with pytest.raises(DataError) as ei:
+        build_store(
+            {**zips, "train_extended_1": bad}, tmp_path / "store", root=tmp_path, progress=False
+        )
+    msg = str(ei.value)
+    assert str(bad) in msg and f"{sid}/{TARGET_NAME}" in msg and "look like m/s" in msg
+    assert "\n" not in msg and not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "accepted"),
+    [(1.5, 4.5, True), (1.46, 4.54, True), (1.44, 4.5, False), (1.5, 4.56, False), (0.0, 3, False)],
+)
+def test_velocities_are_checked_against_the_challenge_range(tmp_path, low, high, accepted):
+    y = np.linspace(low, high, 300 * 1259, dtype=np.float32).reshape(VSHAPE)
+    path = _zip_with(tmp_path / "v.zip", "RANGERANGERANGE001", target=y)
+    with ZipSamples(path) as z:
+        if accepted:
+            np.testing.assert_array_equal(z.read_target("RANGERANGERANGE001"), y)
+        else:
+            with pytest.raises(DataError, match=r"outside the challenge's \[1.5, 4.5\]"):
+                z.read_target("RANGERANGERANGE001")
+
+
+@pytest.mark.parametrize("extra", [1 << 24, pytest.param(2 << 30, marks=pytest.mark.slow)])
+def test_a_member_longer_than_its_array_is_refused_before_it_is_inflated(zips, tmp_path, extra):
+    """The issue's case: a gather whose header declares 1.24 MB followed by 2 GiB of zeros
+    (2 MB deflated): the central directory's size differs from the header's, refused before
+    a byte of data is inflated (the slow tier builds the 2 GiB member)."""
+    sid = "LONGLONGLONGLONG01"
+    bad = _zip_with(tmp_path / "long.zip", sid, extra=extra)
+    with pytest.raises(DataError) as ei:
+        build_store(
+            {**zips, "train_extended_2": bad}, tmp_path / "store", root=tmp_path, progress=False
+        )
+    msg = str(ei.value)
+    assert str(bad) in msg and f"{sid}/{GATHER_NAMES[2]}" in msg and "\n" not in msg
+    assert f"{1240252 + extra} bytes stored" in msg and "declares (10001, 31) float32" in msg
+    assert not (tmp_path / "store").exists()
+
+
+def test_gathers_on_another_scale_are_a_warning_naming_the_sample(zips, tmp_path, caplog):
+    rng = np.random.default_rng(4)
+    sid = "SCALESCALESCALE001"
+    loud = _zip_with(tmp_path / "loud.zip", sid, gathers=random_gathers(rng) * 1e5)
+    with caplog.at_level("WARNING"):
+        build_store(
+            {**zips, "train_extended_2": loud}, tmp_path / "store", root=tmp_path, progress=False
+        )
+    notes = [r.getMessage() for r in caplog.records if "standard deviation" in r.getMessage()]
+    assert len(notes) == 1 and sid in notes[0] and str(loud) in notes[0]
+    assert len(StoreSamples(tmp_path / "store")) == sum(COUNTS.values()) - 2 + 1

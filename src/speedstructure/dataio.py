@@ -13,25 +13,33 @@ Members may sit below one common top folder (``train/<sample_id>/...``), as
 zips made by hand often do; they are read straight from the archive, with no
 unzip step.  Any other member path is refused (:meth:`ZipSamples._check_member`):
 an absolute path, a ``..`` or empty part, a backslash, a symbolic link, a deeper
-folder or members under more than one top folder.  Every array is checked (shape,
-dtype, finiteness, positive velocities) and anything wrong raises
+folder or members under more than one top folder.  Every array is read header first
+(:func:`read_npy`: the size its header declares must be the member's size in the central
+directory before any data are inflated) and checked (shape, dtype, finiteness, velocities
+within the challenge's range, :func:`check_velocity`); anything wrong raises
 :class:`DataError` naming the zip and the member.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import csv
+import hashlib
 import io
+import math
 import os
 import re
 import stat
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from speedstructure.config import V_MAX, V_MIN
 from speedstructure.errors import DataError
 from speedstructure.fsutil import atomic_output
 
@@ -52,11 +60,78 @@ def gather_name(source: int) -> str:
 GATHER_NAMES: tuple[str, ...] = tuple(gather_name(s) for s in SOURCES)
 
 
-def _load_npy(raw: bytes, where: str) -> np.ndarray:
+NPY_VERSIONS = {(1, 0), (2, 0), (3, 0)}
+GATHER_DTYPES = (np.dtype(np.float32),)
+VELOCITY_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def read_npy(
+    stream: BinaryIO,
+    size: int,
+    where: str,
+    shape: tuple[int, ...] | None = None,
+    dtypes: tuple[np.dtype, ...] | None = None,
+) -> np.ndarray:
+    """The ``.npy`` array in ``stream``, which stores ``size`` bytes (a zip member's
+    uncompressed size from the central directory, a file's size).
+
+    Its header is read first: the size the header declares must be ``size`` exactly, and the
+    shape and dtype must be ``shape`` and one of ``dtypes`` when given, all before a byte of
+    the data is read, so a member far longer than its array (or a wrong one) is refused at
+    once instead of inflated.  Python objects (pickles) are refused.  A zip member is read to
+    its end, so its CRC is checked.  Every problem is a :class:`DataError` naming ``where``.
+    """
+    fmt = np.lib.format
     try:
-        return np.load(io.BytesIO(raw), allow_pickle=False)
-    except Exception as exc:  # numpy raises several types for bad headers
-        raise DataError(f"{where}: not a readable .npy array ({exc})") from exc
+        version = fmt.read_magic(stream)
+        if version not in NPY_VERSIONS:
+            raise ValueError(f"unknown .npy version {version}")
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        declared, fortran, dtype = read_header(stream)
+        header = stream.tell()
+        dtype = np.dtype(dtype)
+        declared = tuple(int(n) for n in declared)
+    except DataError:
+        raise
+    except Exception as exc:  # numpy and zipfile raise many types for bad headers
+        raise DataError(f"{where}: not a readable .npy array ({first_line(exc)})") from exc
+    if dtype.hasobject:
+        raise DataError(f"{where}: holds Python objects (a pickle), which are never loaded")
+    nbytes = math.prod(declared) * dtype.itemsize
+    if header + nbytes != size:
+        raise DataError(
+            f"{where}: {size} bytes stored, but its .npy header declares {declared} {dtype} "
+            f"({header + nbytes} bytes)"
+        )
+    if shape is not None and declared != tuple(shape):
+        raise DataError(f"{where}: shape {declared}, expected {tuple(shape)}")
+    if dtypes is not None and dtype not in dtypes:
+        raise DataError(f"{where}: dtype {dtype}, expected {dtypes[0]}")
+    try:
+        raw = stream.read(nbytes)
+        stream.read(1)  # at the member's end: zipfile checks its CRC
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, OSError, EOFError) as exc:
+        raise DataError(f"{where}: cannot be read ({first_line(exc)})") from exc
+    if len(raw) != nbytes:
+        raise DataError(f"{where}: truncated ({len(raw)} of {nbytes} data bytes)")
+    arr = np.frombuffer(raw, dtype=dtype)
+    arr = arr.reshape(declared[::-1]).T if fortran else arr.reshape(declared)
+    return arr.copy()
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message on one line (numpy's header errors add advice lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_npy_file(path: Path, shape=None, dtypes=None) -> np.ndarray:
+    """:func:`read_npy` of a file, its size from the file system."""
+    try:
+        with open(path, "rb") as fh:
+            return read_npy(fh, os.fstat(fh.fileno()).st_size, str(path), shape, dtypes)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
 
 
 def check_gather(arr: np.ndarray, where: str) -> np.ndarray:
@@ -70,20 +145,70 @@ def check_gather(arr: np.ndarray, where: str) -> np.ndarray:
     return arr
 
 
+# Velocities outside [V_MIN, V_MAX] by more than this are refused (km/s).  The challenge's
+# models are bounded to [1.5, 4.5] and the generator clips to it exactly; 0.05 km/s admits
+# what a user's own resampling of a bounded model (a smooth interpolant's overshoot at the
+# water floor, float rounding) adds, and is far below any other unit's or a broken model's
+# offset.  The network's sigmoid head cannot reach beyond [V_MIN, V_MAX] anyway.
+VELOCITY_TOLERANCE = 0.05
+
+
 def check_velocity(arr: np.ndarray, where: str) -> np.ndarray:
-    """Validate one velocity model; returns it as float32."""
+    """Validate one velocity model (km/s, within [V_MIN, V_MAX] +- ``VELOCITY_TOLERANCE``;
+    a model in m/s gets its own message); returns it as float32."""
     if arr.shape != VP_SHAPE:
         raise DataError(f"{where}: shape {arr.shape}, expected {VP_SHAPE}")
     if arr.dtype not in (np.float32, np.float64):
         raise DataError(f"{where}: dtype {arr.dtype}, expected float32")
     if not np.isfinite(arr).all():
         raise DataError(f"{where}: contains {int((~np.isfinite(arr)).sum())} non-finite values")
-    if (arr <= 0).any():
-        raise DataError(f"{where}: velocities must be positive (min {float(arr.min()):.4g})")
+    lo, hi = float(arr.min()), float(arr.max())
+    low, high = V_MIN - VELOCITY_TOLERANCE, V_MAX + VELOCITY_TOLERANCE
+    if 1000 * low <= lo and hi <= 1000 * high:
+        raise DataError(
+            f"{where}: velocities {lo:.6g}-{hi:.6g} look like m/s; the challenge's are km/s "
+            f"in [{V_MIN:g}, {V_MAX:g}] (divide by 1000)"
+        )
+    if lo < low or hi > high:
+        raise DataError(
+            f"{where}: velocities {lo:.6g}-{hi:.6g} km/s outside the challenge's "
+            f"[{V_MIN:g}, {V_MAX:g}] (tolerance {VELOCITY_TOLERANCE:g} km/s)"
+        )
     return arr.astype(np.float32, copy=False)
 
 
-class ZipSamples:
+GATHER_STD = 0.0155  # the challenge's gathers: global standard deviation (the generator's too)
+SCALE_FACTOR = 100.0  # a sample's std off by more than this factor (either way) is warned about
+
+
+def gather_scale_note(gathers: np.ndarray, where: str) -> str | None:
+    """A one-line note when ``gathers``' standard deviation is orders of magnitude from the
+    challenge's (:data:`GATHER_STD`); None when it is within :data:`SCALE_FACTOR` of it.
+    Real data may be scaled differently: this warns, it never refuses."""
+    std = float(np.std(gathers, dtype=np.float64))
+    if GATHER_STD / SCALE_FACTOR <= std <= GATHER_STD * SCALE_FACTOR:
+        return None
+    return (
+        f"{where}: gathers' standard deviation {std:.3g} is {std / GATHER_STD:.3g} times the "
+        f"challenge's ({GATHER_STD}); the models were trained on that scale"
+    )
+
+
+class Reader(abc.ABC):
+    """A reader used as a context manager: ``with Reader(...) as r:`` closes it at the end."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the reader's files."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ZipSamples(Reader):
     """Random access to the samples of one challenge zip.
 
     >>> with ZipSamples("data/train.zip") as z:
@@ -99,8 +224,8 @@ class ZipSamples:
             raise DataError(f"{self.path}: zip file not found")
         try:
             self._zf = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise DataError(f"{self.path}: not a valid zip archive ({exc})") from exc
+        except Exception as exc:  # a damaged central directory raises many types
+            raise DataError(f"{self.path}: not a valid zip archive ({first_line(exc)})") from exc
         self._members: dict[str, dict[str, str]] = {}
         try:
             self._index()
@@ -137,6 +262,11 @@ class ZipSamples:
                     "(expected [top folder/]<sample_id>/<file>)"
                 )
             if info.is_dir():
+                if len(parts) == 2 and not SAMPLE_ID_RE.match(parts[1]):
+                    raise DataError(
+                        f"{self.path}: member '{info.filename}': a folder inside a sample "
+                        "folder (expected [top folder/]<sample_id>/<file>)"
+                    )
                 continue
             if len(parts) < 2:
                 raise DataError(
@@ -182,12 +312,6 @@ class ZipSamples:
         self.has_targets = with_target > 0
         self.sample_ids: list[str] = sorted(self._members)
 
-    def __enter__(self) -> ZipSamples:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def close(self) -> None:
         self._zf.close()
 
@@ -197,14 +321,19 @@ class ZipSamples:
     def __contains__(self, sample_id: str) -> bool:
         return sample_id in self._members
 
-    def _read_member(self, sample_id: str, fname: str) -> np.ndarray:
+    def _read_member(self, sample_id: str, fname: str, shape, dtypes) -> np.ndarray:
+        """One member's array (:func:`read_npy`: its size checked against the central
+        directory's before its data are inflated)."""
         member = self._members[sample_id][fname]
         where = f"{self.path}: member '{member}'"
         try:
-            raw = self._zf.read(member)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise DataError(f"{where}: cannot be read ({exc})") from exc
-        return _load_npy(raw, where)
+            info = self._zf.getinfo(member)
+            with self._zf.open(info) as fh:
+                return read_npy(fh, info.file_size, where, shape, dtypes)
+        except DataError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, NotImplementedError, OSError, EOFError) as exc:
+            raise DataError(f"{where}: cannot be read ({first_line(exc)})") from exc
 
     def read_gathers(self, sample_id: str) -> np.ndarray:
         """The five gathers, stacked in source order: float32 (5, 10001, 31)."""
@@ -213,7 +342,8 @@ class ZipSamples:
         out = np.empty((len(SOURCES), *GATHER_SHAPE), dtype=np.float32)
         for i, g in enumerate(GATHER_NAMES):
             where = f"{self.path}: member '{self._members[sample_id][g]}'"
-            out[i] = check_gather(self._read_member(sample_id, g), where)
+            arr = self._read_member(sample_id, g, GATHER_SHAPE, GATHER_DTYPES)
+            out[i] = check_gather(arr, where)
         return out
 
     def read_target(self, sample_id: str) -> np.ndarray:
@@ -223,7 +353,8 @@ class ZipSamples:
         if TARGET_NAME not in self._members[sample_id]:
             raise DataError(f"{self.path}: sample '{sample_id}' has no {TARGET_NAME}")
         where = f"{self.path}: member '{self._members[sample_id][TARGET_NAME]}'"
-        return check_velocity(self._read_member(sample_id, TARGET_NAME), where)
+        arr = self._read_member(sample_id, TARGET_NAME, VP_SHAPE, VELOCITY_DTYPES)
+        return check_velocity(arr, where)
 
     def read(self, sample_id: str) -> tuple[np.ndarray, np.ndarray | None]:
         """``(gathers, target)``; target is ``None`` for a zip without targets."""
@@ -313,7 +444,7 @@ INDEX_NAME = "index.csv"
 MANIFEST_NAME = "manifest.json"
 
 
-class StoreSamples:
+class StoreSamples(Reader):
     """Read access to the store the ``ingest`` stage writes, with ``ZipSamples``' interface.
 
     ``store = StoreSamples("store"); x, y = store.read(sample_id)``.  Arrays are
@@ -328,30 +459,97 @@ class StoreSamples:
             raise DataError(
                 f"{self.path}: not a sample store (no {INDEX_NAME}; run the ingest stage)"
             )
-        self._where: dict[str, tuple[str, int, bool]] = {}
-        with open(index, newline="") as fh:
-            for r in csv.DictReader(fh):
-                if split is None or r["split"] == split:
-                    self._where[r["sample_id"]] = (
-                        r["split"],
-                        int(r["row"]),
-                        r["has_target"] == "1",
-                    )
+        self._where = self._read_index(index, split)
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self.sample_ids = sorted(self._where)
         self.has_targets = bool(self._where) and all(t for _, _, t in self._where.values())
 
+    def _read_index(self, index: Path, split: str | None) -> dict[str, tuple[str, int, bool]]:
+        """``sample_id -> (split, row, has_target)`` of ``index.csv``, checked against the
+        manifest: the SHA-256 it records (an index has no other checksum: a flipped id would
+        be another valid id), each split's rows ``0 .. samples - 1`` once each, every id
+        once, ``has_target`` as the split's."""
+        where: dict[str, tuple[str, int, bool]] = {}
+        try:
+            splits, digest = self._manifest()
+            raw = index.read_bytes()
+            if hashlib.sha256(raw).hexdigest() != digest:
+                raise ValueError("its SHA-256 is not the one its manifest records")
+            for r in csv.DictReader(io.StringIO(raw.decode("utf-8"), newline="")):
+                sid, row = r["sample_id"], int(r["row"])
+                if not SAMPLE_ID_RE.match(sid or "") or sid in where:
+                    raise ValueError(f"bad row {dict(r)}")
+                where[sid] = (r["split"], row, r["has_target"] == "1")
+            rows: dict[str, set[int]] = {}
+            for s, row, has in where.values():
+                rows.setdefault(s, set()).add(row)
+                if has != splits[s][1]:
+                    raise ValueError(f"split {s}: has_target differs from the manifest's")
+            if {s: sorted(r) for s, r in rows.items()} != {
+                s: list(range(n)) for s, (n, _) in splits.items() if n
+            }:
+                raise ValueError("its rows do not cover the manifest's splits")
+        except DataError:
+            raise
+        except (OSError, KeyError, TypeError, ValueError, csv.Error) as exc:
+            raise DataError(
+                f"{index}: not a store index ({first_line(exc)}); "
+                "rebuild the store (dvc repro ingest)"
+            ) from None
+        return {k: v for k, v in where.items() if split is None or v[0] == split}
+
+    def _manifest(self) -> tuple[dict[str, tuple[int, bool]], str]:
+        """``split -> (samples, has_targets)`` and the index's SHA-256, from
+        ``manifest.json`` (a store written before the manifest held it is refused: rebuild)."""
+        import json
+
+        path = self.path / MANIFEST_NAME
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            splits = {
+                str(s): (int(info["samples"]), bool(info["has_targets"]))
+                for s, info in doc["splits"].items()
+            }
+            return splits, str(doc["index_sha256"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(
+                f"{path}: not a store manifest ({first_line(exc)}); "
+                "rebuild the store (dvc repro ingest)"
+            ) from None
+
     def _array(self, split: str, name: str) -> np.ndarray:
         key = (split, name)
         if key not in self._arrays:
-            p = self.path / split / name
-            try:
-                self._arrays[key] = np.load(p, mmap_mode="r")
-            except (OSError, ValueError) as exc:
-                raise DataError(
-                    f"{p}: cannot be read ({exc}); rebuild the store (dvc repro ingest)"
-                ) from exc
+            self._arrays[key] = self._open_array(split, name)
         return self._arrays[key]
+
+    def _open_array(self, split: str, name: str) -> np.ndarray:
+        """The memory map of ``split/name``, checked: float32, the sample shape, as many
+        rows as the index uses, and exactly the bytes its header declares."""
+        p = self.path / split / name
+        try:
+            arr = np.load(p, mmap_mode="r", allow_pickle=False)
+            size = p.stat().st_size
+        except Exception as exc:  # numpy raises many types for a damaged file (EOFError, ...)
+            raise DataError(
+                f"{p}: cannot be read ({first_line(exc)}); rebuild the store (dvc repro ingest)"
+            ) from exc
+        sample = (len(SOURCES), *GATHER_SHAPE) if name == "gathers.npy" else VP_SHAPE
+        rows = 1 + max((r for s, r, _ in self._where.values() if s == split), default=-1)
+        offset = getattr(arr, "offset", 0)
+        if (
+            arr.dtype != np.float32
+            or not arr.flags.c_contiguous  # ingest writes C order; memory maps keep it
+            or arr.shape[1:] != sample
+            or arr.shape[0] != rows
+            or offset + arr.nbytes != size
+        ):
+            raise DataError(
+                f"{p}: {arr.dtype} {arr.shape} in {size} bytes, expected float32 "
+                f"({rows}, {', '.join(map(str, sample))}) in C order, "
+                f"{offset + arr.nbytes} bytes; rebuild the store (dvc repro ingest)"
+            )
+        return arr
 
     def _locate(self, sample_id: str) -> tuple[str, int, bool]:
         try:
@@ -384,12 +582,6 @@ class StoreSamples:
 
     def close(self) -> None:
         self._arrays.clear()
-
-    def __enter__(self) -> StoreSamples:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -425,7 +617,7 @@ class FolderSamples:
         out = []
         for g in GATHER_NAMES:
             f = self.path / sample_id / g
-            out.append(check_gather(_load_npy(f.read_bytes(), str(f)), str(f)))
+            out.append(check_gather(read_npy_file(f, GATHER_SHAPE, GATHER_DTYPES), str(f)))
         return np.stack(out)
 
     def close(self) -> None:

@@ -21,7 +21,9 @@ executed or unpickled.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -65,25 +67,68 @@ def load_member(checkpoint: str | os.PathLike, device: str | torch.device = "cpu
 
 
 def read_spec(path: str | os.PathLike) -> dict[str, Any]:
-    """An ensemble file, checked: folds with members, weights on the simplex."""
+    """An ensemble file, checked (:func:`spec_problem`): folds with members, weights on the
+    simplex, a well-formed calibration when there is one."""
     path = Path(path)
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable ensemble file ({exc})") from exc
+    problem = spec_problem(spec)
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    return spec
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def spec_problem(spec: Any) -> str | None:
+    """What is wrong with an ensemble file's content (None: nothing): every fold an integer
+    ``fold`` and members, every member a ``variant``, a ``checkpoint`` and a finite
+    ``weight``, each fold's weights on the simplex; the calibration (when present)
+    consistent."""
     folds = spec.get("folds") if isinstance(spec, dict) else None
-    if not folds:
-        raise UserError(f"{path}: ensemble file has no folds")
+    if not isinstance(folds, list) or not folds:
+        return "ensemble file has no folds"
     for f in folds:
-        members = f.get("members") or []
-        if not members:
-            raise UserError(f"{path}: fold {f.get('fold')} has no members")
+        if not isinstance(f, dict) or not _integer(f.get("fold")):
+            return f"a fold entry has no integer 'fold' ({str(f)[:60]})"
+        members = f.get("members")
+        if not isinstance(members, list) or not members:
+            return f"fold {f['fold']} has no members"
+        for m in members:
+            ok = isinstance(m, dict) and _number(m.get("weight"))
+            if not ok or not all(isinstance(m.get(k), str) for k in ("variant", "checkpoint")):
+                return f"fold {f['fold']}: a member lacks a variant, checkpoint or weight"
         w = np.array([m["weight"] for m in members], dtype=np.float64)
         if (w < 0).any() or not np.isclose(w.sum(), 1.0, atol=1e-6):
-            raise UserError(
-                f"{path}: fold {f.get('fold')} weights {w.tolist()} are not on the simplex"
-            )
-    return spec
+            return f"fold {f['fold']} weights {w.tolist()} are not on the simplex"
+    return _calibration_problem(spec.get("calibration"))
+
+
+def _calibration_problem(cal: Any) -> str | None:
+    """The calibration :func:`speedstructure.uncertainty.half_width` reads: a scale, band
+    edges (non-decreasing integers) and one finite non-negative quantile per band."""
+    if cal is None:
+        return None
+    if not isinstance(cal, dict) or cal.get("scale") not in ("relative", "absolute"):
+        return "calibration: no scale (relative or absolute)"
+    edges, q = cal.get("bands_below_floor_m"), cal.get("quantiles")
+    if not isinstance(edges, list) or not edges or not all(map(_integer, edges)):
+        return "calibration: bands_below_floor_m must be a list of integers"
+    if any(b < a for a, b in itertools.pairwise(edges)):
+        return "calibration: bands_below_floor_m must not decrease"
+    if not isinstance(q, list) or len(q) != len(edges):
+        return f"calibration: {len(edges)} quantiles expected, one per band"
+    if not all(_number(v) and v >= 0 for v in q):
+        return "calibration: quantiles must be finite and non-negative"
+    return None
 
 
 class Ensemble:

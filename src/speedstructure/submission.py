@@ -26,6 +26,7 @@ import contextlib
 import os
 import sys
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,17 @@ from pathlib import Path
 import numpy as np
 
 from speedstructure.config import V_MAX, V_MIN
-from speedstructure.dataio import SAMPLE_ID_RE, VP_SHAPE, ZIP_EPOCH, list_sample_ids
+from speedstructure.dataio import (
+    SAMPLE_ID_RE,
+    VELOCITY_DTYPES,
+    VP_SHAPE,
+    ZIP_EPOCH,
+    Reader,
+    check_velocity,
+    first_line,
+    list_sample_ids,
+    read_npy,
+)
 from speedstructure.errors import DataError, UserError, WriteError
 from speedstructure.fsutil import atomic_output
 
@@ -153,7 +164,9 @@ class SubmissionWriter:
         try:
             arr = np.ascontiguousarray(array, dtype=self.dtype)
         except (TypeError, ValueError) as exc:
-            raise DataError(f"{where}: cannot be converted to {self.dtype} ({exc})") from exc
+            raise DataError(
+                f"{where}: cannot be converted to {self.dtype} ({first_line(exc)})"
+            ) from exc
         if arr.shape != VP_SHAPE:
             raise DataError(f"{where}: shape {arr.shape}, expected {VP_SHAPE}")
         finite = np.isfinite(arr)
@@ -334,6 +347,64 @@ def _name_some(ids: list[str]) -> str:
     return named + (f", ... (+{len(ids) - N_NAMED} more)" if len(ids) > N_NAMED else "")
 
 
+class VelocityArchive(Reader):
+    """Read access to an ``.npz`` of velocity models keyed by sample id: a submission or the
+    test targets (``test_labels.npz``), as ``np.load`` gives it (``files``, ``[sample_id]``)
+    but checked: every member is ``<sample_id>.npy`` (once), every array is read by
+    :func:`speedstructure.dataio.read_npy` (its size against the central directory's before
+    its data are inflated, no pickles) and is a finite (300, 1259) model in km/s
+    (:func:`speedstructure.dataio.check_velocity`).  Arrays keep their stored dtype.
+    ``what`` names the file in the not-found message."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "velocity archive"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: {what} not found")
+        try:
+            self._zf = zipfile.ZipFile(self.path)
+        except Exception as exc:  # a damaged central directory raises many types
+            raise DataError(
+                f"{self.path}: not a readable .npz archive ({first_line(exc)})"
+            ) from exc
+        try:
+            self._infos = self._index()
+        except BaseException:
+            self._zf.close()
+            raise
+        self.files = sorted(self._infos)
+
+    def _index(self) -> dict[str, zipfile.ZipInfo]:
+        infos: dict[str, zipfile.ZipInfo] = {}
+        for info in self._zf.infolist():
+            sid = info.filename.removesuffix(NPY_SUFFIX)
+            if not info.filename.endswith(NPY_SUFFIX) or not SAMPLE_ID_RE.match(sid):
+                raise DataError(
+                    f"{self.path}: member {info.filename!r} is not <18-character id>.npy"
+                )
+            if sid in infos:
+                raise DataError(f"{self.path}: array '{sid}' appears twice")
+            infos[sid] = info
+        return infos
+
+    def __getitem__(self, sample_id: str) -> np.ndarray:
+        info = self._infos.get(sample_id)
+        if info is None:
+            raise DataError(f"{self.path}: no array '{sample_id}'")
+        where = f"{self.path}: array '{sample_id}'"
+        try:
+            with self._zf.open(info) as fh:
+                arr = read_npy(fh, info.file_size, where, VP_SHAPE, VELOCITY_DTYPES)
+        except DataError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, NotImplementedError, OSError, EOFError) as exc:
+            raise DataError(f"{where}: cannot be read ({first_line(exc)})") from exc
+        check_velocity(arr, where)
+        return arr
+
+    def close(self) -> None:
+        self._zf.close()
+
+
 def _expected_ids(test_zip_or_ids) -> list[str]:
     if isinstance(test_zip_or_ids, (str, os.PathLike)):
         return list_sample_ids(test_zip_or_ids)
@@ -367,7 +438,8 @@ def _check_array(zf, info, sid: str, report: SubmissionReport) -> None:
         add(
             Problem(
                 "unreadable_array",
-                f"{where}: member '{info.filename}' is not a readable .npy array ({exc})",
+                f"{where}: member '{info.filename}' is not a readable .npy array "
+                f"({first_line(exc)})",
                 (sid,),
             )
         )
@@ -386,7 +458,7 @@ def _check_array(zf, info, sid: str, report: SubmissionReport) -> None:
         add(
             Problem(
                 "unreadable_array",
-                f"{where}: member '{info.filename}' data cannot be read ({exc})",
+                f"{where}: member '{info.filename}' data cannot be read ({first_line(exc)})",
                 (sid,),
             )
         )
@@ -455,7 +527,11 @@ def validate_submission(
         try:
             zf = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as exc:
-            add(Problem("unreadable_file", f"{path}: not a readable .npz archive ({exc})"))
+            add(
+                Problem(
+                    "unreadable_file", f"{path}: not a readable .npz archive ({first_line(exc)})"
+                )
+            )
         else:
             with zf:
                 _validate_members(zf, expected, report)

@@ -54,6 +54,7 @@ from speedstructure.metrics import (
     relative_error,
     water_floor_error,
 )
+from speedstructure.submission import VelocityArchive
 
 DESCRIPTION = (
     "MAPE per sample, per K-Means group and per depth band, against the depth-trend baseline "
@@ -74,7 +75,7 @@ def load_test_set(params: Params) -> tuple[list[str], np.ndarray, np.ndarray]:
     ):
         if not p.is_file():
             raise UserError(f"{p}: {what} not found")
-    with np.load(labels_path) as lab, np.load(sub_path) as sub:
+    with VelocityArchive(labels_path) as lab, VelocityArchive(sub_path) as sub:
         ids = sorted(lab.files)
         missing = sorted(set(ids) - set(sub.files))
         if missing:
@@ -289,7 +290,7 @@ def load_ood_set(params: Params) -> tuple[Path, list[str], np.ndarray] | None:
     if absent:
         log.info("no out-of-distribution test set (%s absent): skipped", ", ".join(absent))
         return None
-    with np.load(labels_path) as lab:
+    with VelocityArchive(labels_path) as lab:
         ids = sorted(lab.files)
         truths = np.stack([lab[k].astype(np.float32) for k in ids])
     missing = sorted(set(ids) - set(list_sample_ids(zip_path)))
@@ -518,7 +519,7 @@ def evaluate_without_labels(params: Params, *, track: bool = True) -> dict[str, 
     labels, sub_path = params.test_labels_path(), params.path("submission")
     if not sub_path.is_file():
         raise UserError(f"{sub_path}: submission (run the predict stage) not found")
-    with np.load(sub_path) as sub:
+    with VelocityArchive(sub_path) as sub:
         ids = sorted(sub.files)
         preds = np.stack([sub[k].astype(np.float32) for k in ids]) if ids else None
     if preds is None:

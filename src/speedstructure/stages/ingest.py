@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import csv
 import errno
+import hashlib
 import io
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -49,12 +51,15 @@ from speedstructure.dataio import (
     SOURCES,
     VP_SHAPE,
     ZipSamples,
+    gather_scale_note,
 )
 from speedstructure.errors import DataError
 from speedstructure.fsutil import atomic_output, file_md5, relative_path
 
+log = logging.getLogger(__name__)
+
 INDEX_COLUMNS = ("sample_id", "zip", "split", "row", "has_target")
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: the manifest holds the index's SHA-256
 COMMAND_HELP = (
     "Read every member of data.zips (in paths.data) through the validating loader and write "
     "the memory-mapped sample store (paths.store)."
@@ -107,6 +112,9 @@ def _pack_split(folder: Path, z: ZipSamples, bar: tqdm) -> None:
         reserve(folder / "targets.npy")
     for i, sid in enumerate(z.sample_ids):
         g[i] = z.read_gathers(sid)
+        note = gather_scale_note(g[i], f"{z.path}: sample '{sid}'")
+        if note:
+            log.warning(note)
         if t is not None:
             t[i] = z.read_target(sid)
         bar.update(1)
@@ -130,9 +138,10 @@ def _index_csv(handles: dict[str, ZipSamples], root: Path) -> str:
     return buf.getvalue()
 
 
-def _manifest(handles: dict[str, ZipSamples], root: Path) -> dict[str, Any]:
+def _manifest(handles: dict[str, ZipSamples], root: Path, index: str) -> dict[str, Any]:
     return {
         "format": STORE_FORMAT,
+        "index_sha256": hashlib.sha256(index.encode()).hexdigest(),  # the reader checks it
         "splits": {
             s: {
                 "zip": relative_path(z.path, root),
@@ -155,8 +164,9 @@ def _write_store(
         with tqdm(total=total, desc="ingest", unit="sample", disable=not progress) as bar:
             for split, z in handles.items():
                 _pack_split(tmp / split, z, bar)
-        (tmp / INDEX_NAME).write_text(_index_csv(handles, root))
-        manifest = _manifest(handles, root)
+        index = _index_csv(handles, root)
+        (tmp / INDEX_NAME).write_text(index)
+        manifest = _manifest(handles, root, index)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

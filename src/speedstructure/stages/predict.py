@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ import numpy as np
 from speedstructure import cli
 from speedstructure.config import V_MAX, V_MIN, Params, load_params, resolve_path
 from speedstructure.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def default_model_uri(params: Params) -> str:
@@ -129,6 +132,7 @@ def predict_to_submission(
             if calibration:  # the half-widths: the submission's keys and checks, float32
                 u = stack.enter_context(SubmissionWriter(uncertainty, dtype=np.float32))
             for chunk, x in iter_batches(reader, ids, batch_size):
+                check_inputs(reader, input_path, chunk, x)
                 pred = predict_fn(x)
                 for sid, p in zip(chunk, pred, strict=True):
                     w.add(sid, np.clip(p, *v_range))
@@ -146,6 +150,20 @@ def predict_to_submission(
         "validation": report.summary(),
         "uncertainty": str(uncertainty) if calibration else None,
     }
+
+
+def check_inputs(reader, input_path, ids: list[str], gathers: np.ndarray) -> None:
+    """What predict checks beyond the readers' own checks: a warning for gathers whose scale
+    is orders of magnitude from the challenge's, and the targets of a labelled input (their
+    range and unit: a zip in m/s is refused, as ingest refuses it)."""
+    from speedstructure.dataio import gather_scale_note
+
+    for sid, x in zip(ids, gathers, strict=True):
+        note = gather_scale_note(x, f"{input_path}: sample '{sid}'")
+        if note:
+            log.warning(note)
+        if getattr(reader, "has_targets", False):
+            reader.read_target(sid)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -49,13 +49,12 @@ def preprocess_settings(params: Params) -> dict[str, Any]:
 
 
 def load_submission(path: Path, limit: int | None = None) -> tuple[list[str], dict]:
-    """The submission's ids (sorted, the first ``limit``) and an open ``np.load``."""
-    from speedstructure.errors import UserError
+    """The submission's ids (sorted, the first ``limit``) and its open, checked reader
+    (:class:`speedstructure.submission.VelocityArchive`)."""
+    from speedstructure.submission import VelocityArchive
 
-    if not path.is_file():
-        raise UserError(f"{path}: submission not found (run the predict stage)")
-    sub = np.load(path)
-    ids = sorted(sub.files)[: limit or None]
+    sub = VelocityArchive(path, "submission (run the predict stage)")
+    ids = sub.files[: limit or None]
     return ids, sub
 
 
@@ -91,7 +90,9 @@ def true_mape(params: Params, ids: list[str], sub) -> np.ndarray | None:
     path = params.test_labels_path()
     if not path.is_file():
         return None
-    with np.load(path) as lab:
+    from speedstructure.submission import VelocityArchive
+
+    with VelocityArchive(path, "test targets") as lab:
         if not set(ids) <= set(lab.files):
             return None
         return np.array([float(per_sample_mape(sub[s][None], lab[s][None])[0]) for s in ids])

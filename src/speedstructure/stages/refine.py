@@ -92,7 +92,9 @@ def before_after(params: Params, sub, results: dict) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     ids = list(results)
-    with np.load(path) as lab:
+    from speedstructure.submission import VelocityArchive
+
+    with VelocityArchive(path, "test targets") as lab:
         truths = np.stack([lab[s].astype(np.float32) for s in ids])
     before = np.stack([sub[s].astype(np.float32) for s in ids])
     after = np.stack([results[s].model for s in ids])
