@@ -259,7 +259,7 @@ def _load(path):
 
 def test_gradient_accumulation_matches_bigger_batch(data, tmp_path):
     # eps = 1 makes AdamW sensitive to the gradient's scale (loss / accum_steps matters).
-    # Muon's step is frozen (muon_lr 0): its Newton-Schulz orthogonalisation (in bf16) turns
+    # Muon's step is frozen (muon_lr 0): its Newton-Schulz orthogonalisation turns
     # rounding-level gradient differences of nearly rank-deficient matrices into O(1) update
     # differences (1.3e-3 on a 3.7e-3 update of fusion.self_attn.out_proj on an AMD EPYC), so
     # the comparison is made where it is well posed: the AdamW group and the step counts.
@@ -365,6 +365,8 @@ def test_early_stopping(data, tmp_path):
 
 
 def test_distributed_two_ranks_see_disjoint_data(data, tmp_path):
+    # the input cache off: it reads the whole training set once per rank (every epoch's
+    # shard differs), and this test counts the reads of one epoch
     script = tmp_path / "ddp_run.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -384,7 +386,8 @@ def test_distributed_two_ranks_see_disjoint_data(data, tmp_path):
         rows = {data["rows"]!r}
         model = _model(int(os.environ["RANK"]))  # different init per rank: DDP must sync it
         res = train_model(model, Recording(rows[:6]), SampleDataset(rows[6:]),
-                          _cfg(epochs=1, batch_size=1), {str(tmp_path / "ddp_out")!r})
+                          _cfg(epochs=1, batch_size=1, cache_inputs=False),
+                          {str(tmp_path / "ddp_out")!r})
         with open({str(tmp_path)!r} + "/seen_" + os.environ["RANK"], "w") as fh:
             fh.write("\\n".join(Recording.seen))
         print("RANK", os.environ["RANK"], "done", res.epochs_run)

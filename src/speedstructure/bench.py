@@ -27,9 +27,11 @@ set-ups side by side in one run: *before* (Muon orthogonalising in bf16, as torc
 does, and the gathers read and prepared every step: the engine until this benchmark was
 written), *fp32 Muon* (the same, orthogonalising in float32) and *after* (the engine's
 rules: ``muon_precision: auto``, ``cache_inputs: true``); the median of ``--repeats`` steps
-after a warm-up step, with the machine's CPU capability and whether bf16 is native.
-Equal numerics of the cache are a test (``test_cached_inputs_train_exactly_...``); the
-validation MAPE at equal epochs is in the README.
+after a warm-up step, with the machine's CPU capability and whether bf16 is native; and each
+set-up's validation MAPE after the same 2 epochs on the same 16 training samples (a scale at
+which bf16 Muon on a CPU that emulates it still fits in ``make bench``).  Equal numerics of
+the cache are a test (``test_cached_inputs_train_exactly_...``); full-length figures are in
+the README.
 
 ``speedstructure bench gpu [--variant V] [--steps N]`` checks and times the competition
 variants' training path on this machine (:mod:`speedstructure.bench_gpu`; it imports only
@@ -257,16 +259,44 @@ TRAINING_SETUPS = {  # name -> TrainConfig changes (bench training)
 }
 
 
-def _training_rows(params: Params, n: int) -> list[tuple[str, str]]:
-    """The first ``n`` training rows of fold 0, read from the ingested store."""
+def _training_rows(params: Params, n: int, n_val: int = 0):
+    """The first ``n`` training rows of fold 0 (and its first ``n_val`` validation rows),
+    read from the ingested store."""
     from speedstructure.engine.data import read_folds_table, rows_in_store
 
     table, store = params.path("folds_table"), params.path("store")
     if not store.is_dir() or not table.is_file():
         raise ValueError("bench training needs the store and the folds: run `dvc repro folds`")
-    rows, _ = read_folds_table(table, 0, params.root)
-    (rows,) = rows_in_store(store, table, rows[:n])
-    return rows
+    rows, val = read_folds_table(table, 0, params.root)
+    rows, val = rows_in_store(store, table, rows[:n], val[:n_val])
+    return (rows, val) if n_val else rows
+
+
+def short_training_mape(
+    params: Params, name: str, changes: dict, n_train: int = 16, n_val: int = 8, epochs: int = 2
+) -> float:
+    """Validation MAPE of ``name`` trained ``epochs`` epochs on ``n_train`` store samples
+    with ``changes`` (the same seed, samples and schedule in every set-up): whether a
+    set-up trains as the others do, at a scale ``make bench`` can afford for bf16 Muon on
+    a CPU that emulates it."""
+    from speedstructure.engine.data import SampleDataset
+    from speedstructure.engine.loop import train_model
+    from speedstructure.engine.runtime import pick_device, seed_everything
+    from speedstructure.model import build_model
+
+    over = {"epochs": epochs, "cosine_epochs": epochs, "patience": 0, "progress": False}
+    cfg = dataclasses.replace(params.train_for(name), **over, **changes)
+    rows, val = _training_rows(params, n_train, n_val)
+    device = pick_device(cfg.device)
+    seed_everything(int(cfg.seed))
+    variant = params.variant(name)
+    model = build_model(variant, device=device)
+    train_ds, val_ds = SampleDataset(rows), SampleDataset(val)
+    with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
+        res = train_model(model, train_ds, val_ds, cfg, tmp, device=device, variant=variant)
+    train_ds.close()
+    val_ds.close()
+    return float(res.history[-1]["val_mape"])
 
 
 def step_seconds(params: Params, name: str, changes: dict, repeats: int) -> dict[str, float]:
@@ -323,6 +353,9 @@ def bench_training(params: Params, variants: list[str], repeats: int) -> dict[st
                 "step_seconds_median": round(t["step"], 4),
                 "train_samples_per_second": round(batch / t["step"], 2),
                 "setup_seconds_per_sample": round(t["setup_per_sample"], 4),
+                "val_mape_2_epochs_16_samples": round(
+                    short_training_mape(params, name, changes), 5
+                ),
             }
             log.info("bench training: %s %s: %.3f s per step", name, setup, t["step"])
         before = res["before"]["train_samples_per_second"]

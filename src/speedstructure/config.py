@@ -222,9 +222,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 42
     num_workers: int = 0
-    cache_inputs: bool = (
-        False  # model-ready training images computed once (engine.data.PreparedInputs)
-    )
+    cache_inputs: bool = True  # training images prepared once (engine.data.PreparedInputs)
     threads: int | None = None  # torch CPU threads; None: cores / training processes
     progress: bool = True
     ddp_find_unused: bool = False

@@ -41,9 +41,10 @@ from speedstructure.config import Params, load_params
 log = logging.getLogger(__name__)
 
 GB = 1e9
-# Measured on the demo (2-core AMD EPYC, fresh clone): everything that is neither training,
-# data generation, prediction nor the physics check (a dozen stage start-ups with their torch,
-# MLflow and DVC imports, ingest and folds on 408 samples, Optuna's 360 trials, the registry)
+# Calibrated on the demo (2-core AMD EPYC, AVX2, fresh clone: 21 min 06 s): what is neither
+# training, data generation, prediction nor the physics check (a dozen stage start-ups with
+# their torch, MLflow and DVC imports, `dvc add`, ingest and folds on 408 samples, Optuna's 360
+# trials, the registry): the measured total less the other parts, 150-175 s
 STAGE_OVERHEAD_S = 150.0
 # Bytes a sample takes: the gathers (5 x 10001 x 31 float32) and the target (300 x 1259)
 SAMPLE_BYTES = 5 * 10001 * 31 * 4 + 300 * 1259 * 4
