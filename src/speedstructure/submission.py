@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import zipfile
@@ -414,14 +415,17 @@ def _expected_ids(test_zip_or_ids) -> list[str]:
     return ids
 
 
-def _read_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype]:
+def _read_header(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo
+) -> tuple[tuple[int, ...], np.dtype, int]:
+    """A member's shape, dtype and header length (no data read)."""
     with zf.open(info) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, _, dtype = np.lib.format.read_array_header_1_0(f)
         else:  # (2, 0) and (3, 0) share the layout; 3.0 only allows utf-8 field names
             shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    return tuple(shape), np.dtype(dtype)
+        return tuple(shape), np.dtype(dtype), f.tell()
 
 
 def _read_array(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
@@ -433,7 +437,7 @@ def _check_array(zf, info, sid: str, report: SubmissionReport) -> None:
     where = f"{report.path}: array '{sid}'"
     add = report.problems.append
     try:
-        shape, dtype = _read_header(zf, info)
+        shape, dtype, header = _read_header(zf, info)
     except Exception as exc:  # bad magic, bad header, CRC error, truncated member
         add(
             Problem(
@@ -443,6 +447,11 @@ def _check_array(zf, info, sid: str, report: SubmissionReport) -> None:
                 (sid,),
             )
         )
+        return
+    declared = header + math.prod(shape) * dtype.itemsize
+    if declared != info.file_size:  # before any data are inflated (a member far too long)
+        msg = f"{where}: {info.file_size} bytes stored, its .npy header declares {declared}"
+        add(Problem("size", msg, (sid,)))
         return
     if dtype != SUBMISSION_DTYPE:
         add(Problem("dtype", f"{where}: dtype {dtype}, expected float64", (sid,)))

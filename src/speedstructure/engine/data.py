@@ -233,7 +233,8 @@ class PreparedInputs(Dataset):
     ``ds[i]`` is ``(images, y, i)``: ``images`` float32 ``(2, 5, H, W)`` holds ``prepare``
     of the gathers and of the gathers with the receivers mirrored (the consistent flip is
     the latter with the source order reversed: :func:`flip_prepared_batch`); the target is
-    read from ``ds`` each time (it is 1.5 MB a sample, the images 0.25 MB at 112 x 112).
+    read from ``ds`` each time (it is 1.5 MB a sample, the two sets of images 0.5 MB at
+    112 x 112).
     Sample ids, targets and length are those of ``ds``, so fingerprints and the depth-trend
     prior see the same training set.
     """

@@ -48,7 +48,7 @@ def orthogonalize(
     """The Newton-Schulz orthogonalisation of the 2-D ``grad`` in ``dtype``.
 
     The operations of torch's ``_zeropower_via_newtonschulz`` in the same order: in
-    bfloat16 the result equals torch's bit for bit (``tests/test_train.py`` checks it).
+    bfloat16 the result equals torch's bit for bit (``tests/test_precision.py`` checks it).
     ``grad`` is never modified (torch's in-place normalisation would write into a float32
     input passed in float32)."""
     if grad.ndim != 2:
