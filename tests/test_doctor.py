@@ -65,7 +65,7 @@ def test_the_projection_adds_up_the_measured_rates(fresh_project):
     n_train = s.n_train - n_val + s.n_extended_1 + s.n_extended_2
     runs = [r for r in params.runs.values() if r.variant == "tiny_dual42"]
     epochs = params.train_for("tiny_dual42").epochs
-    per_run = epochs * (n_train / 10.0 + n_val / 40.0) + 2 * n_val / 40.0
+    per_run = epochs * (n_train / 10.0 + n_val / 40.0) + 2 * n_val / 40.0 + doctor.RUN_OVERHEAD_S
     assert proj.training == pytest.approx(len(runs) * per_run)
     samples = s.n_train + s.n_extended_1 + s.n_extended_2 + s.n_test + s.ood.n_test
     assert proj.data == pytest.approx(samples * 2.0 / s.workers)  # no zips yet
