@@ -125,6 +125,14 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def open_zip(path: Path, what: str) -> zipfile.ZipFile:
+    """``zipfile.ZipFile(path)``, or one line saying ``path`` is not ``what``."""
+    try:
+        return zipfile.ZipFile(path)
+    except Exception as exc:  # a damaged central directory raises many types
+        raise DataError(f"{path}: not {what} ({first_line(exc)})") from exc
+
+
 def read_npy_file(path: Path, shape=None, dtypes=None) -> np.ndarray:
     """:func:`read_npy` of a file, its size from the file system."""
     try:
@@ -222,10 +230,7 @@ class ZipSamples(Reader):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: zip file not found")
-        try:
-            self._zf = zipfile.ZipFile(self.path)
-        except Exception as exc:  # a damaged central directory raises many types
-            raise DataError(f"{self.path}: not a valid zip archive ({first_line(exc)})") from exc
+        self._zf = open_zip(self.path, "a valid zip archive")
         self._members: dict[str, dict[str, str]] = {}
         try:
             self._index()

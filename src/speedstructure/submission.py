@@ -44,6 +44,7 @@ from speedstructure.dataio import (
     check_velocity,
     first_line,
     list_sample_ids,
+    open_zip,
     read_npy,
 )
 from speedstructure.errors import DataError, UserError, WriteError
@@ -361,12 +362,7 @@ class VelocityArchive(Reader):
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"{self.path}: {what} not found")
-        try:
-            self._zf = zipfile.ZipFile(self.path)
-        except Exception as exc:  # a damaged central directory raises many types
-            raise DataError(
-                f"{self.path}: not a readable .npz archive ({first_line(exc)})"
-            ) from exc
+        self._zf = open_zip(self.path, "a readable .npz archive")
         try:
             self._infos = self._index()
         except BaseException:
