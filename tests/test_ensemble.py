@@ -342,3 +342,33 @@ def test_cli_predict(members, sample_folder, tmp_path, monkeypatch, capsys):
     assert rc == 2
     assert "nowhere" in capsys.readouterr().err
     assert not (proj / "out" / "other.npz").exists()
+
+
+def test_predict_refuses_targets_in_m_per_s_and_warns_of_gathers_on_another_scale(
+    members, tmp_path, caplog
+):
+    """A labelled input is checked as ingest checks it (a model in m/s is one line naming the
+    zip and the member); gathers 10^5 times louder than the challenge's are a warning naming
+    the sample, and the prediction goes on."""
+    from speedstructure.dataio import ZipWriter
+
+    root, _ = members
+    ens = Ensemble(TREND_SPEC, root=root, device="cpu")
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.0, 0.0155, (5, 10001, 31)).astype(np.float32)
+    y = rng.uniform(1.5, 4.5, VSHAPE).astype(np.float32)
+    ms = tmp_path / "ms.zip"
+    with ZipWriter(ms) as zw:
+        zw.add("MPERSMPERSMPERS001", x, y * 1000)
+    with pytest.raises(DataError, match="look like m/s") as ei:
+        predict_to_submission(ens.predict, ms, tmp_path / "a.npz", progress=False)
+    assert str(ms) in str(ei.value) and "MPERSMPERSMPERS001/vp_model.npy" in str(ei.value)
+    assert not (tmp_path / "a.npz").exists()
+    loud = tmp_path / "loud.zip"
+    with ZipWriter(loud) as zw:
+        zw.add("LOUDLOUDLOUDLOUD01", x * 1e5, y)
+    with caplog.at_level("WARNING"):
+        predict_to_submission(ens.predict, loud, tmp_path / "b.npz", progress=False)
+    notes = [r.getMessage() for r in caplog.records if "standard deviation" in r.getMessage()]
+    assert len(notes) == 1 and "LOUDLOUDLOUDLOUD01" in notes[0] and str(loud) in notes[0]
+    assert (tmp_path / "b.npz").is_file()
