@@ -263,10 +263,13 @@ def _training_rows(params: Params, n: int, n_val: int = 0):
     """The first ``n`` training rows of fold 0 (and its first ``n_val`` validation rows),
     read from the ingested store."""
     from speedstructure.engine.data import read_folds_table, rows_in_store
+    from speedstructure.errors import UserError
 
     table, store = params.path("folds_table"), params.path("store")
     if not store.is_dir() or not table.is_file():
-        raise ValueError("bench training needs the store and the folds: run `dvc repro folds`")
+        raise UserError(
+            f"{store}: bench training needs the store and the folds: run `dvc repro folds`"
+        )
     rows, val = read_folds_table(table, 0, params.root)
     rows, val = rows_in_store(store, table, rows[:n], val[:n_val])
     return (rows, val) if n_val else rows
