@@ -205,17 +205,23 @@ def make_loader(
     )
 
 
+def flip_draw(n: int, prob: float, device: torch.device) -> torch.Tensor | None:
+    """The indices of the batch's samples to flip, each with probability ``prob`` (one
+    ``torch.rand`` draw per batch, none when ``prob`` is 0); None when there are none."""
+    if prob <= 0:
+        return None
+    mask = torch.rand(n) < prob
+    return mask.nonzero().flatten().to(device) if bool(mask.any()) else None
+
+
 def flip_batch(x: torch.Tensor, y: torch.Tensor, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Consistent flip (receivers mirrored, source order reversed; target mirrored in x)
-    of each sample with probability ``prob`` (one ``torch.rand`` draw per batch)."""
-    if prob <= 0:
-        return x, y
-    mask = torch.rand(x.shape[0]) < prob
-    if not bool(mask.any()):
+    of each sample with probability ``prob`` (:func:`flip_draw`)."""
+    idx = flip_draw(x.shape[0], prob, x.device)
+    if idx is None:
         return x, y
     from speedstructure.model import flip_inputs, flip_target
 
-    idx = mask.nonzero().flatten().to(x.device)
     x, y = x.clone(), y.clone()
     x[idx] = flip_inputs(x[idx], mode="consistent")
     y[idx] = flip_target(y[idx])
@@ -310,14 +316,11 @@ def flip_prepared_batch(
     the same draw, and images equal to preparing the flipped gathers; returns the
     ``(B, 5, H, W)`` images to train on and the targets."""
     images = x[:, 0]
-    if prob <= 0:
-        return images, y
-    mask = torch.rand(x.shape[0]) < prob
-    if not bool(mask.any()):
+    idx = flip_draw(x.shape[0], prob, x.device)
+    if idx is None:
         return images, y
     from speedstructure.model import flip_target
 
-    idx = mask.nonzero().flatten().to(x.device)
     images, y = images.clone(), y.clone()
     images[idx] = x[idx, 1].flip(1)  # receivers mirrored (cached), source order reversed
     y[idx] = flip_target(y[idx])
