@@ -371,11 +371,6 @@ def bench_training(params: Params, variants: list[str], repeats: int) -> dict[st
     return out
 
 
-def _trained_default_variants(params: Params) -> list[str]:
-    names = dict.fromkeys(run.variant for run in params.runs.values())
-    return [n for n in names if params.variant(n).arch != "depth_trend"]
-
-
 def _cmd(args: argparse.Namespace) -> int:
     from speedstructure.cli import write_json_output
 
@@ -391,7 +386,9 @@ def _cmd(args: argparse.Namespace) -> int:
         names = args.variants or [k for k, v in params.variants.items() if v.profile == "default"]
         out["model"] = bench_model(params, names, args.repeats, args.batch)
     if args.what == "training":  # not part of `all`: the bf16 set-up is slow on most CPUs
-        names = args.variants or _trained_default_variants(params)
+        from speedstructure.doctor import trained_variants
+
+        names = args.variants or trained_variants(params)
         out["training"] = bench_training(params, names, max(5, args.repeats))
     if args.what == "parallel":  # not part of `all`: it trains (minutes)
         from speedstructure.bench_parallel import bench_parallel

@@ -194,14 +194,13 @@ def disk_need(params: Params) -> tuple[float, str]:
     """Bytes the active profile needs: the zips (those not there yet), the sample store,
     the checkpoints, and a tenth more; with the breakdown."""
     n = profile_samples(params)
-    data_dir = params.path("data")
     have_zips = all(params.zip_path(s).is_file() for s in params.data.zips)
     zips = 0 if have_zips else n * SAMPLE_BYTES
     store = 0 if params.path("store").is_dir() else n * SAMPLE_BYTES
     ckpt = checkpoint_bytes(params)
     need = (zips + store + ckpt) * (1 + SPARE_FRACTION)
     parts = f"zips {zips / GB:.1f} + store {store / GB:.1f} + checkpoints {ckpt / GB:.1f} GB"
-    log.debug("disk need for %d samples under %s: %s", n, data_dir, parts)
+    log.debug("disk need for %d samples: %s", n, parts)
     return need, parts
 
 
@@ -227,7 +226,7 @@ def disk_checks(params: Params) -> list[Check]:
     return checks
 
 
-def memory_checks(params: Params) -> list[Check]:
+def memory_checks() -> list[Check]:
     from speedstructure.engine.data import memory_bytes
 
     have = memory_bytes()
@@ -494,7 +493,7 @@ def gpu_cost_checks(params: Params, steps: int = 3) -> list[Check]:
 
 def diagnose(params: Params, *, measure: bool = True) -> list[Check]:
     """Every check, in screen order (``measure=False`` skips the timed cost section)."""
-    checks = machine_checks(params) + memory_checks(params) + disk_checks(params)
+    checks = machine_checks(params) + memory_checks() + disk_checks(params)
     checks += [mlflow_check(params), dvc_check(params.root)]
     if measure:
         checks += cost_checks(params)
