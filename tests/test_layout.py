@@ -31,14 +31,7 @@ def _module_file(module: str) -> Path | None:
 
 def _imported_modules(path: Path) -> set[str]:
     """``speedstructure`` modules imported anywhere in ``path`` (top level or inside functions)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names}  # `from pkg import module`
-    return {m for m in found if m.split(".")[0] == "speedstructure" and _module_file(m)}
+    return {m for m in _imports_of(path, "speedstructure") if _module_file(m)}
 
 
 def _with_parents(module: str) -> set[str]:
@@ -119,4 +112,216 @@ def test_each_pipeline_path_is_spelled_once_in_the_code():
         "metrics/evaluate.json",
     ):
         hits = [p for p in PKG.rglob("*.py") if literal in p.read_text()]
-        assert [p.name for p in hits] == ["config.py"], (literal, hits)
+        assert [p.relative_to(PKG).as_posix() for p in hits] == ["config/schema.py"], (
+            literal,
+            hits,
+        )
+
+
+# --------------------------------------------------------------------------- layers
+
+# The package's layers, lowest first: a module may import its own layer and the layers below
+# it, never one above.  The foundation is the top-level modules (errors, files, metrics and the
+# command table, which imports each command's module by name only, at run time).  Tracking
+# needs only the configuration, so every layer above may log to MLflow.  The engine trains
+# any torch module: the models it trains sit above it and hand it what it needs.
+LAYERS: tuple[str, ...] = (
+    "<top-level modules>",
+    "config",
+    "tracking",
+    "data",
+    "physics",
+    "synth",
+    "engine",
+    "models",
+    "ensemble",
+    "reports",
+    "stages",
+    "tools",
+)
+MAX_FILE_LINES = 500
+
+
+def layer_of(module: str) -> int:
+    """The layer index of a ``speedstructure`` module (its first sub-package)."""
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS):
+        return LAYERS.index(parts[1])
+    return 0  # speedstructure itself and its top-level modules
+
+
+def _package_modules(pkg: Path) -> dict[str, Path]:
+    root = pkg.parent
+    out = {}
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(root).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports_of(path: Path, package: str) -> set[str]:
+    """Modules of ``package`` that ``path`` imports (``from p import m`` counts ``p.m``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] == package}
+
+
+def layer_violations(pkg: Path) -> list[str]:
+    """``a imports b`` for every import of a module in a layer above the importer's."""
+    modules = _package_modules(pkg)
+    out = []
+    for name, path in modules.items():
+        for imported in sorted(_imports_of(path, pkg.name) & set(modules)):
+            if layer_of(imported) > layer_of(name):
+                out.append(f"{name} imports {imported}")
+    return out
+
+
+def stage_imports(pkg: Path) -> list[str]:
+    """``a imports b`` for every stage module that imports another stage module."""
+    modules = _package_modules(pkg)
+    stages = {m for m in modules if m.startswith(f"{pkg.name}.stages.")}
+    return [
+        f"{name} imports {imported}"
+        for name in sorted(stages)
+        for imported in sorted(_imports_of(modules[name], pkg.name) & (stages - {name}))
+    ]
+
+
+def long_files(pkg: Path) -> list[str]:
+    return [
+        f"{p.relative_to(pkg.parent)} ({n} lines)"
+        for p in sorted(pkg.rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
+    ]
+
+
+def test_every_subpackage_is_a_named_layer():
+    subpackages = {p.parent.name for p in PKG.glob("*/__init__.py")}
+    assert subpackages == set(LAYERS[1:])
+
+
+def test_no_module_imports_a_layer_above_it():
+    assert not layer_violations(PKG)
+
+
+def test_no_stage_imports_another_stage():
+    assert not stage_imports(PKG)
+
+
+def test_no_file_is_over_500_lines():
+    assert not long_files(PKG)
+
+
+def _package(tmp_path: Path, files: dict[str, str]) -> Path:
+    pkg = tmp_path / "speedstructure"
+    for rel, text in {"__init__.py": "", **files}.items():
+        path = pkg / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for parent in path.relative_to(pkg).parents:
+            (pkg / parent / "__init__.py").touch()
+        path.write_text(text)
+    return pkg
+
+
+def test_layer_rule_fails_on_an_import_from_above(tmp_path):
+    pkg = _package(
+        tmp_path,
+        {
+            "engine/loop.py": "from speedstructure.models.build import build_model\n",
+            "models/build.py": "from speedstructure.engine import loop\n",
+            "config/schema.py": "from speedstructure.errors import UserError\n",
+            "errors.py": "",
+        },
+    )
+    assert layer_violations(pkg) == [
+        "speedstructure.engine.loop imports speedstructure.models.build"
+    ]
+    (pkg / "config" / "schema.py").write_text(
+        "def f():\n    from speedstructure.stages import train\n"
+    )
+    (pkg / "stages" / "train.py").parent.mkdir()
+    (pkg / "stages" / "__init__.py").touch()
+    (pkg / "stages" / "train.py").touch()
+    assert "speedstructure.config.schema imports speedstructure.stages.train" in layer_violations(
+        pkg
+    )
+
+
+def test_stage_rule_fails_on_a_stage_importing_a_stage(tmp_path):
+    pkg = _package(
+        tmp_path,
+        {
+            "stages/refine.py": "from speedstructure.stages.qc import run_qc\n",
+            "stages/qc.py": "from speedstructure.reports import qc\n",
+            "reports/qc.py": "",
+        },
+    )
+    assert stage_imports(pkg) == ["speedstructure.stages.refine imports speedstructure.stages.qc"]
+
+
+def test_file_rule_fails_on_a_501_line_file(tmp_path):
+    pkg = _package(tmp_path, {"data/big.py": "x = 1\n" * 501, "data/ok.py": "x = 1\n" * 500})
+    assert long_files(pkg) == ["speedstructure/data/big.py (501 lines)"]
+
+
+# --------------------------------------------------------------------------- one home per fact
+
+
+WATER_VELOCITY_VALUES = (1.5, 1500.0)  # km/s, m/s
+
+
+def water_constants(pkg: Path) -> list[str]:
+    """The water velocity given to a name about water (a constant, a default, a field)
+    outside the schema: it is ``synth.water_velocity`` of params.yaml, with its default in
+    ``config/schema.py`` only; everything else receives it."""
+    out = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        if rel == "config/schema.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            pairs: list[tuple[str, ast.AST]] = []
+            if isinstance(node, ast.Assign):
+                pairs += [(t.id, node.value) for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                pairs.append((node.target.id, node.value))
+            elif isinstance(node, ast.arguments):
+                args = node.posonlyargs + node.args
+                named = [a.arg for a in args[len(args) - len(node.defaults) :]]
+                pairs += list(zip(named, node.defaults, strict=True))
+                kw = zip(node.kwonlyargs, node.kw_defaults, strict=True)
+                pairs += [(a.arg, d) for a, d in kw if d]
+            out += [
+                f"{rel}:{value.lineno} {name} = {value.value}"
+                for name, value in pairs
+                if "water" in name.lower()
+                and isinstance(value, ast.Constant)
+                and value.value in WATER_VELOCITY_VALUES
+            ]
+    return out
+
+
+def test_the_water_velocity_has_one_home():
+    assert not water_constants(PKG)
+
+
+def test_water_rule_fails_on_a_default_and_a_constant(tmp_path):
+    pkg = _package(
+        tmp_path,
+        {
+            "metrics.py": "def floor(v, water_velocity=1.5):\n    return v\n",
+            "physics/misfit.py": "WATER_VELOCITY_MS = 1500.0\n",
+            "config/schema.py": "class S:\n    water_velocity: float = 1.5\n",
+        },
+    )
+    assert water_constants(pkg) == [
+        "metrics.py:1 water_velocity = 1.5",
+        "physics/misfit.py:1 WATER_VELOCITY_MS = 1500.0",
+    ]

@@ -28,9 +28,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import TINY_VARIANT
+from support import ROOT, TINY_VARIANT
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
@@ -68,9 +67,11 @@ def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
     return run([str(BIN / "dvc"), *args], cwd, check)
 
 
-def _assert_valid_submission(project: Path) -> None:
+def _assert_valid_submission(pipeline_checkout: Path) -> None:
     cmd = ["validate-submission", "--submission", "submission/submission.npz"]
-    check = run([str(BIN / "speedstructure"), *cmd, "--test-zip", "data/test.zip"], project)
+    check = run(
+        [str(BIN / "speedstructure"), *cmd, "--test-zip", "data/test.zip"], pipeline_checkout
+    )
     assert check.stdout.startswith("OK: 3 arrays")
 
 
@@ -113,7 +114,8 @@ def tiny_params() -> dict:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def pipeline_checkout(tmp_path_factory) -> Path:
+    """A temporary copy of the whole project (git + DVC initialised) on the tiny dataset."""
     proj = tmp_path_factory.mktemp("proj")
     shutil.copytree(
         ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
@@ -147,21 +149,21 @@ def project(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_repro(project) -> subprocess.CompletedProcess:
-    return dvc("repro", cwd=project)
+def first_repro(pipeline_checkout) -> subprocess.CompletedProcess:
+    return dvc("repro", cwd=pipeline_checkout)
 
 
-def _client(project: Path):
+def _client(pipeline_checkout: Path):
     import mlflow
 
-    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    uri = f"sqlite:///{pipeline_checkout / 'mlruns' / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return mlflow.MlflowClient(uri)
 
 
-def test_repro_builds_every_output(project, first_repro):
-    p = project
+def test_repro_builds_every_output(pipeline_checkout, first_repro):
+    p = pipeline_checkout
     table = (p / "folds/folds.csv").read_text().splitlines()
     assert table[0] == "sample_id,zip,split,group,fold" and len(table) == 1 + 8 + 3
     for v in ("tiny_a", "tiny_b", "baseline_depth_trend"):
@@ -198,8 +200,8 @@ def test_repro_builds_every_output(project, first_repro):
     assert dvc("status", "-q", cwd=p, check=False).returncode == 0
 
 
-def test_mlflow_holds_one_finished_run_per_training_stage(project, first_repro):
-    client = _client(project)
+def test_mlflow_holds_one_finished_run_per_training_stage(pipeline_checkout, first_repro):
+    client = _client(pipeline_checkout)
     exp = client.get_experiment_by_name("speedstructure")
     runs = client.search_runs([exp.experiment_id], "tags.stage = 'train'")
     keys = sorted((r.data.tags["variant"], r.data.tags["fold"]) for r in runs)
@@ -216,15 +218,15 @@ def test_mlflow_holds_one_finished_run_per_training_stage(project, first_repro):
         arts = {a.path for a in client.list_artifacts(r.info.run_id, "model")}
         assert arts == {"model/checkpoint.json"}
         stage = r.data.tags["dvc_stage"]
-        assert r.data.tags["checkpoint_md5"] == _locked_md5(project, stage, "best.pt")
+        assert r.data.tags["checkpoint_md5"] == _locked_md5(pipeline_checkout, stage, "best.pt")
     assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     names = {r.info.run_name for r in client.search_runs([exp.experiment_id])}
     assert {"folds", "tune", "tune-fold0", "tune-fold1", "register", "evaluate"} <= names
 
 
-def _locked_md5(project: Path, stage: str, name: str) -> str:
+def _locked_md5(pipeline_checkout: Path, stage: str, name: str) -> str:
     """The MD5 that dvc.lock records for output ``name`` of ``stage``."""
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage]
+    lock = yaml.safe_load((pipeline_checkout / "dvc.lock").read_text())["stages"][stage]
     (out,) = [o for o in lock["outs"] if o["path"].endswith("/" + name)]
     return out["md5"]
 
@@ -235,17 +237,19 @@ def _copies(folder: Path, md5: str) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and file_md5(p) == md5]
 
 
-def test_each_checkpoint_is_stored_once_in_mlruns_and_linked_from_the_cache(project, first_repro):
-    reg = json.loads((project / "registry/registered.json").read_text())
+def test_each_checkpoint_is_stored_once_in_mlruns_and_linked_from_the_cache(
+    pipeline_checkout, first_repro
+):
+    reg = json.loads((pipeline_checkout / "registry/registered.json").read_text())
     assert reg["version"] == 1  # one registered version: one copy of each member
     for v in ("tiny_a", "tiny_b"):
         for k in (0, 1):
-            best = project / "models" / v / f"fold_{k}" / "best.pt"
-            md5 = _locked_md5(project, f"train@{v}-f{k}", "best.pt")
-            assert len(_copies(project / "mlruns", md5)) == 1, best
-            cached = project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+            best = pipeline_checkout / "models" / v / f"fold_{k}" / "best.pt"
+            md5 = _locked_md5(pipeline_checkout, f"train@{v}-f{k}", "best.pt")
+            assert len(_copies(pipeline_checkout / "mlruns", md5)) == 1, best
+            cached = pipeline_checkout / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
             assert cached.is_file()
-            if not _reflinks(project):  # hardlink or symlink: one file on disk for both
+            if not _reflinks(pipeline_checkout):  # hardlink or symlink: one file on disk for both
                 assert best.is_symlink() or os.path.samefile(best, cached), best
 
 
@@ -265,43 +269,48 @@ def _reflinks(folder: Path) -> bool:
         dst.unlink(missing_ok=True)
 
 
-def test_champion_predicts_what_the_submission_holds(project, first_repro, tmp_path):
+def test_champion_predicts_what_the_submission_holds(pipeline_checkout, first_repro, tmp_path):
     import mlflow
 
-    from speedstructure.dataio import ZipSamples
+    from speedstructure.data.samples import ZipSamples
 
-    client = _client(project)
+    client = _client(pipeline_checkout)
     mv = client.get_model_version_by_alias("speedstructure-ensemble", "champion")
-    reg = json.loads((project / "registry/registered.json").read_text())
+    reg = json.loads((pipeline_checkout / "registry/registered.json").read_text())
     assert int(mv.version) == reg["version"] == 1 and reg["champion"]
-    store = sorted((p, p.stat().st_mtime_ns) for p in (project / "mlruns").rglob("*"))
+    store = sorted((p, p.stat().st_mtime_ns) for p in (pipeline_checkout / "mlruns").rglob("*"))
     uri = "models:/speedstructure-ensemble@champion"
     model = mlflow.pyfunc.load_model(uri, dst_path=str(tmp_path))  # as the model card says
-    assert sorted((p, p.stat().st_mtime_ns) for p in (project / "mlruns").rglob("*")) == store
-    with ZipSamples(project / "data/test.zip") as z:
+    assert (
+        sorted((p, p.stat().st_mtime_ns) for p in (pipeline_checkout / "mlruns").rglob("*"))
+        == store
+    )
+    with ZipSamples(pipeline_checkout / "data/test.zip") as z:
         sid = z.sample_ids[1]
         x = z.read_gathers(sid)
     pred = np.asarray(model.predict(x[None]))
     assert pred.shape == (1, 300, 1259)
-    with np.load(project / "submission/submission.npz") as sub:
+    with np.load(pipeline_checkout / "submission/submission.npz") as sub:
         assert sub[sid].dtype == np.float64
         np.testing.assert_allclose(pred[0], sub[sid], rtol=0, atol=1e-5)
 
 
-def test_second_repro_runs_nothing_and_one_variant_change_reruns_only_it(project, first_repro):
-    out = dvc("repro", cwd=project).stdout
+def test_second_repro_runs_nothing_and_one_variant_change_reruns_only_it(
+    pipeline_checkout, first_repro
+):
+    out = dvc("repro", cwd=pipeline_checkout).stdout
     assert "Running stage" not in out, out
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    params = yaml.safe_load((pipeline_checkout / "params.yaml").read_text())
     params["variants"]["tiny_b"]["drop_path_rate"] = 0.05
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = dvc("repro", cwd=project).stdout
+    (pipeline_checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc("repro", cwd=pipeline_checkout).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert {"train@tiny_b-f0", "train@tiny_b-f1"} <= ran
     assert not {s for s in ran if s.startswith("train@") and "tiny_b" not in s}, ran
     assert "ingest" not in ran and "folds" not in ran
-    reg = json.loads((project / "registry/registered.json").read_text())
+    reg = json.loads((pipeline_checkout / "registry/registered.json").read_text())
     assert reg["version"] == 2  # every version stays; the alias moves only if better
-    client = _client(project)
+    client = _client(pipeline_checkout)
     assert {
         int(v.version) for v in client.search_model_versions("name='speedstructure-ensemble'")
     } == {1, 2}
@@ -309,18 +318,18 @@ def test_second_repro_runs_nothing_and_one_variant_change_reruns_only_it(project
     assert int(champ.version) == (2 if reg["champion"] else 1)
 
 
-def test_editing_an_imported_module_marks_the_stages_that_import_it(project, first_repro):
+def test_editing_an_imported_module_marks_the_stages_that_import_it(pipeline_checkout, first_repro):
     # metrics.py is imported by training, tune and evaluate, not by ingest or folds
-    target = project / "src/speedstructure/metrics.py"
+    target = pipeline_checkout / "src/speedstructure/metrics.py"
     original = target.read_text()
     try:
         target.write_text(original + "\n# an edit\n")
-        changed = set(json.loads(dvc("status", "--json", cwd=project).stdout))
+        changed = set(json.loads(dvc("status", "--json", cwd=pipeline_checkout).stdout))
         assert {"tune", "evaluate", "train@tiny_a-f0"} <= changed, changed
         assert not {"ingest", "folds"} & changed, changed
     finally:
         target.write_text(original)
-    assert not json.loads(dvc("status", "--json", cwd=project).stdout)
+    assert not json.loads(dvc("status", "--json", cwd=pipeline_checkout).stdout)
 
 
 def _process_tree(pid: int) -> list[bytes]:
@@ -347,15 +356,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_make_train_parallel_runs_training_stages_concurrently_one_gpu_each(project, first_repro):
-    params = yaml.safe_load((project / "params.yaml").read_text())
+def test_make_train_parallel_runs_training_stages_concurrently_one_gpu_each(
+    pipeline_checkout, first_repro
+):
+    params = yaml.safe_load((pipeline_checkout / "params.yaml").read_text())
     params["variants"]["tiny_a"]["drop_path_rate"] = 0.05
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["make", "--no-print-directory", "train-parallel", "GPUS=0 1"], project).stdout
+    (pipeline_checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(
+        ["make", "--no-print-directory", "train-parallel", "GPUS=0 1"], pipeline_checkout
+    ).stdout
     assert "train@tiny_a-f0: GPU" in out and "train@tiny_a-f1: GPU" in out
-    changed = set(json.loads(dvc("status", "--json", cwd=project).stdout))
+    changed = set(json.loads(dvc("status", "--json", cwd=pipeline_checkout).stdout))
     assert not {s for s in changed if s.startswith("train@")}, changed  # recorded in dvc.lock
-    client = _client(project)
+    client = _client(pipeline_checkout)
     exp = client.get_experiment_by_name("speedstructure")
     latest = {}
     for r in client.search_runs([exp.experiment_id], "tags.variant = 'tiny_a'"):
@@ -364,20 +377,20 @@ def test_make_train_parallel_runs_training_stages_concurrently_one_gpu_each(proj
             latest[key] = r
     a, b = latest["0"], latest["1"]
     assert {a.data.tags["cuda_visible_devices"], b.data.tags["cuda_visible_devices"]} == {"0", "1"}
-    # Concurrency itself is checked with controlled durations in tests/test_parallel.py: these
-    # trainings last about a second, so under load their MLflow runs need not overlap.
+    # Concurrency itself is checked with controlled durations in tests/tools/test_parallel.py:
+    # these trainings last about a second, so under load their MLflow runs need not overlap.
     for f in (0, 1):
-        assert (project / f"logs/train-parallel/train@tiny_a-f{f}.log").is_file()
-    rest = dvc("repro", cwd=project).stdout  # the rest of the pipeline, no training
+        assert (pipeline_checkout / f"logs/train-parallel/train@tiny_a-f{f}.log").is_file()
+    rest = dvc("repro", cwd=pipeline_checkout).stdout  # the rest of the pipeline, no training
     ran = {ln.split("'")[1] for ln in rest.splitlines() if ln.startswith("Running stage")}
     assert "tune" in ran and not {s for s in ran if s.startswith("train@")}, ran
 
 
-def test_make_ui_serves_the_runs_on_loopback(project, first_repro):
+def test_make_ui_serves_the_runs_on_loopback(pipeline_checkout, first_repro):
     port = _free_port()
     proc = subprocess.Popen(
         ["make", "--no-print-directory", "ui", f"UI_PORT={port}"],
-        cwd=project,
+        cwd=pipeline_checkout,
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -405,8 +418,8 @@ def test_make_ui_serves_the_runs_on_loopback(project, first_repro):
         proc.wait(timeout=30)
 
 
-def _stage_process(project: Path, stage: str, timeout: float = 300) -> int:
-    """The pid of the ``speedstructure <stage>`` process running in ``project``."""
+def _stage_process(pipeline_checkout: Path, stage: str, timeout: float = 300) -> int:
+    """The pid of the ``speedstructure <stage>`` process running in ``pipeline_checkout``."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for pid in (p for p in os.listdir("/proc") if p.isdigit()):
@@ -416,24 +429,35 @@ def _stage_process(project: Path, stage: str, timeout: float = 300) -> int:
             except OSError:
                 continue
             names = [os.path.basename(a.decode(errors="replace")) for a in argv]
-            if "speedstructure" in names and stage in names and Path(cwd) == project.resolve():
+            if (
+                "speedstructure" in names
+                and stage in names
+                and Path(cwd) == pipeline_checkout.resolve()
+            ):
                 return int(pid)
         time.sleep(0.2)
     raise AssertionError(f"no speedstructure {stage} process started")
 
 
-def test_a_second_repro_in_the_same_checkout_is_refused_with_dvc_lock(project, first_repro):
+def test_a_second_repro_in_the_same_checkout_is_refused_with_dvc_lock(
+    pipeline_checkout, first_repro
+):
     """While one `dvc repro` runs a stage (held still with SIGSTOP), a second one in the same
     checkout is refused by DVC's lock; the first then finishes and the outputs are whole."""
     cmd = [str(BIN / "dvc"), "repro", "--force", "--single-item", "evaluate"]
     first = subprocess.Popen(
-        cmd, cwd=project, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=pipeline_checkout,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     stage = None
     try:
-        stage = _stage_process(project, "evaluate")
+        stage = _stage_process(pipeline_checkout, "evaluate")
         os.kill(stage, signal.SIGSTOP)
-        second = dvc("repro", cwd=project, check=False)
+        second = dvc("repro", cwd=pipeline_checkout, check=False)
         assert second.returncode != 0
         # DVC's locks: the repository lock, or (DVC 3 while stages run) the outputs' rwlock
         said = second.stderr + second.stdout
@@ -445,9 +469,9 @@ def test_a_second_repro_in_the_same_checkout_is_refused_with_dvc_lock(project, f
             os.kill(stage, signal.SIGCONT)
         out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out
-    ev = json.loads((project / "reports/evaluate.json").read_text())
+    ev = json.loads((pipeline_checkout / "reports/evaluate.json").read_text())
     assert ev["n_test"] == 3
-    assert dvc("status", "-q", cwd=project, check=False).returncode == 0
+    assert dvc("status", "-q", cwd=pipeline_checkout, check=False).returncode == 0
 
 
 SHARED = [  # outputs a clone gets from the DVC remote (the rest of what it needs is in git)
@@ -474,25 +498,29 @@ VERSIONED = [  # small text outputs committed to git (no timings)
 ]
 
 
-def test_a_clone_that_pulls_from_the_remote_has_nothing_to_rerun(project, first_repro, tmp_path):
+def test_a_clone_that_pulls_from_the_remote_has_nothing_to_rerun(
+    pipeline_checkout, first_repro, tmp_path
+):
     """A teammate's `git clone` + `dvc pull` from a local remote: every output is back (small
     text from git, the rest from the remote) and `dvc repro --dry` plans no stage."""
-    dvc("remote", "add", "-f", "-d", "local", str(tmp_path / "remote"), cwd=project)
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "the pipeline's outputs"], project)
-    assert run(["git", "status", "--porcelain"], project).stdout == ""
-    tracked = set(run(["git", "ls-files"], project).stdout.split())
+    dvc("remote", "add", "-f", "-d", "local", str(tmp_path / "remote"), cwd=pipeline_checkout)
+    run(["git", "add", "-A"], pipeline_checkout)
+    run(["git", "commit", "-qm", "the pipeline's outputs"], pipeline_checkout)
+    assert run(["git", "status", "--porcelain"], pipeline_checkout).stdout == ""
+    tracked = set(run(["git", "ls-files"], pipeline_checkout).stdout.split())
     assert set(VERSIONED) <= tracked and not set(SHARED) & tracked
     assert not [f for f in tracked if f.endswith(("last.pt", ".pt", ".npy", ".png"))]
     assert (
-        "seconds" not in (project / VERSIONED[3]).read_text() + (project / VERSIONED[4]).read_text()
+        "seconds"
+        not in (pipeline_checkout / VERSIONED[3]).read_text()
+        + (pipeline_checkout / VERSIONED[4]).read_text()
     )
-    dvc("push", "-q", cwd=project)
+    dvc("push", "-q", cwd=pipeline_checkout)
     clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run(["git", "clone", "-q", str(pipeline_checkout), str(clone)], tmp_path)
     dvc("pull", "-q", cwd=clone)
     for rel in SHARED + VERSIONED:
-        assert (clone / rel).read_bytes() == (project / rel).read_bytes(), rel
+        assert (clone / rel).read_bytes() == (pipeline_checkout / rel).read_bytes(), rel
     dry = dvc("repro", "--dry", cwd=clone).stdout
     assert "Running stage" not in dry, dry
     status = dvc("status", cwd=clone)
@@ -531,14 +559,14 @@ def test_external_urls_finds_what_a_cdn_page_loads():
 
 
 def test_make_exp_shows_the_ensemble_test_mape_of_an_experiment_in_120_columns(
-    project, first_repro
+    pipeline_checkout, first_repro
 ):
     """One experiment with one changed parameter (only evaluate reruns) beside the workspace
     and HEAD: `make exp` prints them with the ensemble's test MAPE, within 120 columns."""
-    out = dvc("exp", "run", "-S", "evaluate.batch_size=1", cwd=project).stdout
+    out = dvc("exp", "run", "-S", "evaluate.batch_size=1", cwd=pipeline_checkout).stdout
     ran = {ln.split("'")[1] for ln in out.splitlines() if ln.startswith("Running stage")}
     assert ran == {"evaluate"}, ran
-    table = run(["make", "--no-print-directory", "exp"], project, COLUMNS="120").stdout
+    table = run(["make", "--no-print-directory", "exp"], pipeline_checkout, COLUMNS="120").stdout
     lines = [ln.rstrip() for ln in table.splitlines() if ln.strip()]
     assert max(map(len, lines)) <= 120 and "…" not in table, table
     header = next(ln for ln in lines if "Experiment" in ln).split()
@@ -551,16 +579,16 @@ def test_make_exp_shows_the_ensemble_test_mape_of_an_experiment_in_120_columns(
     print(table)  # pytest -s shows it
 
 
-def test_repro_on_data_without_test_labels_completes(project, first_repro):
+def test_repro_on_data_without_test_labels_completes(pipeline_checkout, first_repro):
     """The challenge ships no test targets: `dvc repro` still ends with exit 0 and a valid
     submission, and the evaluation records that there were no labels."""
     for name in ("test_labels.npz", "test_ood.zip", "test_ood_labels.npz"):
-        (project / "data" / name).unlink(missing_ok=True)  # as the real data comes
-    dvc("add", "-q", "data", cwd=project)
-    dvc("repro", cwd=project)
-    ev = json.loads((project / "reports/evaluate.json").read_text())
+        (pipeline_checkout / "data" / name).unlink(missing_ok=True)  # as the real data comes
+    dvc("add", "-q", "data", cwd=pipeline_checkout)
+    dvc("repro", cwd=pipeline_checkout)
+    ev = json.loads((pipeline_checkout / "reports/evaluate.json").read_text())
     assert ev["labels"] == "none" and ev["n_test"] == 3 and "not scored" in ev["note"]
-    _assert_valid_submission(project)
-    report = run([str(BIN / "speedstructure"), "report"], project).stdout
+    _assert_valid_submission(pipeline_checkout)
+    report = run([str(BIN / "speedstructure"), "report"], pipeline_checkout).stdout
     assert report.startswith("No test labels: 3 test predictions, not scored")
-    assert dvc("status", "-q", cwd=project, check=False).returncode == 0
+    assert dvc("status", "-q", cwd=pipeline_checkout, check=False).returncode == 0

@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -72,43 +73,43 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "print the test MAPE table of the last evaluation",
     ),
     "relocate-mlruns": (
-        "speedstructure.tracking",
+        "speedstructure.tracking.store",
         "point a moved or copied checkout's MLflow store at its own artifacts",
     ),
     "validate-submission": (
-        "speedstructure.submission",
+        "speedstructure.data.submission_check",
         "check a submission .npz against a test zip",
     ),
     "profile": (
-        "speedstructure.profiles",
+        "speedstructure.config.profiles",
         "show or switch the configuration profile (default | competition)",
     ),
     "model-summary": (
-        "speedstructure.model",
+        "speedstructure.models.build",
         "parameter counts, shapes and FLOPs of a model variant",
     ),
     "plot-sample": (
-        "speedstructure.plots",
+        "speedstructure.reports.plots",
         "draw one sample's five shot gathers and its velocity model",
     ),
     "bench": (
-        "speedstructure.bench",
+        "speedstructure.tools.bench",
         "benchmarks: data generation, store reads, model speed, GPU training check",
     ),
     "fetch-weights": (
-        "speedstructure.pretrained",
+        "speedstructure.models.pretrained",
         "download pretrained backbone weights once into a DVC-tracked file (online)",
     ),
     "doctor": (
-        "speedstructure.doctor",
+        "speedstructure.tools.doctor",
         "this machine, the project's state and the active profile's projected cost",
     ),
     "train-parallel": (
-        "speedstructure.parallel",
+        "speedstructure.tools.parallel",
         "run the pending training stages concurrently, one GPU each",
     ),
     "plots-template": (
-        "speedstructure.dvcplots",
+        "speedstructure.reports.dvcplots",
         "write the page `dvc plots show` fills, with the vega libraries inlined (offline)",
     ),
 }
@@ -141,9 +142,20 @@ def _command_of(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+# Offline by default: no telemetry from MLflow, DVC or anything honouring DO_NOT_TRACK, set
+# before any of them is imported (a value the user exported wins)
+OFFLINE_ENVIRONMENT = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from speedstructure.errors import UserError, sigterm_as_interrupt
 
+    for key, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_of(argv)
     if command is not None and command not in COMMANDS:

@@ -63,7 +63,7 @@ def laterally_constant_oracle(truth: np.ndarray) -> np.ndarray:
     return np.broadcast_to(truth.mean(axis=-2, keepdims=True), truth.shape).astype(truth.dtype)
 
 
-def water_floor_depth(v: np.ndarray, water_velocity: float = 1.5) -> np.ndarray:
+def water_floor_depth(v: np.ndarray, water_velocity: float) -> np.ndarray:
     """Per column, the depth (cells = m) of the first cell faster than water
     (``> water_velocity + WATER_TOLERANCE``); the model's depth (1259) where there is none."""
     faster = np.asarray(v) > water_velocity + WATER_TOLERANCE
@@ -71,7 +71,7 @@ def water_floor_depth(v: np.ndarray, water_velocity: float = 1.5) -> np.ndarray:
     return np.where(faster.any(axis=-1), depth, faster.shape[-1])
 
 
-def water_floor_error(pred: np.ndarray, truth: np.ndarray, water_velocity: float = 1.5) -> Any:
+def water_floor_error(pred: np.ndarray, truth: np.ndarray, water_velocity: float) -> Any:
     """Mean absolute water-floor depth error in metres, per sample ``(N,)`` for batches
     ``(N, 300, 1259)`` (a float for one model)."""
     err = np.abs(water_floor_depth(pred, water_velocity) - water_floor_depth(truth, water_velocity))

@@ -38,7 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from speedstructure.config import ConfigError, TrainConfig, Variant, as_plain, parse_variant
+from speedstructure.config.load import parse_variant
+from speedstructure.config.schema import TrainConfig, Variant
+from speedstructure.config.typed import ConfigError, as_plain
 from speedstructure.engine.runtime import Dist, log_main
 from speedstructure.errors import UserError
 from speedstructure.fsutil import atomic_output, atomic_write_json, atomic_write_text
@@ -113,16 +115,14 @@ def _reason(exc: Exception) -> str:
     return text or type(exc).__name__
 
 
-def variant_record(variant: Variant | dict | None) -> dict[str, Any]:
+def variant_record(variant: Variant | None) -> dict[str, Any]:
     """What a checkpoint records of a variant: :meth:`Variant.model_dict` (``{}`` for none)."""
-    if variant is None:
-        return {}
-    return parse_variant(variant).model_dict()
+    return {} if variant is None else variant.model_dict()
 
 
 def best_checkpoint(
     state_dict: dict[str, torch.Tensor],
-    variant: Variant | dict | None,
+    variant: Variant | None,
     train_cfg: TrainConfig | dict,
     epoch: int,
     val_mape: float,
@@ -283,7 +283,7 @@ def _state_problem(d: dict) -> str:
 
 
 def fingerprint(
-    cfg: TrainConfig, variant: Variant | dict | None, train_ds: Any, world: int
+    cfg: TrainConfig, variant: Variant | None, train_ds: Any, world: int
 ) -> dict[str, Any]:
     """What a saved state must match to be resumed: settings, training samples, world size."""
     import hashlib
@@ -331,7 +331,7 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def resume_state(
-    out_dir: Path, fp: dict, *, restart_on_change: bool, dd: Dist
+    out_dir: Path, fp: dict, *, restart_on_change: bool, ranks: Dist
 ) -> TrainState | None:
     """The state saved in ``out_dir/last.pt`` if its fingerprint matches ``fp``; None if
     there is none.
@@ -356,9 +356,9 @@ def resume_state(
             f"remove {out_dir} or choose another output directory"
         )
     log_main(
-        dd, "%s: settings or data changed (%s); starting afresh", last_path, ", ".join(diff[:8])
+        ranks, "%s: settings or data changed (%s); starting afresh", last_path, ", ".join(diff[:8])
     )
-    if dd.main:
+    if ranks.main:
         discard_outputs(out_dir)
-    dd.barrier()
+    ranks.barrier()
     return None

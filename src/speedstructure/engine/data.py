@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from speedstructure.config import project_root, resolve_path
+from speedstructure.config.typed import project_root, resolve_path
 from speedstructure.errors import DataError, UserError
 
 log = logging.getLogger("speedstructure.engine")
@@ -38,7 +38,7 @@ Rows = list[tuple[str, str]]  # (sample_id, zip or store path)
 
 class SampleDataset(Dataset):
     """Samples named by ``(sample_id, source)`` rows, read from a challenge zip or the
-    ingested sample store (:func:`speedstructure.dataio.open_samples`).
+    ingested sample store (:func:`speedstructure.data.store.open_samples`).
 
     ``ds[i]`` is ``(x, y, i)``: gathers float32 ``(5, 10001, 31)``, target float32
     ``(300, 1259)`` and the index (``ds.sample_id(i)`` gives the id).  Readers are
@@ -61,7 +61,7 @@ class SampleDataset(Dataset):
         return self.rows[int(index)][0]
 
     def _reader(self, path: str):
-        from speedstructure.dataio import open_samples
+        from speedstructure.data.store import open_samples
 
         if self._pid != os.getpid():  # forked into a worker: never share handles
             self._handles = {}
@@ -167,7 +167,7 @@ def _read_table(path: Path):
 
 def rows_in_store(store: Path, table: Path, *row_lists: Rows) -> list[Rows]:
     """The rows re-pointed at the sample store; an error names the first missing sample."""
-    from speedstructure.dataio import StoreSamples
+    from speedstructure.data.store import StoreSamples
 
     known = set(StoreSamples(store).sample_ids)
     out = []
@@ -220,7 +220,7 @@ def flip_batch(x: torch.Tensor, y: torch.Tensor, prob: float) -> tuple[torch.Ten
     idx = flip_draw(x.shape[0], prob, x.device)
     if idx is None:
         return x, y
-    from speedstructure.model import flip_inputs, flip_target
+    from speedstructure.data.flips import flip_inputs, flip_target
 
     x, y = x.clone(), y.clone()
     x[idx] = flip_inputs(x[idx], mode="consistent")
@@ -246,8 +246,8 @@ class PreparedInputs(Dataset):
     """
 
     def __init__(self, ds: Dataset, prepare: Prepare, *, progress: bool = False):
+        from speedstructure.data.flips import flip_inputs
         from speedstructure.engine.runtime import progress_bar
-        from speedstructure.model import flip_inputs
 
         self.ds = ds
         self.images: torch.Tensor | None = None
@@ -319,7 +319,7 @@ def flip_prepared_batch(
     idx = flip_draw(x.shape[0], prob, x.device)
     if idx is None:
         return images, y
-    from speedstructure.model import flip_target
+    from speedstructure.data.flips import flip_target
 
     images, y = images.clone(), y.clone()
     images[idx] = x[idx, 1].flip(1)  # receivers mirrored (cached), source order reversed

@@ -24,7 +24,7 @@ set, writing into an output folder (see :mod:`speedstructure.engine.checkpoint`)
   is sharded across ranks, only rank 0 writes files.
 
 The ``depth_trend`` baseline has no gradient-trained parameters (:func:`is_baseline`):
-it is fitted on the training targets, validated and saved, without an optimizer.
+it is fitted instead (:func:`~speedstructure.engine.results.fit_baseline`).
 
 Results are bit-identical to the engine before the split into modules: seeds, model
 preparation, optimizer, sampler and every random draw happen in the same order.
@@ -34,39 +34,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from speedstructure.config import TrainConfig, Variant, parse_variant
+from speedstructure.config.schema import TrainConfig, Variant
 from speedstructure.engine.checkpoint import (
     BEST_NAME,
     HISTORY_NAME,
     LAST_NAME,
-    METRICS_NAME,
     VAL_PREDS_NAME,
     TrainState,
     best_checkpoint,
-    fingerprint,
-    load_checkpoint,
-    load_val_preds,
-    resume_state,
     save_checkpoint,
-    save_val_preds,
-    variant_record,
     write_history,
-    write_metrics,
 )
 from speedstructure.engine.data import (
     PreparedInputs,
@@ -77,79 +64,30 @@ from speedstructure.engine.data import (
     targets,
 )
 from speedstructure.engine.optim import build_optimizer, build_scheduler
+from speedstructure.engine.results import (
+    EpochCallback,
+    Run,
+    StartCallback,
+    TrainResult,
+    finish,
+    fit_baseline,
+    validate,
+)
 from speedstructure.engine.runtime import (
-    Dist,
+    Placement,
     amp_dtype,
     autocast,
     gather_rng_states,
     log_main,
+    place,
     progress_bar,
     seed_everything,
     set_rng_state,
-    set_threads,
-    setup_distributed,
     teardown_distributed,
+    training_seed,
 )
 from speedstructure.errors import UserError
-from speedstructure.metrics import mape, per_sample_mape
-
-EpochCallback = Callable[[dict], None]
-StartCallback = Callable[[TrainState], None]  # sees the state training starts from (rank 0)
-# how val_preds.npz is predicted (recorded in metrics.json; another mode is predicted again)
-VAL_PREDS_MODE = "float32, flip TTA"
-
-
-@dataclass
-class TrainResult:
-    history: list[dict]
-    best_val_mape: float
-    best_epoch: int
-    epochs_run: int
-    seconds: float
-    best_path: Path
-    last_path: Path
-    val_pred: np.ndarray | None = None  # float16 (N, 300, 1259), best EMA model on val_ds
-    val_ids: list[str] = field(default_factory=list)
-    stop_reason: str = ""
-
-
-@dataclass
-class Run:
-    """What stays fixed during one training run: settings, output folder, ranks, device."""
-
-    cfg: TrainConfig
-    out_dir: Path
-    dd: Dist
-    device: torch.device
-    variant: Variant | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    restart_on_change: bool = False
-    on_epoch_end: EpochCallback | None = None
-    amp_dtype: torch.dtype | None = None
-    on_start: StartCallback | None = None
-
-    @property
-    def progress(self) -> bool:
-        """Progress bars: on rank 0 when ``train.progress``."""
-        return bool(self.cfg.progress) and self.dd.main
-
-    def new_state(self, train_ds: Dataset) -> TrainState:
-        fp = fingerprint(self.cfg, self.variant, train_ds, self.dd.world)
-        return TrainState(fingerprint=fp, variant=variant_record(self.variant))
-
-    def saved_state(self, fp: dict) -> TrainState | None:
-        return resume_state(self.out_dir, fp, restart_on_change=self.restart_on_change, dd=self.dd)
-
-    def epoch_done(self, row: dict) -> None:
-        if self.on_epoch_end is not None:
-            self.on_epoch_end(dict(row))
-
-    def started(self, state: TrainState) -> None:
-        """Rank 0 tells ``on_start`` the state training starts from (fresh or resumed); it
-        may set ``state.run_id``, which ``last.pt`` then keeps."""
-        if self.on_start is not None and self.dd.main:
-            self.on_start(state)
-
+from speedstructure.metrics import mape
 
 # --------------------------------------------------------------------------- entry point
 
@@ -163,37 +101,41 @@ def train_model(
     *,
     on_epoch_end: EpochCallback | None = None,
     device: str | torch.device | None = None,
-    variant: Variant | dict | None = None,
+    variant: Variant | None = None,
     meta: dict | None = None,
     restart_on_change: bool = False,
     on_start: StartCallback | None = None,
+    placement: Placement | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_ds``, validate on ``val_ds``; write checkpoints into ``out_dir``.
 
     Resumes from ``out_dir/last.pt`` when present.  A ``last.pt`` written with other
     settings or training samples is an error, or with ``restart_on_change`` is discarded
     and training starts afresh.  ``variant`` (default: ``model.variant``, set by
-    :func:`~speedstructure.model.build_model`) is stored in ``best.pt`` so the model can
+    :func:`~speedstructure.models.build.build_model`) is stored in ``best.pt`` so the model can
     be rebuilt; ``device`` overrides ``cfg.device``.  Under ``torchrun`` only rank 0
     writes files, and the returned ``val_pred`` is ``None`` on other ranks.  ``on_start``
-    (rank 0) sees the state training starts from, before the first epoch; torch's CPU
-    threads are set from ``cfg.threads`` (:func:`~speedstructure.engine.runtime.set_threads`).
+    (rank 0) sees the state training starts from, before the first epoch.  ``placement``
+    is where the model was built (:func:`~speedstructure.engine.runtime.place`); without it
+    the ranks, device (``device``, else ``cfg.device``) and CPU threads are decided here.
     """
     if variant is None:
         variant = getattr(model, "variant", None)
-    dd, dev = setup_distributed(device if device is not None else cfg.device)
-    log_main(dd, "CPU threads: %d", set_threads(cfg.threads))
+    if placement is None:
+        placement = place(device if device is not None else cfg.device, cfg.threads)
+    ranks, dev = placement.ranks, placement.device
+    log_main(ranks, "CPU threads: %d", placement.threads)
     try:
         out = Path(out_dir)
-        if dd.main:
+        if ranks.main:
             out.mkdir(parents=True, exist_ok=True)
         baseline = is_baseline(model)
         run = Run(
             cfg=cfg,
             out_dir=out,
-            dd=dd,
+            ranks=ranks,
             device=dev,
-            variant=parse_variant(variant) if variant is not None else None,
+            variant=variant,
             meta=dict(meta or {}),
             restart_on_change=restart_on_change,
             on_epoch_end=on_epoch_end,
@@ -204,7 +146,7 @@ def train_model(
             return fit_baseline(run, model, train_ds, val_ds)
         return Trainer(run, model, train_ds, val_ds).fit()
     finally:
-        teardown_distributed(dd)
+        teardown_distributed(ranks)
 
 
 def is_baseline(model: nn.Module) -> bool:
@@ -230,17 +172,17 @@ class Trainer:
     def __init__(self, run: Run, model: nn.Module, train_ds: Dataset, val_ds: Dataset | None):
         from timm.utils import ModelEmaV3
 
-        cfg, dd = run.cfg, run.dd
+        cfg, ranks = run.cfg, run.ranks
         self.run, self.model, self.train_ds, self.val_ds = run, model, train_ds, val_ds
         self.accum = max(1, int(cfg.accum_steps))
         self.clip = float(cfg.clip or 0)
         self.flip_prob = float(cfg.flip_prob or 0)
-        seed_everything(int(cfg.seed) + dd.rank)
+        seed_everything(training_seed(cfg.seed, ranks, weights=False))
         self._prepare_model()
         self.net = self._wrapped()
         self.optimizer = build_optimizer(model, cfg)
         self.sampler = DistributedSampler(
-            train_ds, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=int(cfg.seed)
+            train_ds, num_replicas=ranks.world, rank=ranks.rank, shuffle=True, seed=int(cfg.seed)
         )
         self.train_set = cached_training_set(
             train_ds, model, bool(cfg.cache_inputs), progress=run.progress
@@ -255,7 +197,7 @@ class Trainer:
         )
         self.n_batches = len(self.loader)
         steps_per_epoch = math.ceil(self.n_batches / self.accum)
-        self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch, world=dd.world)
+        self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch, world=ranks.world)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         self.ema = ModelEmaV3(model, decay=float(cfg.ema_decay))
         self.state = run.new_state(train_ds)
@@ -278,7 +220,7 @@ class Trainer:
         """The model under DDP (wrapping broadcasts rank 0's weights: every rank, and its
         EMA, starts equal), or the model itself on one rank."""
         run = self.run
-        if not run.dd.active:
+        if not run.ranks.active:
             return self.model
         return nn.parallel.DistributedDataParallel(
             self.model,
@@ -294,7 +236,7 @@ class Trainer:
         run.started(self.state)
         if done:
             return finish(run, self.ema.module, self.val_ds, self.state)
-        if run.dd.main:  # predictions of an earlier best model are stale once training goes on
+        if run.ranks.main:  # predictions of an earlier best model are stale once training goes on
             (run.out_dir / VAL_PREDS_NAME).unlink(missing_ok=True)
         for epoch in range(self.state.epoch + 1, int(cfg.epochs) + 1):
             t0 = time.time()
@@ -317,7 +259,7 @@ class Trainer:
             if self.state.finished:
                 if self.state.stop_reason == "early_stop":
                     log_main(
-                        run.dd, "early stop: no improvement for %d epochs", self.state.bad_epochs
+                        run.ranks, "early stop: no improvement for %d epochs", self.state.bad_epochs
                     )
                 break
         if not self.state.finished:
@@ -342,7 +284,7 @@ class Trainer:
                     loss=f"{float(loss_sum[0] / loss_sum[1]):.5f}",
                     lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                 )
-        if run.dd.active:
+        if run.ranks.active:
             dist.all_reduce(loss_sum)
         return float(loss_sum[0] / loss_sum[1])
 
@@ -374,7 +316,7 @@ class Trainer:
         """Forward, MAPE loss and backward of one micro-batch (gradients are synchronised
         across ranks only on the last micro-batch of a group)."""
         run = self.run
-        no_sync = not sync and run.dd.active
+        no_sync = not sync and run.ranks.active
         with self.net.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(run.device, run.amp_dtype):
                 pred = self.net(x, prepared=True) if self.prepared else self.net(x)
@@ -429,7 +371,7 @@ class Trainer:
         if st.finished or st.epoch >= cfg.epochs:
             st.stop_reason = st.stop_reason or "epochs"
             log_main(
-                run.dd,
+                run.ranks,
                 "%s: training finished (%s, %d epochs, best val MAPE %.5f at epoch %d); "
                 "nothing to do",
                 run.out_dir,
@@ -439,7 +381,7 @@ class Trainer:
                 st.best_epoch,
             )
             return True
-        log_main(run.dd, "%s: resuming after epoch %d", run.out_dir, st.epoch)
+        log_main(run.ranks, "%s: resuming after epoch %d", run.out_dir, st.epoch)
         return False
 
     def _load_saved(self, saved: TrainState) -> None:
@@ -450,14 +392,14 @@ class Trainer:
         self.scheduler.load_state_dict(saved.scheduler)
         if saved.scaler:
             self.scaler.load_state_dict(saved.scaler)
-        if self.run.dd.rank < len(saved.rng):
-            set_rng_state(saved.rng[self.run.dd.rank])
+        if self.run.ranks.rank < len(saved.rng):
+            set_rng_state(saved.rng[self.run.ranks.rank])
 
     def save_epoch(self, row: dict, improved: bool) -> None:
         """``best.pt`` (when improved), ``last.pt`` and the history, on rank 0."""
         run, st = self.run, self.state
-        rngs = gather_rng_states(run.dd)
-        if run.dd.main:
+        rngs = gather_rng_states(run.ranks)
+        if run.ranks.main:
             if improved:
                 best = best_checkpoint(
                     self.ema.module.state_dict(),
@@ -471,7 +413,7 @@ class Trainer:
             self._snapshot(rngs).save(run.out_dir / LAST_NAME)
             write_history(run.out_dir / HISTORY_NAME, st.history)
             log_main(
-                run.dd,
+                run.ranks,
                 "epoch %d: train MAPE %.5f  val MAPE %.5f  lr %.3g  %.1fs%s",
                 row["epoch"],
                 row["train_loss"],
@@ -481,7 +423,7 @@ class Trainer:
                 "  *best*" if improved else "",
             )
             run.epoch_done(row)
-        run.dd.barrier()
+        run.ranks.barrier()
 
     def _snapshot(self, rngs: list[dict]) -> TrainState:
         return dataclasses.replace(
@@ -513,171 +455,3 @@ def _bookkeeping(saved: TrainState, fresh: TrainState) -> TrainState:
         scheduler=None,
         scaler=None,
     )
-
-
-# --------------------------------------------------------------------------- the baseline
-
-
-def fit_baseline(
-    run: Run, model: nn.Module, train_ds: Dataset, val_ds: Dataset | None
-) -> TrainResult:
-    """Fit a closed-form model (``depth_trend``) on the training targets, validate, save."""
-    state = run.new_state(train_ds)
-    saved = run.saved_state(state.fingerprint)
-    if saved is not None and saved.finished:
-        log_main(
-            run.dd,
-            "%s: already fitted (val MAPE %.5f); nothing to do",
-            run.out_dir,
-            saved.best_val_mape,
-        )
-        model.load_state_dict(saved.model)
-        saved.stop_reason = saved.stop_reason or "fitted"
-        run.started(saved)
-        return finish(run, model, val_ds, saved)
-    run.started(state)
-    t0 = time.time()
-    seed_everything(int(run.cfg.seed))
-    fit_bar = progress_bar(targets(train_ds), "fit", enabled=run.progress, total=len(train_ds))
-    model.fit(fit_bar)
-    model.to(run.device)
-    val = validate(model, val_ds, run)
-    secs = time.time() - t0
-    row = {"epoch": 1, "train_loss": float("nan"), "val_mape": val, "lr": 0.0, "seconds": secs}
-    state = dataclasses.replace(
-        state,
-        model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-        epoch=1,
-        best_val_mape=val,
-        best_epoch=1,
-        history=[row],
-        seconds=secs,
-        finished=True,
-        stop_reason="fitted",
-    )
-    if run.dd.main:
-        best = best_checkpoint(model.state_dict(), run.variant, run.cfg, 1, val, run.meta)
-        save_checkpoint(best, run.out_dir / BEST_NAME)
-        state.save(run.out_dir / LAST_NAME)
-        log_main(run.dd, "depth_trend fitted on %d targets: val MAPE %.5f", len(train_ds), val)
-        run.epoch_done(row)  # after last.pt, as for trained models: a resumed run logs it
-    return finish(run, model, val_ds, state)
-
-
-# --------------------------------------------------------------------------- evaluation, results
-
-
-def _predict(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
-    pred_fn = getattr(model, "predict", None)
-    if callable(pred_fn):
-        return pred_fn(x, tta=tta)
-    return model(x)
-
-
-@torch.no_grad()
-def validate(model: nn.Module, val_ds: Dataset | None, run: Run) -> float:
-    """Mean per-sample MAPE of ``model`` over ``val_ds`` (sharded across ranks, then reduced);
-    NaN without a validation set."""
-    if val_ds is None or len(val_ds) == 0:
-        return float("nan")
-    cfg, dd, dev = run.cfg, run.dd, run.device
-    model.eval()
-    idx = list(range(dd.rank, len(val_ds), dd.world))
-    loader = make_loader(
-        Subset(val_ds, idx), cfg.val_batch_size, num_workers=cfg.num_workers, device=dev
-    )
-    total = torch.zeros(2, dtype=torch.float64, device=dev)
-    for batch in progress_bar(loader, "val", enabled=run.progress, leave=False):
-        x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
-        with autocast(dev, run.amp_dtype):
-            p = _predict(model, x, bool(cfg.tta_val))
-        m = per_sample_mape(p, y)
-        total[0] += m.double().sum()
-        total[1] += m.numel()
-    if dd.active:
-        dist.all_reduce(total)
-    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
-
-
-@torch.no_grad()
-def predict_dataset(
-    model: nn.Module,
-    ds: Dataset,
-    cfg: TrainConfig,
-    device: torch.device,
-    amp: torch.dtype | None = None,
-    progress: bool = False,
-    tta: bool | None = None,
-) -> np.ndarray:
-    """float16 ``(N, 300, 1259)`` predictions of ``model`` on every sample of ``ds``
-    (``cfg``: ``val_batch_size``, ``num_workers``; ``amp``: autocast dtype; ``tta``: flip
-    test-time augmentation, default ``cfg.tta_val``)."""
-    model.eval()
-    out = []
-    loader = make_loader(ds, cfg.val_batch_size, num_workers=cfg.num_workers, device=device)
-    for batch in progress_bar(loader, "predict val", enabled=progress, leave=False):
-        with autocast(device, amp):
-            p = _predict(model, batch[0].to(device), bool(cfg.tta_val if tta is None else tta))
-        out.append(p.float().cpu().numpy().astype(np.float16))
-    return np.concatenate(out) if out else np.zeros((0, 300, 1259), np.float16)
-
-
-def finish(run: Run, model: nn.Module, val_ds: Dataset | None, state: TrainState) -> TrainResult:
-    """The run's result; on rank 0 also ``val_preds.npz`` (the best model's validation
-    predictions, reused while they match the validation set), ``history.csv`` and
-    ``metrics.json``."""
-    out = run.out_dir
-    res = TrainResult(
-        history=state.history,
-        best_val_mape=state.best_val_mape,
-        best_epoch=state.best_epoch,
-        epochs_run=state.epoch,
-        seconds=state.seconds,
-        best_path=out / BEST_NAME,
-        last_path=out / LAST_NAME,
-        stop_reason=state.stop_reason,
-    )
-    if not run.dd.main:
-        return res
-    res.val_ids, res.val_pred = _val_predictions(run, model, val_ds)
-    write_history(out / HISTORY_NAME, state.history)
-    metrics = {
-        "best_val_mape": state.best_val_mape,
-        "best_epoch": state.best_epoch,
-        "epochs": state.epoch,
-        "stop_reason": state.stop_reason,
-        "n_val": len(res.val_ids),
-        "val_preds": VAL_PREDS_MODE,
-    }
-    write_metrics(out / METRICS_NAME, metrics)
-    return res
-
-
-def _saved_mode(metrics_path: Path) -> str | None:
-    """The ``val_preds`` mode recorded in a run's ``metrics.json`` (None: none readable)."""
-    try:
-        return json.loads(metrics_path.read_text()).get("val_preds")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _val_predictions(
-    run: Run, model: nn.Module, val_ds: Dataset | None
-) -> tuple[list[str], np.ndarray]:
-    """``val_preds.npz`` if it matches ``val_ds``, else the best model's predictions (saved)."""
-    preds_path, best_path = run.out_dir / VAL_PREDS_NAME, run.out_dir / BEST_NAME
-    ids = list(val_ds.sample_ids) if val_ds is not None else []
-    if preds_path.is_file() and _saved_mode(run.out_dir / METRICS_NAME) == VAL_PREDS_MODE:
-        pids, arr = load_val_preds(preds_path)
-        if pids == ids:
-            return pids, arr
-    if best_path.is_file() and val_ds is not None and len(val_ds):
-        model.load_state_dict(load_checkpoint(best_path)["model"])
-        model.to(run.device)
-        # as the test is predicted (Ensemble.predict): float32, flip TTA; whatever the
-        # per-epoch validation's amp and tta_val, the tuned weights see test-like predictions
-        pred = predict_dataset(model, val_ds, run.cfg, run.device, None, run.progress, tta=True)
-    else:
-        pred = np.zeros((0, 300, 1259), np.float16)
-    save_val_preds(preds_path, ids, pred)
-    return ids, pred

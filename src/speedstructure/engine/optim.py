@@ -2,7 +2,7 @@
 
 * one optimizer object (:class:`MuonAdamW`): Muon (:class:`Muon`, ``torch.optim.Muon``
   with its Newton-Schulz orthogonalisation run in a chosen precision) on the 2-D weight
-  matrices of the transformer blocks (:func:`speedstructure.model.muon_param_names`)
+  matrices of the transformer blocks (``model.muon_param_names()``)
   and ``AdamW`` on every other parameter;
 * :func:`orthogonalize`: torch's Newton-Schulz iteration (its coefficients, step count and
   order of operations) in bfloat16, as torch runs it, or in float32.  bfloat16 is what the
@@ -12,7 +12,7 @@
   ``T_0`` optimizer steps, floor ``min_lr``) for ``cosine_epochs`` epochs, then constant
   at ``const_factor x lr``; stepped once per optimizer step.
 
-Both take their settings from a :class:`~speedstructure.config.TrainConfig`.
+Both take their settings from a :class:`~speedstructure.config.schema.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from speedstructure.config import TrainConfig
+from speedstructure.config.schema import TrainConfig
 
 # TrainConfig keys that are MuonAdamW's keyword arguments
 OPTIMIZER_KEYS = (
@@ -48,7 +48,7 @@ def orthogonalize(
     """The Newton-Schulz orthogonalisation of the 2-D ``grad`` in ``dtype``.
 
     The operations of torch's ``_zeropower_via_newtonschulz`` in the same order: in
-    bfloat16 the result equals torch's bit for bit (``tests/test_precision.py`` checks it).
+    bfloat16 the result equals torch's bit for bit (``tests/engine/test_precision.py`` checks it).
     ``grad`` is never modified (torch's in-place normalisation would write into a float32
     input passed in float32)."""
     if grad.ndim != 2:
@@ -205,14 +205,11 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def muon_names_of(model: nn.Module) -> set[str]:
-    """The parameters ``model`` puts on Muon: its own ``muon_param_names()`` if it has one
-    (a stand-in model may), else :func:`speedstructure.model.muon_param_names`."""
+    """The parameters ``model`` puts on Muon: what its ``muon_param_names()`` lists (every
+    velocity model has it: :class:`~speedstructure.models.base.VelocityModel`); none for a
+    module without it, which then trains on AdamW alone."""
     fn = getattr(model, "muon_param_names", None)
-    if callable(fn):
-        return set(fn())
-    from speedstructure.model import muon_param_names
-
-    return set(muon_param_names(model))
+    return set(fn()) if callable(fn) else set()
 
 
 def build_optimizer(

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from speedstructure.config import MUON_PRECISIONS
+from speedstructure.config.schema import MUON_PRECISIONS
 from speedstructure.errors import UserError
 
 log = logging.getLogger("speedstructure.engine")  # the engine's diagnostics
@@ -196,6 +196,22 @@ def setup_distributed(device_req: str | torch.device | None) -> tuple[Dist, torc
     return d, dev
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where one training runs, decided once (:func:`place`): its ranks, device, CPU threads."""
+
+    ranks: Dist
+    device: torch.device
+    threads: int
+
+
+def place(device_req: str | torch.device | None, threads: int | None) -> Placement:
+    """This process's ranks and device (:func:`setup_distributed`) and its CPU threads
+    (:func:`set_threads`): called once per training, before the model is built."""
+    ranks, device = setup_distributed(device_req)
+    return Placement(ranks, device, set_threads(threads))
+
+
 def teardown_distributed(d: Dist) -> None:
     if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
@@ -208,6 +224,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def training_seed(seed: int, ranks: Dist, *, weights: bool) -> int:
+    """The distributed seed rule.  The model's initial weights are drawn from ``seed`` on
+    every rank (``weights=True``, before the model is built): data-parallel training starts
+    from identical weights, whatever the rank.  Everything after (the sampler's padding, flips,
+    dropout) is drawn from ``seed + rank``, so the ranks do not draw the same augmentations.
+    With one process both are ``seed``."""
+    return int(seed) if weights else int(seed) + ranks.rank
 
 
 def rng_state() -> dict:

@@ -1,7 +1,7 @@
 """The ``ingest`` stage: the four challenge zips -> a packed, memory-mapped sample store.
 
 Every member of every zip is read through the validating loader
-(:class:`speedstructure.dataio.ZipSamples`: shape, dtype, finiteness, positive
+(:class:`speedstructure.data.samples.ZipSamples`: shape, dtype, finiteness, positive
 velocities); the first bad member stops the stage with an error naming the zip
 and the member, and nothing is left behind.  The zips are ``data.zips`` in
 ``paths.data``; the store goes to ``paths.store`` (or ``--output``).  It holds, per
@@ -13,9 +13,9 @@ split::
     store/manifest.json          sizes and the digest of each source zip (no timings: the same
                                  zips give the same bytes, so the store is cached and shared once)
 
-Training reads samples from it with :class:`speedstructure.dataio.StoreSamples`
-(:data:`~speedstructure.dataio.INDEX_NAME`, :data:`~speedstructure.dataio.MANIFEST_NAME`
-and the reader live in :mod:`speedstructure.dataio`), which has the same
+Training reads samples from it with :class:`speedstructure.data.store.StoreSamples`
+(:data:`~speedstructure.data.store.INDEX_NAME`, :data:`~speedstructure.data.store.MANIFEST_NAME`
+and the reader live in :mod:`speedstructure.data.samples`), which has the same
 ``read`` / ``read_gathers`` / ``read_target`` interface as ``ZipSamples`` but
 costs one ``memcpy`` per array instead of a zip member lookup and a ``.npy``
 parse (``speedstructure bench store`` measures both).  The whole store is built
@@ -43,16 +43,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from speedstructure.config import SPLITS, load_params, project_root, resolve_path
-from speedstructure.dataio import (
-    GATHER_SHAPE,
-    INDEX_NAME,
-    MANIFEST_NAME,
-    SOURCES,
-    VP_SHAPE,
-    ZipSamples,
-    gather_scale_note,
-)
+from speedstructure.config.load import load_params
+from speedstructure.config.schema import SPLITS
+from speedstructure.config.typed import project_root, resolve_path
+from speedstructure.data.format import GATHER_SHAPE, SOURCES, VP_SHAPE, gather_scale_note
+from speedstructure.data.samples import ZipSamples
+from speedstructure.data.store import INDEX_NAME, MANIFEST_NAME
 from speedstructure.errors import DataError
 from speedstructure.fsutil import atomic_output, file_md5, relative_path
 

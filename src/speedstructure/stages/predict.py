@@ -4,20 +4,20 @@
 every sample of a challenge zip (default: the test zip), a sample store, or a
 folder in the challenge layout (``<sample_id>/receiver_data_src_<s>.npy``), clips
 the velocities to ``[V_MIN, V_MAX]`` of :mod:`speedstructure.config` and writes
-the submission once, atomically (:class:`~speedstructure.submission.SubmissionWriter`,
+the submission once, atomically (:class:`~speedstructure.data.submission.SubmissionWriter`,
 default: ``paths.submission``), then validates it.  ``--model`` is an MLflow model
 URI (default: the ``champion`` alias of ``mlflow.registered_model``), a
 ``registered.json`` written by the ``register`` stage (its ``model_uri``; what the
 DVC stage uses, so it predicts exactly what was registered), an ensemble file or a
 downloaded MLflow model folder.  A registered model is read by this package's code
-(:func:`speedstructure.ensemble.load_mlflow_model`), never by ``mlflow.pyfunc.load_model``,
+(:func:`speedstructure.ensemble.members.load_mlflow_model`), never by ``mlflow.pyfunc.load_model``,
 which would execute the Python code stored with it.
+
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -26,73 +26,12 @@ from typing import Any
 import numpy as np
 
 from speedstructure import cli
-from speedstructure.config import V_MAX, V_MIN, Params, load_params, resolve_path
-from speedstructure.errors import UserError
+from speedstructure.config.load import load_params
+from speedstructure.config.schema import V_MAX, V_MIN
+from speedstructure.config.typed import resolve_path
+from speedstructure.ensemble.loading import default_model_uri, load_predictor
 
 log = logging.getLogger(__name__)
-
-
-def default_model_uri(params: Params) -> str:
-    """The registered model's ``champion`` version: ``models:/<name>@champion``."""
-    from speedstructure.ensemble import CHAMPION
-
-    return f"models:/{params.mlflow.registered_model}@{CHAMPION}"
-
-
-def _is_uri(model: str) -> bool:
-    return "://" in model or model.startswith(("models:/", "runs:/"))
-
-
-def load_predictor(model: str | os.PathLike, params: Params):
-    """A callable ``gathers (B, 5, 10001, 31) -> (B, 300, 1259)`` and a description.
-
-    ``model``: an MLflow model URI (``models:/...``, ``runs:/...``), a
-    ``registered.json`` (its ``model_uri``), an ensemble file or an MLflow model folder;
-    files are relative to the project root.
-    """
-    from speedstructure.ensemble import Ensemble, load_mlflow_model, read_spec
-
-    s = str(model)
-    if not _is_uri(s):
-        p = resolve_path(s, params.root)
-        if p.is_dir():
-            if (p / "MLmodel").is_file():
-                return load_mlflow_model(p).predict, f"MLflow model folder {p}"
-            raise UserError(
-                f"{p}: is a directory, not a model (give the register stage's JSON, an "
-                "ensemble .json, an MLflow model folder or a models:/ URI)"
-            )
-        if not p.is_file():
-            raise UserError(f"{p}: model file not found")
-        try:
-            doc = json.loads(p.read_text())
-        except ValueError as exc:
-            raise UserError(f"{p}: not a JSON model reference or ensemble file ({exc})") from exc
-        if not (isinstance(doc, dict) and "model_uri" in doc):
-            ens = Ensemble(read_spec(p), root=params.root)
-            return ens.predict, f"ensemble file {p}"
-        s = doc["model_uri"]
-    return _load_registered(s, params), s
-
-
-def _load_registered(uri: str, params: Params):
-    """The ensemble of a registered model, downloaded and read without running its code."""
-    import tempfile
-
-    import mlflow
-
-    from speedstructure import tracking
-    from speedstructure.ensemble import load_mlflow_model
-
-    tracking.setup(project=params)
-    with tempfile.TemporaryDirectory(prefix="speedstructure-model-") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
-        except Exception as exc:  # MLflow raises its own types for unknown names/aliases
-            reason = " ".join(str(exc).split())
-            raise UserError(f"cannot load model '{uri}': {reason}") from exc
-        ensemble = load_mlflow_model(local)  # checkpoints are in memory: the folder can go
-    return ensemble.predict
 
 
 def predict_to_submission(
@@ -104,21 +43,22 @@ def predict_to_submission(
     v_range: tuple[float, float] = (V_MIN, V_MAX),
     progress: bool = True,
     uncertainty: Path | None = None,
-    water_velocity: float = 1.5,
+    water_velocity: float,
 ) -> dict[str, Any]:
     """Predict every sample of ``input_path`` and write the submission once; then validate it.
 
     With ``uncertainty`` (a path) and a calibrated ensemble behind ``predict_fn``
-    (:func:`speedstructure.uncertainty.ensemble_calibration`), the interval half-width of
+    (:func:`speedstructure.ensemble.calibration.ensemble_calibration`), the interval half-width of
     every cell is written there too (float32, the submission's keys)."""
     import contextlib
 
     from tqdm import tqdm
 
-    from speedstructure.dataio import open_input
-    from speedstructure.ensemble import iter_batches
-    from speedstructure.submission import SubmissionWriter, validate_submission
-    from speedstructure.uncertainty import ensemble_calibration, half_width
+    from speedstructure.data.store import open_input
+    from speedstructure.data.submission import SubmissionWriter
+    from speedstructure.data.submission_check import validate_submission
+    from speedstructure.ensemble.calibration import ensemble_calibration, half_width
+    from speedstructure.ensemble.members import iter_batches
 
     reader = open_input(input_path)
     ids = list(reader.sample_ids)
@@ -156,7 +96,7 @@ def check_inputs(reader, input_path, ids: list[str], gathers: np.ndarray) -> Non
     """What predict checks beyond the readers' own checks: a warning for gathers whose scale
     is orders of magnitude from the challenge's, and the targets of a labelled input (their
     range and unit: a zip in m/s is refused, as ingest refuses it)."""
-    from speedstructure.dataio import gather_scale_note
+    from speedstructure.data.format import gather_scale_note
 
     for sid, x in zip(ids, gathers, strict=True):
         note = gather_scale_note(x, f"{input_path}: sample '{sid}'")

@@ -14,6 +14,7 @@ also reports the Spearman rank correlation between the misfit and the true MAPE.
     qc_metrics   summary: misfit, correlation, Spearman vs MAPE (seconds per sample: MLflow)
     qc_table     CSV: sample_id, misfit, trace_correlation, rank (1 = worst) [, mape]
     qc_figure    PNG: observed, simulated and residual gathers of the worst samples
+
 """
 
 from __future__ import annotations
@@ -26,36 +27,18 @@ from typing import Any
 import numpy as np
 
 from speedstructure import cli
-from speedstructure.config import Params, load_params
-from speedstructure.fsutil import atomic_write_json, atomic_write_text
+from speedstructure.config.load import load_params
+from speedstructure.config.schema import Params
+from speedstructure.data.submission_check import load_submission
+from speedstructure.fsutil import atomic_write_json
+from speedstructure.physics.misfit import preprocess_settings
+from speedstructure.reports.qc import SHOT, lean_summary, plot_worst, summarise, write_table
+from speedstructure.tracking.runs import log_metrics, log_params, stage_run
 
 DESCRIPTION = (
     "Re-simulate every predicted model and compare with its input gathers (misfit, per-trace "
     "correlation after the direct arrival); table, figure, MLflow."
 )
-SHOT = 2  # the middle shot (x = 149 m) is drawn in the figure
-
-
-def preprocess_settings(params: Params) -> dict[str, Any]:
-    """The :class:`~speedstructure.physics.Preprocess` settings of ``qc:``."""
-    q = params.qc
-    return {
-        "mute_after": q.mute_after,
-        "taper": q.taper,
-        "lowpass_hz": q.lowpass_hz,
-        "rolloff_hz": q.rolloff_hz,
-        "agc_window": q.agc_window,
-    }
-
-
-def load_submission(path: Path, limit: int | None = None) -> tuple[list[str], dict]:
-    """The submission's ids (sorted, the first ``limit``) and its open, checked reader
-    (:class:`speedstructure.submission.VelocityArchive`)."""
-    from speedstructure.submission import VelocityArchive
-
-    sub = VelocityArchive(path, "submission (run the predict stage)")
-    ids = sub.files[: limit or None]
-    return ids, sub
 
 
 def check_samples(params: Params, ids: list[str], sub, progress: bool = True):
@@ -63,14 +46,15 @@ def check_samples(params: Params, ids: list[str], sub, progress: bool = True):
     compared (preprocessed) observed and simulated gathers of shot :data:`SHOT`."""
     from tqdm import tqdm
 
-    from speedstructure.dataio import ZipSamples
-    from speedstructure.physics import Preprocess, misfit, observed_at_sim_rate
-    from speedstructure.physics import simulate_at_sim_rate as simulate
-    from speedstructure.physics import trace_correlation as correlation
-    from speedstructure.synth.simulate import Simulator
+    from speedstructure.data.samples import ZipSamples
+    from speedstructure.physics.misfit import Preprocess, misfit, observed_at_sim_rate
+    from speedstructure.physics.misfit import simulate_at_sim_rate as simulate
+    from speedstructure.physics.misfit import trace_correlation as correlation
+    from speedstructure.physics.simulate import Simulator
 
     sim = Simulator(params.synth.sim)
-    prep = Preprocess.for_simulator(sim, **preprocess_settings(params))
+    water = params.synth.water_velocity
+    prep = Preprocess.for_simulator(sim, water_velocity=water, **preprocess_settings(params))
     rows, shots = [], {}
     with ZipSamples(params.zip_path("test")) as z:
         for sid in tqdm(ids, desc="qc", unit="sample", disable=not progress):
@@ -90,7 +74,7 @@ def true_mape(params: Params, ids: list[str], sub) -> np.ndarray | None:
     path = params.test_labels_path()
     if not path.is_file():
         return None
-    from speedstructure.submission import VelocityArchive
+    from speedstructure.data.submission_check import VelocityArchive
 
     with VelocityArchive(path, "test targets") as lab:
         if not set(ids) <= set(lab.files):
@@ -98,80 +82,17 @@ def true_mape(params: Params, ids: list[str], sub) -> np.ndarray | None:
         return np.array([float(per_sample_mape(sub[s][None], lab[s][None])[0]) for s in ids])
 
 
-def summarise(rows: list[dict], mape: np.ndarray | None, worst: int) -> dict[str, Any]:
-    from scipy.stats import spearmanr
-
-    misfit = np.array([r["misfit"] for r in rows])
-    corr = np.array([r["trace_correlation"] for r in rows])
-    order = np.argsort(-misfit)
-    summary: dict[str, Any] = {
-        "n_samples": len(rows),
-        "misfit_mean": float(misfit.mean()),
-        "misfit_median": float(np.median(misfit)),
-        "trace_correlation_mean": float(corr.mean()),
-        "seconds_per_sample": float(np.mean([r["seconds"] for r in rows])),
-        "worst": [rows[i]["sample_id"] for i in order[:worst]],
-        "labels": mape is not None,
-    }
-    if mape is not None and len(rows) > 2:
-        summary["spearman_misfit_mape"] = float(spearmanr(misfit, mape)[0])
-        summary["spearman_decorrelation_mape"] = float(spearmanr(-corr, mape)[0])
-    return summary
-
-
-def lean_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """A qc or refine summary as a declared DVC metric: no list of the worst samples (the qc
-    table ranks them) and no time per sample (MLflow and the console only: versioned files
-    hold no timings)."""
-    return {k: v for k, v in summary.items() if k not in ("worst", "seconds_per_sample")}
-
-
-def write_table(path: Path, rows: list[dict], mape: np.ndarray | None) -> Path:
-    import pandas as pd
-
-    table = pd.DataFrame(rows).drop(columns="seconds")  # timings stay out of versioned files
-    table["rank"] = table["misfit"].rank(ascending=False, method="first").astype(int)
-    if mape is not None:
-        table["mape"] = mape
-    return atomic_write_text(path, table.to_csv(index=False, float_format="%.6g"))
-
-
-def plot_worst(shots: dict, worst: list[str], dt: float, path: Path) -> Path:
-    """Observed, simulated and residual gathers (shot :data:`SHOT`, as compared: muted,
-    low-passed, gain-controlled) of the worst samples, one row each."""
-    from matplotlib.figure import Figure
-
-    from speedstructure.plots import save_figure
-
-    fig = Figure(figsize=(10, 3.2 * max(1, len(worst))), layout="constrained")
-    axes = fig.subplots(max(1, len(worst)), 3, squeeze=False)
-    for row, sid in enumerate(worst):
-        obs, syn = shots[sid]
-        extent = (0, 300, obs.shape[-1] * dt, 0)
-        clip = float(np.percentile(np.abs(obs), 98)) or 1.0
-        panels = ((obs, f"{sid[:8]}: observed"), (syn, "simulated"), (obs - syn, "residual"))
-        for col, (img, title) in enumerate(panels):
-            ax = axes[row, col]
-            ax.imshow(img.T, cmap="gray", vmin=-clip, vmax=clip, aspect="auto", extent=extent)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("receiver x (m)")
-            ax.set_ylabel("time (s)" if col == 0 else "")
-    fig.suptitle(f"worst physics misfit: shot {SHOT + 1} after the direct arrival (AGC)")
-    return save_figure(fig, path)
-
-
 def run_qc(
     params: Params, *, track: bool = True, progress: bool = True, samples: int | None = None
 ) -> dict[str, Any]:
     """The stage (see the module doc); returns the summary."""
-    from speedstructure import tracking
     from speedstructure.engine.runtime import set_threads
 
     tags = {"stage": "qc", "dvc_stage": "qc"}
-    with tracking.stage_run(track, "qc", params, tags=tags):  # opened first: crashes FAIL it
+    with stage_run(track, "qc", params, tags=tags):  # opened first: crashes FAIL it
         threads = set_threads(params.qc.threads, "qc.threads")
         if track:
-            tracking.log_params({"qc": preprocess_settings(params), "threads": threads})
+            log_params({"qc": preprocess_settings(params), "threads": threads})
         ids, sub = load_submission(params.path("submission"), samples)
         with sub:
             rows, shots = check_samples(params, ids, sub, progress)
@@ -191,9 +112,7 @@ def run_qc(
 def _log_mlflow(summary: dict[str, Any], files: list[Path]) -> None:
     import mlflow
 
-    from speedstructure import tracking
-
-    tracking.log_metrics({k: v for k, v in summary.items() if k not in ("worst", "labels")})
+    log_metrics({k: v for k, v in summary.items() if k not in ("worst", "labels")})
     for f in files:
         mlflow.log_artifact(str(f), artifact_path="qc")
 

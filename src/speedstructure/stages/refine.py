@@ -1,7 +1,7 @@
 """The ``refine`` stage (optional): full-waveform inversion started from each prediction.
 
 Each chosen test sample's predicted model (``paths.submission``) is refined toward its
-input gathers by ``refine.iterations`` gradient steps of :func:`speedstructure.fwi.invert`
+input gathers by ``refine.iterations`` gradient steps of :func:`speedstructure.physics.fwi.invert`
 (water layer fixed, velocity bounds, a coarse ``refine.grid_m`` update, step halving, a
 misfit that never rises).  The refined submission (every sample: the refined ones
 replaced) goes to ``paths.refined``/``submission.npz`` beside the original, with a
@@ -11,6 +11,7 @@ Off by default (``refine.enabled: false``: about a minute per sample on 2 CPU co
 beyond the budget of ``make demo``): the DVC stage then writes only its metrics (a note)
 and an empty folder.  ``make refine`` (``speedstructure refine --run [--samples N|ID,...]``)
 runs it whatever ``enabled`` says.
+
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ from typing import Any
 import numpy as np
 
 from speedstructure import cli
-from speedstructure.config import V_MAX, V_MIN, Params, load_params
+from speedstructure.config.load import load_params
+from speedstructure.config.schema import V_MAX, V_MIN, Params
 from speedstructure.errors import UserError
 from speedstructure.fsutil import atomic_write_json, atomic_write_text
+from speedstructure.physics.fwi import fwi_settings
+from speedstructure.reports.qc import refine_summary
+from speedstructure.tracking.runs import log_metrics, log_params, stage_run
 
 DESCRIPTION = (
     "Refine predictions by full-waveform inversion through the simulator (optional: "
@@ -34,21 +39,6 @@ DESCRIPTION = (
 SUBMISSION_NAME = "submission.npz"
 TABLE_NAME = "per_sample.csv"
 NOTE_NAME = "README.txt"
-
-
-def fwi_settings(params: Params, iterations: int | None = None):
-    from speedstructure.fwi import FwiSettings
-    from speedstructure.stages.qc import preprocess_settings
-
-    r = params.refine
-    return FwiSettings(
-        iterations=int(iterations if iterations is not None else r.iterations),
-        grid_m=r.grid_m,
-        step=r.step,
-        max_halvings=r.max_halvings,
-        water_velocity=params.synth.water_velocity,
-        prep=preprocess_settings(params),
-    )
 
 
 def choose_samples(ids: list[str], samples: str | int | None) -> list[str]:
@@ -69,10 +59,10 @@ def refine_samples(params: Params, ids: list[str], sub, cfg, progress: bool) -> 
     """``{sample id: FwiResult}`` of the chosen samples."""
     from tqdm import tqdm
 
-    from speedstructure.dataio import ZipSamples
-    from speedstructure.fwi import invert
-    from speedstructure.physics import observed_at_sim_rate
-    from speedstructure.synth.simulate import Simulator
+    from speedstructure.data.samples import ZipSamples
+    from speedstructure.physics.fwi import invert
+    from speedstructure.physics.misfit import observed_at_sim_rate
+    from speedstructure.physics.simulate import Simulator
 
     sim = Simulator(params.synth.sim)
     results = {}
@@ -92,7 +82,7 @@ def before_after(params: Params, sub, results: dict) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     ids = list(results)
-    from speedstructure.submission import VelocityArchive
+    from speedstructure.data.submission_check import VelocityArchive
 
     with VelocityArchive(path, "test targets") as lab:
         truths = np.stack([lab[s].astype(np.float32) for s in ids])
@@ -117,8 +107,8 @@ def before_after(params: Params, sub, results: dict) -> dict[str, Any] | None:
 def write_outputs(params: Params, sub, results: dict, scores, summary) -> list[Path]:
     """The refined submission (every sample), the per-sample table, the metrics (no timings:
     those go to MLflow and the console)."""
-    from speedstructure.stages.qc import lean_summary
-    from speedstructure.submission import SubmissionWriter
+    from speedstructure.data.submission import SubmissionWriter
+    from speedstructure.reports.qc import lean_summary
 
     folder = params.path("refined")
     folder.mkdir(parents=True, exist_ok=True)
@@ -161,61 +151,39 @@ def run_refine(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The stage (see the module doc); ``force`` runs it even with ``refine.enabled: false``."""
-    from speedstructure import tracking
+    from speedstructure.data.submission_check import load_submission
     from speedstructure.engine.runtime import set_threads
-    from speedstructure.stages.qc import load_submission
 
     if not (params.refine.enabled or force):
         return write_disabled(params)
     tags = {"stage": "refine", "dvc_stage": "refine"}
-    with tracking.stage_run(track, "refine", params, tags=tags):
+    with stage_run(track, "refine", params, tags=tags):
         threads = set_threads(params.refine.threads, "refine.threads")
         cfg = fwi_settings(params, iterations)
         if track:
-            tracking.log_params({"refine": vars(cfg) | {"threads": threads}})
+            log_params({"refine": vars(cfg) | {"threads": threads}})
         all_ids, sub = load_submission(params.path("submission"))
         with sub:
             ids = choose_samples(all_ids, samples if samples is not None else params.refine.samples)
             t0 = time.perf_counter()
             results = refine_samples(params, ids, sub, cfg, progress)
             scores = before_after(params, sub, results)
-            summary = summarise(results, scores, time.perf_counter() - t0, cfg)
+            summary = refine_summary(results, scores, time.perf_counter() - t0, cfg)
             files = write_outputs(params, sub, results, scores, summary)
         if track:
             _log_mlflow(summary, files)
     return summary
 
 
-def summarise(results: dict, scores, seconds: float, cfg) -> dict[str, Any]:
-    n = max(1, len(results))
-    summary: dict[str, Any] = {
-        "enabled": True,
-        "n_refined": len(results),
-        "iterations": cfg.iterations,
-        "grid_m": cfg.grid_m,
-        "seconds_per_sample": seconds / n,
-        "misfit_before": float(np.mean([r.misfits[0] for r in results.values()] or [0])),
-        "misfit_after": float(np.mean([r.misfits[-1] for r in results.values()] or [0])),
-        "simulations_per_sample": float(np.mean([r.evaluations for r in results.values()] or [0])),
-    }
-    if scores:
-        for when in ("before", "after"):
-            s = {k: v for k, v in scores[when].items() if k != "per_sample_mape"}
-            summary[when] = s
-    return summary
-
-
 def _log_mlflow(summary: dict[str, Any], files: list[Path]) -> None:
     import mlflow
-
-    from speedstructure import tracking
 
     flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
     for when in ("before", "after"):
         if when in summary:
             flat[f"mape_{when}"] = summary[when]["mape"]
             flat[f"lateral_r2_{when}"] = summary[when]["lateral_r2"]
-    tracking.log_metrics(flat)
+    log_metrics(flat)
     for f in files[1:]:
         mlflow.log_artifact(str(f), artifact_path="refine")
 

@@ -1,7 +1,7 @@
 """The ``register`` stage: the tuned ensemble into the MLflow model registry.
 
 The whole ensemble (ensemble file, every member checkpoint, the package code)
-is logged as one pyfunc model from code (:mod:`speedstructure.pyfunc_model`)
+is logged as one pyfunc model from code (:mod:`speedstructure.ensemble.pyfunc`)
 with a tensor signature, gathers ``(-1, 5, 10001, 31)`` float32 in and
 velocities ``(-1, 300, 1259)`` float32 out, and registered as a new version of
 ``mlflow.registered_model`` (``speedstructure-ensemble``).  Every version
@@ -14,56 +14,37 @@ run) logs the members and weights per fold (params ``members``, ``fold<k>.member
 metrics ``fold<k>/weight_<member>``), the CV figures of the ensemble file (``cv_mape``,
 ``heldout_<strategy>``, ``fold<k>/val_mape``), the ensemble file and the model card
 (``register/``).  The version's description is its model card and the registered model's
-a summary (:mod:`speedstructure.modelcard`); the ``evaluate`` stage adds the test MAPE.
+a summary (:mod:`speedstructure.ensemble.card`); the ``evaluate`` stage adds the test MAPE.
 
 ``speedstructure register [--output FILE]`` reads ``paths.ensemble`` and writes
 ``paths.registered`` (the new version, its URI, whether it became champion),
 which the ``predict`` stage reads so that what it predicts is exactly what was
 registered.
+
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 from pathlib import Path
 from typing import Any
 
 from speedstructure import cli
-from speedstructure.config import Params, load_params, resolve_path
-from speedstructure.ensemble import CHAMPION, member_key, read_spec
+from speedstructure.config.load import load_params
+from speedstructure.config.schema import Params
+from speedstructure.config.typed import resolve_path
+from speedstructure.ensemble.members import CHAMPION, read_spec
+from speedstructure.ensemble.registry import artifacts_of, log_ensemble, log_model
 from speedstructure.errors import UserError
 from speedstructure.fsutil import atomic_write_json
+from speedstructure.tracking.runs import start_run
 
 DESCRIPTION = (
     "Log the ensemble as one pyfunc model, register a new version and move the 'champion' "
     "alias if its cross-validated MAPE is better."
 )
 CV_TAG = "cv_mape"
-
-
-def _signature():
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    from speedstructure.model import INPUT_SHAPE, OUTPUT_SHAPE
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *INPUT_SHAPE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *OUTPUT_SHAPE))]),
-    )
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for pkg in ("torch", "timm", "numpy", "mlflow"):
-        with contextlib.suppress(PackageNotFoundError):  # pragma: no cover - all are deps
-            reqs.append(f"{pkg}=={version(pkg)}")
-    return reqs
 
 
 def champion_version(client, name: str):
@@ -83,38 +64,6 @@ def _cv(version) -> float:
         return math.nan
 
 
-def _artifacts(spec_path: Path, spec: dict[str, Any], root: Path) -> dict[str, str]:
-    """The pyfunc model's artifacts: the ensemble file and each member's checkpoint."""
-    from speedstructure import pyfunc_model
-
-    artifacts = {pyfunc_model.ENSEMBLE_ARTIFACT: str(spec_path)}
-    for f in spec["folds"]:
-        for m in f["members"]:
-            ck = resolve_path(m["checkpoint"], root)
-            if not ck.is_file():
-                raise UserError(
-                    f"{spec_path}: member checkpoint {ck} not found (run its training stage)"
-                )
-            artifacts[member_key(f["fold"], m["variant"])] = str(ck)
-    return artifacts
-
-
-def _log_model(artifacts: dict[str, str]):
-    """Log the ensemble as a pyfunc model from code in the active run; its model info."""
-    import mlflow
-
-    from speedstructure import pyfunc_model
-
-    return mlflow.pyfunc.log_model(
-        name="ensemble",
-        python_model=str(Path(pyfunc_model.__file__)),
-        artifacts=artifacts,
-        signature=_signature(),
-        code_paths=[str(Path(pyfunc_model.__file__).parent)],
-        pip_requirements=_requirements(),
-    )
-
-
 def _promote(client, name: str, version, cv: float) -> dict[str, Any]:
     """Move ``champion`` to ``version`` if its cv MAPE beats the current champion's."""
     current = champion_version(client, name)
@@ -129,48 +78,11 @@ def _promote(client, name: str, version, cv: float) -> dict[str, Any]:
     }
 
 
-def _log_ensemble(spec_path: Path, spec: dict[str, Any], name: str) -> None:
-    """The active run's params (members per fold), metrics (weights, CV figures) and the
-    ensemble file."""
-    import mlflow
-
-    from speedstructure import tracking
-
-    folds = spec["folds"]
-    members = sorted({m["variant"] for f in folds for m in f["members"]})
-    tracking.log_params(
-        {
-            "registered_model": name,
-            "members": ",".join(members),
-            "n_folds": len(folds),
-            **{
-                f"fold{f['fold']}.members": ",".join(m["variant"] for m in f["members"])
-                for f in folds
-            },
-        }
-    )
-    metrics = {
-        "cv_mape": spec["cv_mape"],
-        "n_folds": len(folds),
-        "n_members": sum(len(f["members"]) for f in folds),
-    }
-    for s in {s for f in folds for s in f.get("heldout", {})}:
-        if all(s in f["heldout"] for f in folds):
-            metrics[f"heldout_{s}"] = sum(f["heldout"][s] for f in folds) / len(folds)
-    for f in folds:
-        k = f["fold"]
-        metrics.update({f"fold{k}/weight_{m['variant']}": m["weight"] for m in f["members"]})
-        metrics.update({f"fold{k}/{key}": f.get(key) for key in ("val_mape", "n_val")})
-        metrics[f"fold{k}/heldout_tuned"] = f.get("heldout", {}).get("tuned")
-    tracking.log_metrics(metrics)
-    mlflow.log_artifact(str(spec_path), artifact_path="register")
-
-
 def _describe(client, params: Params, name: str, version: str, spec, champion) -> str:
     """The model cards: the version's and the registered model's descriptions."""
     import mlflow
 
-    from speedstructure import modelcard
+    from speedstructure.ensemble import card as modelcard
 
     card = modelcard.version_card(params, name, version, spec, modelcard.data_summary(params))
     client.update_model_version(name, version, description=card)
@@ -187,18 +99,16 @@ def register_ensemble(
     describe both with the model card."""
     import mlflow
 
-    from speedstructure import tracking
-
     name = params.mlflow.registered_model
     tags = {"stage": "register", "dvc_stage": "register"}
-    with tracking.start_run(run_name, project=params, tags=tags) as run:
+    with start_run(run_name, project=params, tags=tags) as run:
         spec = read_spec(spec_path)
         cv = float(spec.get("cv_mape", math.nan))
         if not math.isfinite(cv):
             raise UserError(f"{spec_path}: no finite cv_mape (the tune stage writes it)")
-        artifacts = _artifacts(spec_path, spec, params.root)
-        _log_ensemble(spec_path, spec, name)
-        info = _log_model(artifacts)
+        artifacts = artifacts_of(spec_path, spec, params.root)
+        log_ensemble(spec_path, spec, name)
+        info = log_model(artifacts)
         mv = mlflow.register_model(info.model_uri, name, tags={CV_TAG: repr(cv)})
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, mv.version, "source_run", run.info.run_id)

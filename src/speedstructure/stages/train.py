@@ -1,12 +1,12 @@
 """The ``train`` stage: one model variant trained on one fold (``train@<run>`` in dvc.yaml).
 
 ``speedstructure train --variant V --fold K`` builds variant ``V`` of ``params.yaml``
-(:func:`speedstructure.model.build_model`), reads fold ``K``'s training and validation
+(:func:`speedstructure.models.build.build_model`), reads fold ``K``'s training and validation
 samples from the fold table (``paths.folds_table``; from the zips it names, or with
 ``--store`` from the ingested sample store) and trains it with the engine
 (:func:`speedstructure.engine.loop.train_model`) into ``paths.models/V/fold_K``
 (``--output``).  The settings are the ``train`` section with the variant's own
-``train`` overrides (:meth:`speedstructure.config.Params.train_for`).
+``train`` overrides (:meth:`speedstructure.config.schema.Params.train_for`).
 
 Running the same command again resumes from ``last.pt``; a ``last.pt`` written with
 other settings or data is an error, or with ``--restart-on-change`` (how the DVC
@@ -22,7 +22,8 @@ the run records a reference to the DVC-tracked ``best.pt`` (artifact
 the MD5 that ``dvc.lock`` records), so each checkpoint is stored once by DVC and once in
 the registered model (:mod:`speedstructure.stages.register`).  An interrupted training
 that resumes continues its run (the run id is saved in ``last.pt``), and a tracking server
-that is unreachable for a while does not stop it (:class:`speedstructure.tracking.TrainingRun`).
+that is unreachable for a while does not stop it
+(:class:`speedstructure.tracking.training.TrainingRun`).
 The run records ``train.threads`` as the CPU thread count actually used.
 """
 
@@ -31,20 +32,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from pathlib import Path
 
-from speedstructure.config import Params, as_plain, load_params, resolve_path
+from speedstructure.config.load import load_params
+from speedstructure.config.schema import Params
+from speedstructure.config.typed import as_plain, resolve_path
 from speedstructure.engine.checkpoint import CURVES_NAME, HISTORY_NAME, METRICS_NAME
 from speedstructure.engine.data import SampleDataset, read_folds_table, rows_in_store
-from speedstructure.engine.loop import EpochCallback, StartCallback, TrainResult, train_model
+from speedstructure.engine.loop import train_model
+from speedstructure.engine.results import EpochCallback, StartCallback, TrainResult
 from speedstructure.engine.runtime import (
+    Placement,
     is_main_process,
-    launcher_local_rank,
-    pick_device,
+    place,
     seed_everything,
-    set_threads,
+    training_seed,
 )
-from speedstructure.fsutil import file_md5
+from speedstructure.physics.seafloor import FloorPicker
+from speedstructure.tracking.training import TrainingRun, epoch_metrics, log_training_result
 
 
 def run_training(
@@ -62,6 +66,7 @@ def run_training(
     on_epoch_end: EpochCallback | None = None,
     on_start: StartCallback | None = None,
     threads: int | None = None,
+    placement: Placement | None = None,
 ) -> TrainResult:
     """Train variant ``variant`` of ``params`` on fold ``fold``.
 
@@ -69,9 +74,11 @@ def run_training(
     ``paths.folds_table``), or, with ``store``, from the ingested sample store (which
     must hold every sample of the table).  ``output`` defaults to
     :meth:`Params.run_dir`; ``epochs``, ``device``, ``progress`` and ``threads`` override
-    the ``train`` settings.  Relative paths are relative to the project root.
+    the ``train`` settings; ``placement`` is where to train when already decided
+    (:func:`~speedstructure.engine.runtime.place`).  Relative paths are relative to the
+    project root.
     """
-    from speedstructure.model import build_model
+    from speedstructure.models.build import build_model
 
     v = params.variant(variant)
     cfg = params.train_for(v)
@@ -83,10 +90,11 @@ def run_training(
     if store is not None:
         store_dir = resolve_path(store, params.root)
         train_rows, val_rows = rows_in_store(store_dir, table, train_rows, val_rows)
-    dev_req = device if device is not None else cfg.device
-    set_threads(cfg.threads)
-    seed_everything(int(cfg.seed))  # identical initial weights on every rank
-    model = build_model(v, device=pick_device(dev_req, launcher_local_rank()), name=variant)
+    if placement is None:
+        placement = place(device if device is not None else cfg.device, cfg.threads)
+    seed_everything(training_seed(cfg.seed, placement.ranks, weights=True))
+    picker = FloorPicker.from_synth(params.synth)
+    model = build_model(v, device=placement.device, floor_picker=picker)
     train_ds, val_ds = SampleDataset(train_rows), SampleDataset(val_rows)
     try:
         return train_model(
@@ -96,11 +104,11 @@ def run_training(
             cfg,
             out,
             on_epoch_end=on_epoch_end,
-            device=dev_req,
             variant=v,
-            meta={"variant_name": variant, "fold": int(fold)},
+            meta={"variant_name": variant, "fold": int(fold), "floor_picker": picker.record()},
             restart_on_change=restart_on_change,
             on_start=on_start,
+            placement=placement,
         )
     finally:
         train_ds.close()
@@ -115,7 +123,7 @@ def run_training_stage(
     is resolved here (:func:`~speedstructure.engine.runtime.resolve_threads`), so the run
     records the count used."""
     from speedstructure.engine.runtime import resolve_threads
-    from speedstructure.plots import plot_training_curves
+    from speedstructure.reports.plots import plot_training_curves
 
     title = f"{variant} fold {fold}"
     kw.setdefault("threads", resolve_threads(params.train_for(variant).threads))
@@ -124,16 +132,15 @@ def run_training_stage(
         if is_main_process():
             plot_training_curves(res.history, res.best_path.parent / CURVES_NAME, title)
         return res
-    from speedstructure import tracking
     from speedstructure.engine.runtime import precision_record
 
     v = params.variant(variant)
     cfg = params.train_for(v)
-    device = pick_device(kw.get("device") or cfg.device, launcher_local_rank())
+    placement = place(kw.pop("device", None) or cfg.device, kw["threads"])
     logged = {
         "variant": {k: x for k, x in as_plain(v).items() if k != "train"},
-        "train": {**as_plain(cfg), "threads": kw["threads"]},
-        "precision": precision_record(cfg.amp, cfg.muon_precision, device),
+        "train": {**as_plain(cfg), "threads": placement.threads},
+        "precision": precision_record(cfg.amp, cfg.muon_precision, placement.device),
     }
     run_name = f"{variant}-f{int(fold)}"
     tags = {
@@ -143,70 +150,25 @@ def run_training_stage(
         "dvc_stage": f"train@{run_name}",
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
     }
-    run = tracking.TrainingRun(run_name, params, tags=tags, params=logged, metrics_of=epoch_metrics)
+    run = TrainingRun(run_name, params, tags=tags, params=logged, metrics_of=epoch_metrics)
     with run:  # one run per training, continued when it resumes (its id is in last.pt)
         res = run_training(
-            params, variant, fold, on_start=run.attach, on_epoch_end=run.log_epoch, **kw
+            params,
+            variant,
+            fold,
+            on_start=run.attach,
+            on_epoch_end=run.log_epoch,
+            placement=placement,
+            **kw,
         )
         curves = plot_training_curves(res.history, res.best_path.parent / CURVES_NAME, title)
-        run.finish(lambda: _log_result(res, curves, params.root))
+        files = [res.best_path.parent / name for name in (METRICS_NAME, HISTORY_NAME)]
+        run.finish(lambda: log_training_result(res, [*files, curves], params.root))
     return res
-
-
-def epoch_metrics(row: dict) -> dict:
-    """The MLflow metrics of one history row (logged at step ``row['epoch']``)."""
-    return {
-        "train_loss": row["train_loss"],
-        "val_mape": row["val_mape"],
-        "lr": row["lr"],
-        "epoch_seconds": row["seconds"],
-    }
-
-
-def checkpoint_reference(path: Path, root: Path) -> dict:
-    """What a training run logs instead of a copy of its checkpoint: the DVC-tracked file's
-    path (relative to the checkout when inside it), its MD5 (the hash ``dvc.lock`` records
-    for it, so ``dvc checkout`` / ``dvc pull`` restore exactly it) and its size."""
-    path = Path(path).resolve()
-    try:
-        shown = path.relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        shown = str(path)
-    return {"path": shown, "md5": file_md5(path), "bytes": path.stat().st_size}
-
-
-def _log_result(res: TrainResult, curves: os.PathLike, root: Path) -> None:
-    """The run's summary metrics, stop reason, training files and a reference to the
-    checkpoint in MLflow (the checkpoint itself is stored once: by DVC; the registered
-    model holds the one copy the registry needs)."""
-    import mlflow
-
-    from speedstructure import tracking
-
-    tracking.log_metrics(
-        {
-            "best_val_mape": res.best_val_mape,
-            "best_epoch": res.best_epoch,
-            "epochs_run": res.epochs_run,
-            "train_seconds": res.seconds,
-        }
-    )
-    mlflow.set_tag("stop_reason", res.stop_reason)
-    out = res.best_path.parent
-    if res.best_path.is_file():
-        ref = checkpoint_reference(res.best_path, root)
-        mlflow.set_tags({"checkpoint_path": ref["path"], "checkpoint_md5": ref["md5"]})
-        mlflow.log_dict(ref, f"model/{CHECKPOINT_REF_NAME}")
-    for name in (METRICS_NAME, HISTORY_NAME):
-        if (out / name).is_file():
-            mlflow.log_artifact(str(out / name), artifact_path="training")
-    mlflow.log_artifact(str(curves), artifact_path="training")
 
 
 # --------------------------------------------------------------------------- CLI
 
-
-CHECKPOINT_REF_NAME = "checkpoint.json"  # the run's reference to best.pt (artifact model/...)
 
 _DESCRIPTION = (
     "Train a variant (params.yaml variants:) on fold K; resumes from OUTPUT/last.pt. "

@@ -1,3 +1,1 @@
-"""The synthetic dataset: velocity models (:mod:`.velocity`), their simulated shot gathers
-(:mod:`.simulate`) and the generator of the challenge's four zips (:mod:`.dataset`,
-``speedstructure synth``), configured by the ``synth`` section of ``params.yaml``."""
+"""The embedded default data: synthetic velocity models simulated into the challenge's zips."""

@@ -2,7 +2,7 @@
 
 ``speedstructure synth`` (``make data``) draws velocity models
 (:mod:`speedstructure.synth.velocity`), simulates their five shot gathers
-(:mod:`speedstructure.synth.simulate`) and writes the challenge's four zips to
+(:mod:`speedstructure.physics.simulate`) and writes the challenge's four zips to
 ``paths.data`` (or ``--output``)::
 
     data/train.zip  data/train_extended_1.zip  data/train_extended_2.zip  data/test.zip
@@ -44,16 +44,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from speedstructure.config import (
-    PRIOR_KEYS,
-    SPLITS,
-    DataConfig,
-    SimParams,
-    SynthConfig,
-    as_plain,
-    load_params,
-)
-from speedstructure.dataio import ZipWriter
+from speedstructure.config.load import load_params
+from speedstructure.config.schema import PRIOR_KEYS, SPLITS, DataConfig, SimParams, SynthConfig
+from speedstructure.config.typed import as_plain
+from speedstructure.data.samples import ZipWriter
 from speedstructure.errors import UserError
 from speedstructure.fsutil import atomic_output, atomic_write_json
 
@@ -113,7 +107,7 @@ _SIM = None
 def _init_worker(sim: SimParams) -> None:
     import torch
 
-    from speedstructure.synth.simulate import Simulator
+    from speedstructure.physics.simulate import Simulator
 
     torch.set_num_threads(1)
     global _SIM
@@ -193,7 +187,8 @@ def _check_outputs(out_dir: Path, force: bool) -> None:
 
 
 def split_sizes(cfg: SynthConfig) -> dict[str, int]:
-    """Samples per split (``synth.n_*``), in the order of :data:`~speedstructure.config.SPLITS`."""
+    """Samples per split (``synth.n_*``), in the order of
+    :data:`~speedstructure.config.schema.SPLITS`."""
     sizes = {name: int(getattr(cfg, SIZE_KEYS[name])) for name in SPLITS}
     for name, n in sizes.items():
         if n < 0:
@@ -263,7 +258,7 @@ def generate(
 ) -> dict[str, Any]:
     """Write the four zips, the test labels, the OOD test set (``data`` names its files) and
     the metadata; returns the summary."""
-    from speedstructure.synth.simulate import check_sim
+    from speedstructure.physics.simulate import check_sim
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_outputs(out_dir, force)

@@ -45,8 +45,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from speedstructure.config import SynthConfig
-from speedstructure.dataio import NX, NZ
+from speedstructure.config.schema import SynthConfig
+from speedstructure.data.format import NX, NZ
 
 FAMILIES: tuple[str, ...] = SynthConfig().families  # every family (synth.families' default)
 

@@ -1,0 +1,1 @@
+"""Configuration: ``params.yaml`` read once into typed, frozen dataclasses; the profiles."""

@@ -1,0 +1,1 @@
+"""The ensemble: members, Optuna weights, calibrated uncertainty, the registered model."""

@@ -1,0 +1,1 @@
+"""Wave physics: the simulator, the data misfit, the sea-floor picker, waveform inversion."""

@@ -1,0 +1,160 @@
+"""The water floor read from the gathers: the sea-floor reflection's two-way time, in metres.
+
+Above the water floor every velocity model is water, so until the sea-floor reflection
+arrives every sample records the same wavefield: the direct wave of a water-only model.
+:func:`pick_floor` subtracts that wavefield (simulated once with the project's simulator,
+:mod:`speedstructure.physics.simulate`), takes on each near-offset trace (source-receiver
+offset <= ``MAX_OFFSET_M``) the first positive lobe of what remains (the reflection off a
+faster floor has the source wavelet's polarity), converts its time to a depth at the
+source-receiver midpoint (straight rays in water over a locally flat floor), and takes per
+column the median of the picks whose midpoints lie within ``HALF_WINDOW_M``.
+
+The wavelet delay (time from the wavelet's start to its positive peak) is measured on the
+same simulated direct wave, at the receiver right above the first source, so nothing is
+fitted on labels.  :func:`impose_floor` moves each column of a predicted model vertically so
+that its water floor lies at the picked depth and sets water above it.  A
+:class:`FloorPicker` holds the simulator's settings and the water velocity of
+``params.yaml``'s ``synth:`` section, and applies both steps to a batch.
+
+On the embedded synthetic set the picks are within about 2 m of the truth on average
+(README, "Models and training"); the variants opt in with ``floor: picked``.  Limits: the
+first arrival comes from the nearest point of the floor, so a strongly curved syncline
+(tens of metres of relief over a few hundred metres) is picked too shallow at its bottom;
+the data must carry the challenge's acquisition and wavelet (the simulator's settings).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from speedstructure.config.schema import SimParams, SynthConfig
+from speedstructure.config.typed import as_plain, build
+from speedstructure.data.format import NX, NZ
+
+log = logging.getLogger(__name__)
+
+THRESHOLD = 0.2  # a trace's first sample above this fraction of its positive maximum ...
+WINDOW_S = 0.03  # ... starts the window in which the lobe's peak is taken
+MAX_OFFSET_M = 150.0  # near offsets only: the flat-floor approximation holds best there
+HALF_WINDOW_M = 20.0  # picks whose midpoint lies this close to a column vote for it
+MIN_PICKS = 3  # a column with fewer votes keeps the predicted floor
+
+
+@dataclass(frozen=True)
+class FloorPicker:
+    """The physics a floor pick rests on: the simulator's settings (``synth.sim``) and the
+    water velocity in km/s (``synth.water_velocity``) the gathers were made with.
+
+    A model with ``floor: picked`` holds one (:func:`speedstructure.models.build.build_model`)
+    and its checkpoint records it (:meth:`record`), so a registered model picks floors as it
+    was trained to, wherever it runs."""
+
+    sim: SimParams
+    water_velocity: float
+
+    @classmethod
+    def from_synth(cls, synth: SynthConfig) -> FloorPicker:
+        return cls(synth.sim, float(synth.water_velocity))
+
+    def record(self) -> dict[str, Any]:
+        return {"sim": as_plain(self.sim), "water_velocity": self.water_velocity}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], where: str) -> FloorPicker:
+        sim = build(SimParams, rec.get("sim", {}), f"{where}: floor_picker.sim")
+        return cls(sim, float(rec["water_velocity"]))
+
+    def __call__(self, preds: np.ndarray, gathers: np.ndarray) -> np.ndarray:
+        """A batch of predictions ``(B, 300, 1259)`` with the water floor picked from each
+        sample's gathers ``(B, 5, 10001, 31)`` imposed."""
+        out = np.empty_like(preds)
+        for i, (p, g) in enumerate(zip(preds, gathers, strict=True)):
+            floor = pick_floor(g, self.sim, self.water_velocity)
+            if not np.isfinite(floor).any():
+                log.warning("no sea-floor reflection picked in sample %d of the batch: kept", i)
+            out[i] = impose_floor(p, floor, self.water_velocity)
+        return out
+
+
+@functools.lru_cache(maxsize=4)
+def water_response(sim: SimParams, water_velocity: float) -> tuple[np.ndarray, float]:
+    """The five gathers of a water-only model ``(5, 10001, 31)`` float64 and the wavelet delay
+    in seconds (direct-wave peak time minus the straight-ray time at the nearest receiver)."""
+    from speedstructure.physics.simulate import RECEIVER_DEPTH_M, SOURCE_DEPTH_M, Simulator
+
+    simulator = Simulator(sim)
+    direct = simulator(np.full((NX, NZ), water_velocity, np.float32)).astype(np.float64)
+    peak = int(np.argmax(direct[0, :, 0]))  # source at x = 0 m, receiver at x = 0 m
+    distance = SOURCE_DEPTH_M - RECEIVER_DEPTH_M
+    delay = peak * simulator.cfg.record_dt - distance / (water_velocity * 1000.0)
+    return direct, delay
+
+
+def _geometry() -> tuple[np.ndarray, np.ndarray, float]:
+    """Source-receiver midpoints and offsets ``(5, 31)`` in metres, and the depth sum
+    ``z_source + z_receiver``."""
+    from speedstructure.physics.simulate import (
+        RECEIVER_DEPTH_M,
+        RECEIVER_X_M,
+        SOURCE_DEPTH_M,
+        SOURCE_X_M,
+    )
+
+    xs = np.asarray(SOURCE_X_M)[:, None]
+    xr = np.asarray(RECEIVER_X_M)[None, :]
+    return (xs + xr) / 2.0, np.abs(xr - xs), SOURCE_DEPTH_M + RECEIVER_DEPTH_M
+
+
+def _lobe_times(residual: np.ndarray, record_dt: float) -> np.ndarray:
+    """Per trace ``(5, 31)``, the time (s) of the first positive lobe's peak of
+    ``residual (5, T, 31)``; NaN where a trace has no positive sample."""
+    tr = np.moveaxis(residual, 1, -1)  # (5, 31, T)
+    top = tr.max(axis=-1, keepdims=True)
+    start = np.argmax(tr > THRESHOLD * top, axis=-1)  # (5, 31)
+    width = max(1, int(round(WINDOW_S / record_dt)))
+    idx = np.minimum(start[..., None] + np.arange(width), tr.shape[-1] - 1)
+    peak = start + np.argmax(np.take_along_axis(tr, idx, axis=-1), axis=-1)
+    times = peak * record_dt
+    return np.where(top[..., 0] > 0, times, np.nan)
+
+
+def pick_floor(gathers: np.ndarray, sim: SimParams, water_velocity: float) -> np.ndarray:
+    """Water-floor depth per column ``(300,)`` in metres (NaN where fewer than
+    ``MIN_PICKS`` near-offset picks vote) for one sample's gathers ``(5, 10001, 31)``."""
+    direct, delay = water_response(sim, water_velocity)
+    times = _lobe_times(np.asarray(gathers, np.float64) - direct, sim.record_dt) - delay
+    mid, offset, depth_sum = _geometry()
+    path2 = (water_velocity * 1000.0 * times) ** 2 - offset**2
+    ok = np.isfinite(path2) & (path2 > 0) & (offset <= MAX_OFFSET_M)
+    depth = (np.sqrt(np.where(ok, path2, 0.0)) + depth_sum) / 2.0
+    mid, depth = mid[ok], depth[ok]
+    near = np.abs(mid[None, :] - np.arange(NX, dtype=np.float64)[:, None]) <= HALF_WINDOW_M
+    votes = np.where(near, depth[None, :], np.nan)  # (300, picks)
+    enough = near.sum(axis=1) >= MIN_PICKS
+    floor = np.full(NX, np.nan)
+    if enough.any():
+        floor[enough] = np.nanmedian(votes[enough], axis=1)
+    return floor
+
+
+def impose_floor(pred: np.ndarray, floor: np.ndarray, water: float) -> np.ndarray:
+    """``pred (300, 1259)`` with each column shifted vertically so its water floor (first cell
+    faster than water, :func:`speedstructure.metrics.water_floor_depth`) lies at ``floor``
+    (metres; NaN keeps the column), water above, the column's last cell repeated below."""
+    from speedstructure.metrics import water_floor_depth
+
+    out = np.array(pred, copy=True)
+    predicted = water_floor_depth(out, water)
+    z = np.arange(out.shape[-1])
+    for x in np.flatnonzero(np.isfinite(floor)):
+        target = int(np.clip(round(float(floor[x])), 0, out.shape[-1]))
+        src = np.clip(z - (target - int(predicted[x])), 0, out.shape[-1] - 1)
+        column = pred[x, src]
+        column[:target] = water
+        out[x] = column
+    return out

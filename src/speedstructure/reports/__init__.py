@@ -1,0 +1,1 @@
+"""What people read: figures, the evaluation report, the qc and uncertainty reports."""

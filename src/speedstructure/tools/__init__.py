@@ -1,0 +1,1 @@
+"""Tools beside the pipeline: benchmarks, the doctor, the parallel training launcher."""

@@ -1,0 +1,1 @@
+"""MLflow: the project's store, stage runs and training runs (needs only the config)."""

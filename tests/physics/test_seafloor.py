@@ -1,0 +1,68 @@
+"""The water floor picked from the gathers (speedstructure.physics.seafloor) and imposed on
+predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from speedstructure.config.schema import SimParams
+from speedstructure.metrics import water_floor_depth
+from speedstructure.physics.seafloor import FloorPicker, impose_floor, pick_floor, water_response
+from speedstructure.physics.simulate import Simulator
+from support import WATER, model_from
+
+X = np.arange(300)
+
+
+def _model_with_floor(floor: np.ndarray, below: float = 2.0) -> np.ndarray:
+    """Water over ``floor`` (metres per column), ``below`` km/s under it rising with depth."""
+    z = np.arange(1259)[None, :]
+    v = below + 1.5e-3 * np.clip(z - floor[:, None], 0, None)
+    return np.where(z < floor[:, None], 1.5, v).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def curved():
+    floor = np.round(250 + 20 * np.sin(X / 300 * np.pi)).astype(int)
+    v = _model_with_floor(floor)
+    return floor, v, Simulator(SimParams())(v)
+
+
+def test_the_picked_floor_matches_a_curved_floor_within_a_few_metres(curved):
+    floor, _, gathers = curved
+    picked = pick_floor(gathers, SimParams(), WATER)
+    assert np.isfinite(picked).all()
+    assert np.abs(picked - floor).mean() < 4.0
+    assert np.abs(picked - floor).max() < 10.0
+
+
+def test_a_water_only_record_gives_no_pick():
+    direct, delay = water_response(SimParams(), WATER)
+    assert 0.05 < delay < 0.1  # the 15 Hz Ricker peaks about 1/f after its start
+    assert np.isnan(pick_floor(direct, SimParams(), WATER)).all()
+
+
+def test_impose_floor_moves_each_column_and_keeps_the_structure_below():
+    pred = _model_with_floor(np.full(300, 200))
+    target = np.where(X < 150, 230.0, np.nan)  # NaN: the column is kept
+    out = impose_floor(pred, target, WATER)
+    depth = water_floor_depth(out, WATER)
+    assert (depth[:150] == 230).all() and (depth[150:] == 200).all()
+    np.testing.assert_array_equal(out[0, 230:1000], pred[0, 200:970])  # shifted, not rescaled
+    assert (out[:150, :230] == 1.5).all()
+    np.testing.assert_array_equal(out[150:], pred[150:])
+
+
+def test_a_variant_with_a_picked_floor_predicts_it(curved):
+    floor, _, gathers = curved
+    raw = {"arch": "depth_trend", "floor": "picked"}
+    model = model_from(raw, floor_picker=FloorPicker(SimParams(), WATER))
+    model.fit([_model_with_floor(np.full(300, 150), below=2.5)])
+    x = torch.from_numpy(gathers[None])
+    learned = model_from({"arch": "depth_trend"})
+    learned.fit([_model_with_floor(np.full(300, 150), below=2.5)])
+    assert np.abs(water_floor_depth(learned.predict(x)[0].numpy(), WATER) - floor).mean() > 50
+    depth = water_floor_depth(model.predict(x)[0].numpy(), WATER)
+    assert np.abs(depth - floor).mean() < 4.0

@@ -1,0 +1,88 @@
+"""``speedstructure train-parallel``: pending training stages, one worker per GPU, with a
+stand-in for DVC (the real one runs in test_pipeline)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+import pytest
+
+from speedstructure.errors import UserError
+from speedstructure.tools import parallel as PL
+
+FAKE_DVC = """
+import json, os, sys, time
+args = sys.argv[1:]
+record = {record!r}
+if args[:2] == ["status", "--json"]:
+    print(json.dumps({{"train@a-f0": [], "train@b-f0": [], "train@c-f0": [], "tune": []}}))
+    sys.exit(0)
+if args[:2] == ["repro", "folds"]:
+    open(record + "/prepared", "w").close()
+    sys.exit(0)
+assert args[:3] == ["--wait-for-lock", "repro", "--single-item"], args
+stage = args[3]
+t0 = time.time()
+time.sleep(1.0)
+with open(os.path.join(record, stage + ".json"), "w") as fh:
+    json.dump({{"gpu": os.environ["CUDA_VISIBLE_DEVICES"], "start": t0, "end": time.time(),
+               "path_has_venv": os.path.dirname(sys.executable) in os.environ["PATH"]}}, fh)
+print("ran", stage)
+sys.exit(1 if stage.startswith("train@b") else 0)
+"""
+
+
+@pytest.fixture
+def fake_dvc(tmp_path, monkeypatch):
+    record = tmp_path / "record"
+    record.mkdir()
+    script = tmp_path / "fake_dvc.py"
+    script.write_text(textwrap.dedent(FAKE_DVC.format(record=str(record))))
+    monkeypatch.setattr(PL, "dvc_command", lambda: [sys.executable, str(script)])
+    return record
+
+
+def _runs(record) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in record.glob("train@*.json")}
+
+
+def test_gpus_are_parsed_in_any_spelling():
+    assert PL.parse_gpus("0,1") == PL.parse_gpus("0 1") == PL.parse_gpus(["0", "1"]) == ["0", "1"]
+    assert PL.parse_gpus(["0,0", "1"]) == ["0", "0", "1"]  # two stages on GPU 0
+    with pytest.raises(UserError, match="at least one GPU"):
+        PL.parse_gpus(" , ")
+
+
+def test_pending_stages_run_concurrently_one_gpu_each(fake_dvc, tmp_path, tiny_params):
+    params = tiny_params(tmp_path)
+    results = PL.train_parallel(params, ["0", "1"])
+    assert (fake_dvc / "prepared").is_file()  # `dvc repro folds` first
+    runs = _runs(fake_dvc)
+    assert set(runs) == set(results) == {"train@a-f0", "train@b-f0", "train@c-f0"}  # not tune
+    assert {runs["train@a-f0"]["gpu"], runs["train@b-f0"]["gpu"]} == {"0", "1"}
+    assert all(r["path_has_venv"] for r in runs.values())
+    a, b = runs["train@a-f0"], runs["train@b-f0"]
+    assert a["start"] < b["end"] and b["start"] < a["end"]  # the first two overlapped
+    c = runs["train@c-f0"]
+    assert c["start"] >= min(a["end"], b["end"]) - 0.05  # the third waited for a free GPU
+    assert results["train@b-f0"]["returncode"] == 1 and results["train@a-f0"]["returncode"] == 0
+    for stage, r in results.items():
+        assert r["gpu"] == runs[stage]["gpu"]
+        assert f"ran {stage}" in (params.path("parallel_logs") / f"{stage}.log").read_text()
+
+
+def test_named_stages_and_the_command(fake_dvc, tmp_path, tiny_params, monkeypatch, capsys):
+    params = tiny_params(tmp_path)
+    results = PL.train_parallel(params, ["3"], ["train@c-f0"])
+    assert list(results) == ["train@c-f0"] and _runs(fake_dvc)["train@c-f0"]["gpu"] == "3"
+    with pytest.raises(UserError, match="not training stages: tune"):
+        PL.train_parallel(params, ["0"], ["tune"])
+    monkeypatch.setattr(PL, "load_params", lambda: params)
+    args = argparse.Namespace(gpus=["0,1"], stages=[], json=None)
+    assert PL._cmd(args) == 1  # train@b fails: exit 1, its log named
+    out = capsys.readouterr()
+    assert "train@b-f0: GPU" in out.out and "FAILED (see" in out.out
+    assert "1 training stage(s) failed" in out.err
