@@ -338,16 +338,16 @@ def resume_state(
 
     A state written with other settings or data is an error, or, with
     ``restart_on_change`` (how the DVC stages run), is discarded with the outputs
-    derived from it, and training starts afresh.
+    derived from it, and training starts afresh.  Every rank reads ``last.pt`` itself, so
+    under ``torchrun`` every rank must find the same one (across nodes: an output folder on a
+    filesystem they share); when they do not, every rank stops with a :class:`UserError`.
     """
     last_path = out_dir / LAST_NAME
-    if not last_path.is_file():
+    state = _load_state(last_path) if last_path.is_file() else None
+    diff = [] if state is None else fingerprint_diff(state.fingerprint, fp)
+    _same_on_every_rank(ranks, last_path, None if state is None else (state.epoch, bool(diff)))
+    if state is None:
         return None
-    try:
-        state = TrainState.load(last_path)
-    except UserError as exc:
-        raise UserError(f"{exc}; remove it to train afresh") from exc
-    diff = fingerprint_diff(state.fingerprint, fp)
     if not diff:
         return state
     if not restart_on_change:
@@ -362,3 +362,25 @@ def resume_state(
         discard_outputs(out_dir)
     ranks.barrier()
     return None
+
+
+def _load_state(last_path: Path) -> TrainState:
+    try:
+        return TrainState.load(last_path)
+    except UserError as exc:
+        raise UserError(f"{exc}; remove it to train afresh") from exc
+
+
+def _same_on_every_rank(ranks: Dist, last_path: Path, seen: tuple | None) -> None:
+    """Stop every rank when they did not find the same ``last.pt`` (``seen``: its epoch and
+    whether it differs from this run, or None): under ``torchrun`` across nodes the output
+    folder must be one folder that every node sees.  A collective call: every rank has read
+    ``last.pt`` when it returns, before rank 0 may discard it."""
+    views = ranks.gather(seen)
+    if all(view == views[0] for view in views):
+        return
+    found = [f"rank {r}: {'none' if v is None else f'epoch {v[0]}'}" for r, v in enumerate(views)]
+    raise UserError(
+        f"{last_path}: the ranks do not find the same training state ({', '.join(found[:4])}); "
+        "under torchrun across nodes the output folder must be on a filesystem every node shares"
+    )

@@ -20,8 +20,9 @@ set, writing into an output folder (see :mod:`speedstructure.engine.checkpoint`)
   test is predicted (float32, flip TTA), which the ensemble weights are tuned on;
 * resumable: ``last.pt`` holds a :class:`~speedstructure.engine.checkpoint.TrainState`
   (written atomically at each epoch end); running the same call again continues;
-* distributed data parallel under ``torchrun`` (gloo on CPU, nccl on CUDA): the data
-  is sharded across ranks, only rank 0 writes files.
+* distributed data parallel under ``torchrun`` (gloo on CPU, nccl on CUDA), on one node or
+  several: the data is sharded across ranks, only global rank 0 writes files (the device is
+  chosen by ``LOCAL_RANK``); every rank resumes from the same ``last.pt``.
 
 The ``depth_trend`` baseline has no gradient-trained parameters (:func:`is_baseline`):
 it is fitted instead (:func:`~speedstructure.engine.results.fit_baseline`).

@@ -176,6 +176,14 @@ class Dist:
         if self.active:
             dist.barrier()
 
+    def gather(self, obj: object) -> list:
+        """``obj`` of every rank, in rank order (a collective call under DDP)."""
+        if not self.active:
+            return [obj]
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
 
 def setup_distributed(device_req: str | torch.device | None) -> tuple[Dist, torch.device]:
     """The ranks (from ``torchrun``'s environment) and this process's device."""
@@ -267,12 +275,7 @@ def set_rng_state(st: dict) -> None:
 
 def gather_rng_states(d: Dist) -> list[dict]:
     """Every rank's :func:`rng_state`, in rank order (a collective call under DDP)."""
-    states = [rng_state()]
-    if d.active:
-        gathered: list = [None] * d.world
-        dist.all_gather_object(gathered, states[0])
-        states = gathered
-    return states
+    return d.gather(rng_state())
 
 
 # --------------------------------------------------------------------------- progress, logging
