@@ -12,12 +12,14 @@ MLFLOW_DB := sqlite:///$(CURDIR)/mlruns/mlflow.db
 OPTUNA_DB := sqlite:///$(CURDIR)/mlruns/optuna.db
 UI_PORT ?= 5000
 DASHBOARD_PORT ?= 8080
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5000
 PROFILE ?= default
 GPUS ?= 0
 
 .DEFAULT_GOAL := help
 
-.PHONY: help clean setup data doctor demo repro train train-parallel weights tune predict evaluate refine report exp plots ui dashboard profile lint format test test-fast bench bench-gpu clean-venv
+.PHONY: help clean setup data doctor demo repro train train-parallel weights tune predict evaluate refine report exp plots ui dashboard server profile lint format test test-fast bench bench-gpu clean-venv
 
 help: ## this list (the default target)
 	@echo "speedstructure: make TARGET (README.md has the details)"
@@ -115,9 +117,16 @@ ui: setup ## MLflow UI on http://127.0.0.1:5000 (UI_PORT=...)
 		$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --default-artifact-root $(CURDIR)/mlruns/artifacts \
 		--host 127.0.0.1 --port $(UI_PORT) --workers 1
 
-# optuna-dashboard over the ensemble-weight studies on http://127.0.0.1:$(DASHBOARD_PORT)
+# optuna-dashboard over the ensemble-weight studies on http://127.0.0.1:$(DASHBOARD_PORT):
+# those of SPEEDSTRUCTURE_OPTUNA_STORAGE when it is set (`make server` prints it), else the SQLite file
 dashboard: setup ## optuna-dashboard on http://127.0.0.1:8080 (DASHBOARD_PORT=...)
-	$(VENV)/bin/optuna-dashboard $(OPTUNA_DB) --host 127.0.0.1 --port $(DASHBOARD_PORT)
+	$(VENV)/bin/optuna-dashboard "$${SPEEDSTRUCTURE_OPTUNA_STORAGE:-$(OPTUNA_DB)}" --host 127.0.0.1 --port $(DASHBOARD_PORT)
+
+# The team's MLflow tracking server (speedstructure server): mlflow server on a PostgreSQL it
+# manages in mlruns/postgres, artifacts in mlruns/server-artifacts; prints the MLFLOW_TRACKING_URI
+# (and Optuna's storage) to export; Ctrl-C stops the server and PostgreSQL
+server: setup ## MLflow tracking server on PostgreSQL for a team (SERVER_HOST=, SERVER_PORT=5000)
+	$(SS) server --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 # Switch params.yaml to another profile: make profile PROFILE=competition
 profile: setup ## switch params.yaml to a profile (PROFILE=competition | default)

@@ -108,6 +108,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "speedstructure.tools.parallel",
         "run the pending training stages concurrently, one GPU each",
     ),
+    "server": (
+        "speedstructure.tools.server",
+        "the team's MLflow tracking server on PostgreSQL (Ctrl-C stops it)",
+    ),
     "plots-template": (
         "speedstructure.reports.dvcplots",
         "write the page `dvc plots show` fills, with the vega libraries inlined (offline)",

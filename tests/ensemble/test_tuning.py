@@ -16,7 +16,12 @@ import yaml
 from speedstructure.config.typed import ConfigError
 from speedstructure.data.samples import ZipWriter
 from speedstructure.ensemble.scoring import Scorer, TuneError, weighted_mape
-from speedstructure.ensemble.tuning import dirichlet_weights, fit_weights, split_half_report
+from speedstructure.ensemble.tuning import (
+    dirichlet_weights,
+    fit_weights,
+    optuna_storage,
+    split_half_report,
+)
 from speedstructure.errors import UserError
 from speedstructure.stages.tune import add_commands, run_tune
 from support import ROOT
@@ -295,6 +300,19 @@ def _project(root: Path, shared_data, tiny_params, n_trials: int = 6):
             save_val_preds(out / "val_preds.npz", ids, preds.astype(np.float32))
             (out / "best.pt").write_bytes(b"")
     return params
+
+
+def test_optuna_storage_is_the_environment_s_database_else_paths_optuna_db(
+    tmp_path, tiny_params, monkeypatch
+):
+    params = tiny_params(tmp_path)
+    monkeypatch.delenv("SPEEDSTRUCTURE_OPTUNA_STORAGE", raising=False)
+    assert optuna_storage(params) == params.path("optuna_db") == tmp_path / "mlruns/optuna.db"
+    url = "postgresql+psycopg://speedstructure@127.0.0.1:5433/optuna"  # speedstructure server's
+    monkeypatch.setenv("SPEEDSTRUCTURE_OPTUNA_STORAGE", url)
+    assert optuna_storage(params) == url
+    monkeypatch.setenv("SPEEDSTRUCTURE_OPTUNA_STORAGE", "elsewhere/optuna.db")  # a file: as paths
+    assert optuna_storage(params) == tmp_path / "elsewhere/optuna.db"
 
 
 def test_run_tune_end_to_end(tmp_path, shared_data, tiny_params, monkeypatch):

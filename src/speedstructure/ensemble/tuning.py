@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,11 @@ from typing import Any
 import numpy as np
 
 from speedstructure.config.schema import Params, TuneConfig
+from speedstructure.config.typed import resolve_path
 from speedstructure.ensemble.members import SPEC_FORMAT
 from speedstructure.ensemble.runs import load_fold
 from speedstructure.ensemble.scoring import Scorer, TuneError, as_scorer
+from speedstructure.tracking.store import OPTUNA_STORAGE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +48,17 @@ STRATEGIES: tuple[str, ...] = ("best_single", "equal", "hand", "tuned")
 # --------------------------------------------------------------------------- Optuna
 
 
+def optuna_storage_setting(params: Params) -> str:
+    """Where the studies go, as configured: ``SPEEDSTRUCTURE_OPTUNA_STORAGE`` when set (the
+    PostgreSQL URL ``speedstructure server`` prints), else ``paths.optuna_db``."""
+    return os.environ.get(OPTUNA_STORAGE_ENV, "").strip() or params.paths.optuna_db
+
+
 def optuna_storage(params: Params) -> str | Path:
-    """``paths.optuna_db``: a SQLite file under the root, or a database URL as given."""
-    db = params.paths.optuna_db
-    return db if "://" in db else params.path("optuna_db")
+    """:func:`optuna_storage_setting`: a database URL as given, or a SQLite file (relative to
+    the root)."""
+    db = optuna_storage_setting(params)
+    return db if "://" in db else resolve_path(db, params.root)
 
 
 def dirichlet_weights(u: Sequence[float]) -> np.ndarray:

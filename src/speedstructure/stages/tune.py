@@ -6,7 +6,8 @@ For each fold, its members are the training runs (``runs:``) of the variants in
 run) and the fold's validation targets (from the challenge zips) give the
 objective.  Each fold gets a split-half report (held-out MAPE of best single,
 equal, hand and tuned weights) and weights tuned on the whole fold, stored as an
-Optuna study in ``paths.optuna_db`` (a rerun resumes it).  Subcommand::
+Optuna study in ``paths.optuna_db`` (a rerun resumes it), or in the database
+``SPEEDSTRUCTURE_OPTUNA_STORAGE`` names (``speedstructure server`` prints it).  Subcommand::
 
     speedstructure tune [--n-trials N] [--mlflow/--no-mlflow]
 
@@ -35,6 +36,7 @@ from speedstructure.config.schema import Params, TuneConfig
 from speedstructure.ensemble.calibration import calibrate_folds
 from speedstructure.ensemble.runs import member_runs
 from speedstructure.ensemble.tuning import (
+    optuna_storage_setting,
     summarise,
     tune_fold,
 )
@@ -42,6 +44,7 @@ from speedstructure.errors import UserError
 from speedstructure.fsutil import atomic_write_json, atomic_write_text, relative_path
 from speedstructure.reports.plots import plot_heldout
 from speedstructure.tracking.runs import log_params, stage_run
+from speedstructure.tracking.store import hide_password
 
 DESCRIPTION = (
     "Tune the weights of the ensemble members (params.yaml ensemble.variants) on each fold's "
@@ -119,7 +122,7 @@ def _run_params(params: Params, cfg: TuneConfig) -> dict[str, Any]:
         "variants": ",".join(params.ensemble.variants),
         "n_trials": cfg.n_trials,
         "seed": cfg.seed,
-        "storage": params.paths.optuna_db,
+        "storage": hide_password(optuna_storage_setting(params)),
         "study_prefix": cfg.study_prefix,
         "split_seed": cfg.split_seed,
     }

@@ -22,6 +22,12 @@ records another checkout's artifact folder (the checkout was moved or copied),
 other checkout's artifacts; ``speedstructure relocate-mlruns`` (:func:`relocate`) rewrites
 the recorded locations to this checkout.
 
+Against a tracking *server* (``MLFLOW_TRACKING_URI=http://...``, ``speedstructure server``)
+the experiment is created without an artifact location: the server's own (its
+``--artifacts-destination``, uploads through the server) holds the artifacts of every client.
+:data:`OPTUNA_STORAGE_ENV` names the Optuna storage that goes with such a server (read by
+:func:`speedstructure.ensemble.tuning.optuna_storage`).
+
 Every entry point takes ``project``, the :class:`~speedstructure.config.schema.Params` of
 the command (its ``root`` and ``mlflow`` section); ``None`` reads ``params.yaml`` at
 the project root (the defaults where there is none).
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,9 @@ from speedstructure.config.schema import Params
 from speedstructure.config.typed import PARAMS_FILE, project_root
 from speedstructure.errors import UserError
 
+# A database URL for Optuna's studies (the one `speedstructure server` prints); it wins over
+# params.yaml paths.optuna_db, as MLFLOW_TRACKING_URI wins over mlflow.tracking_uri
+OPTUNA_STORAGE_ENV = "SPEEDSTRUCTURE_OPTUNA_STORAGE"
 _EXPS_MARKER = ("", ".dvc", "tmp", "exps")
 _exported: dict[str, str | None] = {}  # the URI setup() gave MLflow, the user's env value then
 
@@ -72,6 +82,16 @@ def _user_tracking_uri() -> str | None:
     if env and env == _exported.get("uri"):
         return _exported.get("user")
     return env
+
+
+def hide_password(uri: str) -> str:
+    """``uri`` with the password of its ``user:password@`` part replaced by ``***``."""
+    return re.sub(r"^([^:/]+://[^:/@]*):[^@/]*@", r"\1:***@", uri)
+
+
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server's (http, https), which places the artifacts."""
+    return uri.split("://", 1)[0].lower() in ("http", "https")
 
 
 def settings(project: Params | None = None, root: Path | None = None) -> dict[str, str]:
@@ -114,7 +134,8 @@ def setup(project: Params | None = None, root: Path | None = None) -> str:
     exp = client.get_experiment_by_name(s["experiment"])
     if exp is None:
         try:
-            exp_id = client.create_experiment(s["experiment"], artifact_location=s["artifact_root"])
+            location = None if is_server(s["tracking_uri"]) else s["artifact_root"]
+            exp_id = client.create_experiment(s["experiment"], artifact_location=location)
         except Exception:  # created concurrently by a parallel stage
             exp = client.get_experiment_by_name(s["experiment"])
             if exp is None:
