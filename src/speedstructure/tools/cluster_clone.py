@@ -2,8 +2,8 @@
 
 Before the tasks (:func:`plan`): the checkout must be committed (the tasks clone the driver's
 commit; only ``dvc.lock`` and pipeline outputs may differ from it), a DVC remote must be set,
-and the stages' inputs that DVC tracks (the store, the fold table, a variant's pretrained
-weights) are pushed to it.  The MLflow tracking URI goes to the tasks as
+and the stages' inputs that DVC tracks (the store, the fold table, the zips it names, a
+variant's pretrained weights) are pushed to it.  The MLflow tracking URI goes to the tasks as
 ``MLFLOW_TRACKING_URI`` (the experiment is created first, with this checkout's artifact root);
 on machines that share nothing it must be a tracking server.
 
@@ -77,27 +77,40 @@ def check_committed(root: Path) -> str:
     return commit
 
 
+def _fold_table_zips(params: Params) -> list[str]:
+    """The zips the fold table names (relative paths): a training stage checks that they exist
+    even when it reads the sample store, though they are no dep of it."""
+    import csv
+
+    path = params.path("folds_table")
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return sorted({row["zip"] for row in csv.DictReader(fh)})
+
+
 def stage_io(params: Params, stages: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """The inputs of ``stages`` that DVC tracks (their deps that are outputs of a stage or of a
-    ``.dvc`` file, and each variant's pretrained weights file when DVC tracks it), and each
-    stage's ``cache: false`` outputs (paths relative to the root)."""
+    ``.dvc`` file, the zips of the fold table, each variant's pretrained weights file), and
+    each stage's ``cache: false`` outputs (paths relative to the root)."""
     from dvc.exceptions import OutputNotFoundError
     from dvc.repo import Repo
 
     root = params.root
     inputs: set[str] = set()
     uncached: dict[str, list[str]] = {}
+    zips = [(str((root / z).resolve()), z) for z in _fold_table_zips(params)]
     with Repo(str(root)) as repo:
         for name in stages:
             (stage,) = repo.stage.collect(name)
-            paths = [(dep.fs_path, dep.def_path) for dep in stage.deps]
+            paths = [(dep.fs_path, dep.def_path) for dep in stage.deps] + zips
             run = params.runs.get(name.split("@", 1)[1])
             pretrained = params.variant(run.variant).pretrained if run else "none"
             if pretrained not in ("none", "timm"):
                 paths.append((str((root / pretrained).resolve()), pretrained))
             for fs_path, def_path in paths:
-                try:
-                    repo.find_outs_by_path(fs_path)
+                try:  # a file inside a tracked folder counts (DVC pulls it alone)
+                    repo.find_outs_by_path(fs_path, strict=False)
                 except OutputNotFoundError:
                     continue
                 inputs.add(str(def_path))

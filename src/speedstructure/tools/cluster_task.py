@@ -128,7 +128,7 @@ def _clone_steps(spec: dict[str, Any], work: Path, env: dict[str, str], fh: IO[s
 
 
 def _in_clone(spec: dict[str, Any], env: dict[str, str], header: str) -> dict[str, Any]:
-    import yaml
+    from dvc.utils.serialize import load_yaml  # DVC's YAML (1.2: `1e-08` is a number)
 
     stage = spec["stage"]
     base = Path(
@@ -145,7 +145,7 @@ def _in_clone(spec: dict[str, Any], env: dict[str, str], header: str) -> dict[st
             rc = _clone_steps(spec, work, env, fh)
         out: dict[str, Any] = {"returncode": rc, "log_text": log_path.read_text(errors="replace")}
         if rc == 0:
-            out["lock"] = yaml.safe_load((work / "dvc.lock").read_text())["stages"][stage]
+            out["lock"] = load_yaml(str(work / "dvc.lock"))["stages"][stage]
             out["files"] = {rel: (work / rel).read_bytes() for rel in spec.get("uncached", [])}
         return out
     finally:
