@@ -136,9 +136,11 @@ def test_training_stages_run_on_the_cluster_in_both_storage_modes(
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     t0 = time.time()
-    _train_on_cluster(proj, ray_cluster.address, "--storage", "clone", "--workdir", str(nodes))
+    clone = ["--storage", "clone", "--workdir", str(nodes), "--cache-dir", str(tmp_path / "cache")]
+    _train_on_cluster(proj, ray_cluster.address, *clone)
     timings["clone"] = time.time() - t0
-    assert not list(nodes.iterdir())  # the clones are gone
+    assert not list(nodes.iterdir())  # the clones are gone; the nodes' DVC cache stays
+    assert list((tmp_path / "cache").rglob("*"))
     assert run(["git", "rev-parse", "HEAD"], proj).stdout == head
     for stage in STAGES:  # the outputs are this checkout's, as if `dvc repro` had run here
         d = proj / "models" / stage.split("@")[1].replace("-f", "/fold_")

@@ -27,6 +27,7 @@ of ``train-parallel`` sets); otherwise the header says so.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -86,11 +87,41 @@ def _repro(spec: dict[str, Any]) -> list[str]:
     return [*dvc, "--wait-for-lock", "repro", "--single-item", spec["stage"]]
 
 
+def _earlier_attempts(log_path: Path) -> list[int]:
+    """The process groups of this run's earlier attempts on this node (from their headers):
+    a retried task's worker leads its own group when process-group cleanup is on."""
+    node = socket.gethostname()
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return []
+    found = re.findall(r"^== .*?: attempt on (\S+) \(pid (\d+)\)", text, flags=re.M)
+    return [int(pid) for host, pid in found if host == node and int(pid) != os.getpgrp()]
+
+
+def _wait_until_gone(groups: list[int], fh: IO[str], timeout: float = 120.0) -> None:
+    """Wait (at most ``timeout``) until the processes of ``groups`` have ended: Ray retries a
+    task as soon as its worker dies, while its cleanup may still be stopping the dead worker's
+    dvc, whose entry in DVC's per-output lock would make the retry fail as busy."""
+    deadline = time.time() + timeout
+    for group in groups:
+        fh.write(f"== waiting for the earlier attempt's processes (group {group}) to end\n")
+        fh.flush()
+        while time.time() < deadline:
+            try:
+                os.killpg(group, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.5)
+
+
 def _in_shared(spec: dict[str, Any], env: dict[str, str], header: str) -> dict[str, Any]:
     log_path = Path(spec["log_dir"]) / f"{spec['stage']}.log"
+    earlier = _earlier_attempts(log_path)
     with open(log_path, "a") as fh:
         fh.write(header)
         fh.flush()
+        _wait_until_gone(earlier, fh)
         proc = subprocess.run(
             _repro(spec), cwd=spec["root"], env=env, stdout=fh, stderr=subprocess.STDOUT
         )
