@@ -16,10 +16,12 @@ SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5000
 PROFILE ?= default
 GPUS ?= 0
+ADDRESS ?= auto
+STORAGE ?= shared
 
 .DEFAULT_GOAL := help
 
-.PHONY: help clean setup data doctor demo repro train train-parallel weights tune predict evaluate refine report exp plots ui dashboard server profile lint format test test-fast bench bench-gpu clean-venv
+.PHONY: help clean setup data doctor demo repro train train-parallel train-cluster weights tune predict evaluate refine report exp plots ui dashboard server profile lint format test test-fast bench bench-gpu clean-venv
 
 help: ## this list (the default target)
 	@echo "speedstructure: make TARGET (README.md has the details)"
@@ -70,9 +72,15 @@ train: setup ## every training stage, then their validation MAPE
 	$(DVC) metrics show models/*/fold_*/metrics.json
 
 # The pending training stages at once, one GPU each: make train-parallel GPUS="0 1 2 3"
-# (each through `dvc repro`, with CUDA_VISIBLE_DEVICES set; logs in logs/train-parallel/)
+# (Ray tasks on a local Ray instance, each through `dvc repro` with CUDA_VISIBLE_DEVICES set;
+# logs in logs/train-parallel/)
 train-parallel: setup ## pending training stages at once, one GPU each (GPUS="0 1 2 3")
 	$(SS) train-parallel --gpus $(GPUS)
+
+# The same on a Ray cluster (CLUSTER-ray.md): make train-cluster ADDRESS=head:6379, with
+# STORAGE=clone where the nodes share no file system (a DVC remote carries the data)
+train-cluster: setup ## pending training stages on a Ray cluster (ADDRESS=head:6379 STORAGE=shared|clone)
+	$(SS) train-parallel --address $(ADDRESS) --storage $(STORAGE)
 
 # The pretrained backbone weights, once, online (weights/*.safetensors, tracked by DVC)
 weights: setup ## download the pretrained backbone weights once (online)

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -28,43 +26,10 @@ import numpy as np
 import pytest
 import yaml
 
-from support import ROOT, TINY_VARIANT
+from tiny_project import BIN, dvc, make_tiny_project, run, tiny_params
+from tiny_project import project_env as _env
 
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-TINY = {**TINY_VARIANT, "prior": "depth_trend"}  # fusion and heads are set per variant below
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        DO_NOT_TRACK="true",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.com",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.com",
-    )
-    return env
-
-
-def run(
-    cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600, **env: str
-) -> subprocess.CompletedProcess:
-    env = {**_env(), **env}
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
-        )
-    return p
-
-
-def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return run([str(BIN / "dvc"), *args], cwd, check)
 
 
 def _assert_valid_submission(pipeline_checkout: Path) -> None:
@@ -75,77 +40,10 @@ def _assert_valid_submission(pipeline_checkout: Path) -> None:
     assert check.stdout.startswith("OK: 3 arrays")
 
 
-def tiny_params() -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["synth"].update(n_train=8, n_extended_1=2, n_extended_2=1, n_test=3, workers=2)
-    params["synth"]["sim"].update(dx=10.0, dt=0.001)
-    params["synth"]["ood"].update(n_test=2)  # the out-of-distribution set, scored by evaluate
-    params["folds"].update(k_groups=2, n_folds=2)
-    params["train"].update(
-        epochs=1,
-        batch_size=2,
-        val_batch_size=2,
-        progress=False,
-        cosine_epochs=1,
-        T_0=4,
-        lr=1e-3,
-        patience=0,
-    )
-    params["variants"] = {
-        "tiny_a": {**TINY, "fusion": "mean", "channel_heads": None, "fusion_heads": None},
-        "tiny_b": {**TINY, "fusion": "dual", "channel_heads": 3, "fusion_heads": 3},
-        "baseline_depth_trend": {"arch": "depth_trend"},
-    }
-    runs = {
-        f"{v}-f{k}": {"variant": v, "fold": k}
-        for v in ("tiny_a", "tiny_b", "baseline_depth_trend")
-        for k in (0, 1)
-    }
-    params["runs"] = runs
-    params["ensemble"] = {
-        "variants": ["tiny_a", "tiny_b"],
-        "hand_weights": {"tiny_a": 0.8, "tiny_b": 0.3},
-    }
-    params["tune"]["n_trials"] = 4
-    params["profiles"] = {
-        "default": {"runs": runs, "ensemble": params["ensemble"], "tune": {"n_trials": 4}}
-    }
-    return params
-
-
 @pytest.fixture(scope="module")
 def pipeline_checkout(tmp_path_factory) -> Path:
     """A temporary copy of the whole project (git + DVC initialised) on the tiny dataset."""
-    proj = tmp_path_factory.mktemp("proj")
-    shutil.copytree(
-        ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-    )
-    for name in ("dvc.yaml", "Makefile", ".dvcignore"):
-        shutil.copy2(ROOT / name, proj / name)
-    shutil.copy2(
-        ROOT / "pyproject.toml", proj / "pyproject.toml"
-    )  # keeps its mtime: make sees .venv as fresh
-    (proj / ".venv").symlink_to(ROOT / ".venv")
-    (proj / ".gitignore").write_text((ROOT / ".gitignore").read_text())
-    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    run(["git", "init", "-q"], proj)
-    dvc("init", "-q", cwd=proj)
-    dvc("config", "core.analytics", "false", cwd=proj)
-    # the project's settings: links into the cache rather than copies where possible; the
-    # offline page of `dvc plots show` (written by `make setup`) and the plots' templates
-    for key in ("cache.type", "plots.html_template"):
-        dvc("config", key, dvc("config", key, cwd=ROOT).stdout.strip(), cwd=proj)
-    shutil.copytree(ROOT / ".dvc/plots", proj / ".dvc/plots")
-    run(
-        ["make", "--no-print-directory", "data"], proj
-    )  # synth + `dvc add data`, as on a fresh clone
-    assert (proj / "data.dvc").is_file() and (proj / "data/test_labels.npz").is_file()
-    assert (
-        dvc("status", "-q", "data.dvc", cwd=proj, check=False).returncode == 0
-    )  # data.dvc matches data/
-    run(["git", "add", "-A"], proj)
-    run(["git", "commit", "-qm", "tiny project"], proj)
-    return proj
+    return make_tiny_project(tmp_path_factory.mktemp("proj"), tiny_params())
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,13 @@
-"""``speedstructure train-parallel``: pending training stages, one worker per GPU, with a
-stand-in for DVC (the real one runs in test_pipeline)."""
+"""``speedstructure train-parallel``: pending training stages as Ray tasks on a local Ray
+instance, one GPU each, with a stand-in for DVC (the real one runs in test_pipeline and, on a
+Ray cluster, in test_ray_cluster)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import textwrap
 
@@ -86,3 +89,70 @@ def test_named_stages_and_the_command(fake_dvc, tmp_path, tiny_params, monkeypat
     out = capsys.readouterr()
     assert "train@b-f0: GPU" in out.out and "FAILED (see" in out.out
     assert "1 training stage(s) failed" in out.err
+
+
+def test_a_gpu_listed_twice_takes_two_stages_and_the_options_are_checked_first(
+    tmp_path, tiny_params
+):
+    assert PL.gpu_share(["0", "0", "1", "1"]) == (["0", "1"], 0.5)
+    assert PL.gpu_share(["3"]) == (["3"], 1.0)
+    with pytest.raises(UserError, match="the same number of times"):
+        PL.gpu_share(["0", "0", "1"])
+    params = tiny_params(tmp_path)  # no dvc runs: each is refused before anything starts
+    with pytest.raises(UserError, match="not --address"):
+        PL.train_parallel(params, ["0"], options=PL.ClusterOptions(address="head:6379"))
+    with pytest.raises(UserError, match="--storage nfs"):
+        PL.train_parallel(params, None, options=PL.ClusterOptions(storage="nfs"))
+
+
+def test_a_task_sees_only_its_gpus_and_this_environments_dvc(monkeypatch):
+    from speedstructure.tools import cluster_task
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert cluster_task.task_env(["2"])["CUDA_VISIBLE_DEVICES"] == "2"
+    env = cluster_task.task_env([], {"MLFLOW_TRACKING_URI": "http://h:5000"})
+    assert env["CUDA_VISIBLE_DEVICES"] == ""  # no GPU asked: none visible (Ray sets nothing)
+    assert env["MLFLOW_TRACKING_URI"] == "http://h:5000"
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+
+
+def _git(cwd, *args):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com"}
+    env.update(GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+
+
+LOCK = """schema: '2.0'
+stages:
+  folds:
+    cmd: speedstructure folds
+    outs:
+    - path: folds/summary.json
+      hash: md5
+      md5: 0123
+"""
+
+
+def test_clone_storage_needs_a_committed_checkout_and_records_lock_entries_as_dvc(tmp_path):
+    from dvc.utils.serialize import load_yaml
+
+    from speedstructure.tools import cluster_clone
+
+    (tmp_path / "params.yaml").write_text("train:\n  eps: 1.0e-08\n")
+    (tmp_path / "dvc.lock").write_text(LOCK)
+    (tmp_path / "folds").mkdir()
+    (tmp_path / "folds/summary.json").write_text("{}")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "x")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True)
+    (tmp_path / "folds/summary.json").write_text('{"a": 1}')  # an output: may differ
+    (tmp_path / "dvc.lock").write_text(LOCK + "\n")
+    assert cluster_clone.check_committed(tmp_path) == head.stdout.decode().strip()
+    (tmp_path / "params.yaml").write_text("train:\n  eps: 1.0e-07\n")
+    with pytest.raises(UserError, match="commit params.yaml first"):
+        cluster_clone.check_committed(tmp_path)
+    entry = {"cmd": "speedstructure train", "params": {"params.yaml": {"train.eps": 1e-08}}}
+    cluster_clone.record_lock_entry(tmp_path, "train@a-f0", entry)
+    lock = load_yaml(str(tmp_path / "dvc.lock"))
+    assert lock["stages"]["train@a-f0"] == entry and "folds" in lock["stages"]
