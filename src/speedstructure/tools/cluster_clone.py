@@ -16,7 +16,7 @@ finds the stage up to date, exactly as if ``dvc repro`` had run it here.
 Why not DVC's run-cache (``dvc push --run-cache`` on the node, ``dvc repro --pull`` here):
 DVC refuses it for stages with ``persist`` outputs and skips it for stages with ``cache: false``
 outputs, and the training stages have both (resuming from ``last.pt``; metrics and history in
-git); CLUSTER-ray.md has the measurements.
+git); docs/cluster.md has the measurements.
 """
 
 from __future__ import annotations
