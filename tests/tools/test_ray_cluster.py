@@ -56,9 +56,13 @@ def base_project(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A head (no resources: the driver's) and two worker nodes with GPU ids 0 and 1."""
+def ray_cluster(tmp_path_factory):
+    """A head (no resources: the driver's) and two worker nodes with GPU ids 0 and 1.  The
+    workers start with an MLflow store of their own in their environment: the tasks must log
+    where the driver tells them (the project's store), not there."""
     from ray.cluster_utils import Cluster
+
+    elsewhere = f"sqlite:///{tmp_path_factory.mktemp('elsewhere') / 'mlflow.db'}"
 
     head = {
         "num_cpus": 0,
@@ -66,17 +70,19 @@ def ray_cluster():
         "include_dashboard": False,
         "_system_config": {"process_group_cleanup_enabled": True},  # as `ray start` is told
     }
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "MLFLOW_TRACKING_URI")}
+    os.environ["MLFLOW_TRACKING_URI"] = elsewhere
     try:
+        cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
         for gpu in ("0", "1"):  # a node's GPU ids are its CUDA_VISIBLE_DEVICES at start
             os.environ["CUDA_VISIBLE_DEVICES"] = gpu
             cluster.add_node(num_cpus=1, num_gpus=1)
         cluster.wait_for_nodes()
     finally:
-        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        if saved is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
     yield cluster
     cluster.shutdown()
 

@@ -264,6 +264,15 @@ def train_parallel(
         return run_on_ray(ray, specs, resources, opts.max_retries, on_result)
 
 
+def _driver_tracking(params: Params) -> dict[str, str]:
+    """The driver's MLflow store for every task: the experiment is created once, here, and the
+    tasks log where the driver would, whatever the Ray workers' own environment says."""
+    from speedstructure.tracking import store
+
+    store.setup(params)
+    return {"MLFLOW_TRACKING_URI": store.settings(params)["tracking_uri"]}
+
+
 def _specs(
     params: Params, todo: list[str], opts: ClusterOptions, log_dir: Path
 ) -> tuple[dict[str, dict[str, Any]], Any]:
@@ -277,7 +286,8 @@ def _specs(
         def named_log(res: dict[str, Any]) -> dict[str, Any]:
             return {**res, "log": res.get("log") or str(log_dir / f"{res['stage']}.log")}
 
-        return {s: {**common, "stage": s, "root": str(root)} for s in todo}, named_log
+        env = {"env": _driver_tracking(params)}
+        return {s: {**common, **env, "stage": s, "root": str(root)} for s in todo}, named_log
     from speedstructure.tools import cluster_clone
 
     plan = cluster_clone.plan(params, todo, dvc_command(), opts.repo, opts.remote)
