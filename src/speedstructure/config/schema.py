@@ -145,7 +145,7 @@ class SynthOodConfig:
     """The out-of-distribution test set (``synth.ood``): its own seed and size, and prior
     ranges (:data:`PRIOR_KEYS`) shifted against the training ones (``n_test: 0``: none)."""
 
-    n_test: int = 24
+    n_test: int = 48
     seed: int = 7919
     v_top: tuple[float, float] = (2.2, 2.8)
     v_bottom: tuple[float, float] = (3.3, 4.0)
@@ -166,7 +166,7 @@ class SynthConfig:
     n_train: int = 240
     n_extended_1: int = 60
     n_extended_2: int = 60
-    n_test: int = 24
+    n_test: int = 48
     families: tuple[str, ...] = (
         "flat",
         "dipping",
