@@ -346,12 +346,14 @@ class PredictConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """The evaluate stage (``evaluate:``): the baseline variant and the depth bands (m)."""
+    """The evaluate stage (``evaluate:``): the baseline variant, the depth bands (m), the
+    velocity (km/s) above which a cell counts as intrusion body (``body_iou``)."""
 
     baseline: str = "baseline_depth_trend"
     batch_size: int = 4
     depth_bands: tuple[int, ...] = (0, 150, 300, 450, 600, 800, 1000, 1259)
     focus_band: tuple[int, int] = (300, 900)
+    body_threshold: float = 4.0
 
 
 @dataclass(frozen=True)
