@@ -94,6 +94,14 @@ def test_repro_builds_every_output(pipeline_checkout, first_repro):
     # predicted by the registered model and scored beside the test set
     assert ev["ood"]["n_test"] == 2 and 0 < ev["ood"]["ensemble_mape"] < 1
     assert "Out-of-distribution test MAPE on 2 samples (test_ood.zip)" in report
+    # make data wrote the truth files: families, bodies and the level are scored on both sets
+    assert ev["truth"] == "test_truth.npz" and ev["ood"]["truth"] == "test_ood_truth.npz"
+    assert sum(v["n"] for v in ev["per_family"].values()) == 3 and ev["level_floor"] == "truth"
+    header = (p / "plots/evaluate/per_sample.csv").read_text().splitlines()[0]
+    assert header.startswith("sample_id,group,family,ensemble_mape,")
+    lean = json.loads((p / "metrics/evaluate.json").read_text())
+    assert {"level_error", "ood_level_error"} <= set(lean)
+    assert any(k.startswith("r2_lat_") for k in lean) and "family" in report
     _assert_valid_submission(p)
     assert dvc("status", "-q", cwd=p, check=False).returncode == 0
 
@@ -480,7 +488,8 @@ def test_make_exp_shows_the_ensemble_test_mape_of_an_experiment_in_120_columns(
 def test_repro_on_data_without_test_labels_completes(pipeline_checkout, first_repro):
     """The challenge ships no test targets: `dvc repro` still ends with exit 0 and a valid
     submission, and the evaluation records that there were no labels."""
-    for name in ("test_labels.npz", "test_ood.zip", "test_ood_labels.npz"):
+    truths = [p.name for p in (pipeline_checkout / "data").glob("*_truth.npz")]
+    for name in ("test_labels.npz", "test_ood.zip", "test_ood_labels.npz", *truths):
         (pipeline_checkout / "data" / name).unlink(missing_ok=True)  # as the real data comes
     dvc("add", "-q", "data", cwd=pipeline_checkout)
     dvc("repro", cwd=pipeline_checkout)

@@ -76,3 +76,35 @@ def water_floor_error(pred: np.ndarray, truth: np.ndarray, water_velocity: float
     ``(N, 300, 1259)`` (a float for one model)."""
     err = np.abs(water_floor_depth(pred, water_velocity) - water_floor_depth(truth, water_velocity))
     return err.mean(axis=-1)
+
+
+def mean_below_floor(v: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """The velocity level: the mean of the cells at or below the water floor, per sample
+    ``(N,)`` for models ``(N, 300, 1259)`` and floors ``(N, 300)`` (the first sediment cell
+    of each column); NaN for a sample without such cells."""
+    v = np.asarray(v)
+    z = np.arange(v.shape[-1])
+    out = np.full(len(v), np.nan)
+    for i, (model, fl) in enumerate(zip(v, np.asarray(floor), strict=True)):
+        below = z[None, :] >= fl[:, None]
+        if below.any():
+            out[i] = float(model[below].mean(dtype=np.float64))
+    return out
+
+
+def high_velocity_iou(pred: np.ndarray, truth: np.ndarray, threshold: float) -> float:
+    """Intersection over union of the cells faster than ``threshold`` (km/s) in one predicted
+    and one true model: 1 when they coincide, 0 when they do not overlap; NaN when neither
+    has such a cell."""
+    p = np.asarray(pred) > threshold
+    t = np.asarray(truth) > threshold
+    union = int((p | t).sum())
+    return float((p & t).sum()) / union if union else float("nan")
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's correlation of two series; NaN for fewer than two values or a constant one."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or a.std() == 0.0 or b.std() == 0.0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])

@@ -141,7 +141,12 @@ def test_run_evaluate_on_a_tiny_project(tmp_path, tiny_zips, tiny_params):
     assert json.loads(params.path("evaluate_report").read_text()) == json.loads(json.dumps(m))
     # the DVC metrics: only what experiments are compared on, under MLflow's names
     lean = json.loads(params.path("evaluate_metrics").read_text())
-    assert lean == {k: flat_metrics(m)[k] for k in HEADLINE}
+    assert lean == {k: flat_metrics(m)[k] for k in (*HEADLINE, "level_corr", "level_error")}
+    # the level (mean velocity below the targets' floor: no truth file): 2 % too fast
+    assert m["level_floor"] == "targets" and m["level_corr"] == pytest.approx(1.0)
+    assert m["level_error"] == pytest.approx(0.02, rel=1e-5)
+    assert m["level_bias"] == pytest.approx(0.02, rel=1e-5)
+    assert m["truth"] is None and "per_family" not in m and "body_iou" not in m
     curves = params.path("training_curves").read_text().splitlines()
     assert curves[0] == "run,epoch,train_loss,val_mape"  # every run's history.csv, one table
     # a prediction of 1.02 x the truth keeps 98 % of its lateral deviation: R2_lat = 1 - 0.02^2
@@ -154,8 +159,9 @@ def test_run_evaluate_on_a_tiny_project(tmp_path, tiny_zips, tiny_params):
     assert m["water_floor_error_m"] >= 0
     rows = params.path("evaluate_per_sample").read_text().splitlines()
     header = "sample_id,group,ensemble_mape,baseline_mape,lateral_r2,water_floor_error_m"
-    assert rows[0] == header and len(rows) == 3
+    assert rows[0] == header + ",level_pred,level_true" and len(rows) == 3
     assert "lateral structure R2_lat 1.000" in format_report(m)
+    assert "no truth file: per-family R2_lat and body IoU not available" in format_report(m)
     assert params.path("evaluate_figure").read_bytes()[:4] == b"\x89PNG"
     bad = tiny_params(tmp_path, **{**sections, "evaluate": {"baseline": "tiny_c"}})
     with pytest.raises(ConfigError, match="evaluate.baseline 'tiny_c' has no entry in runs"):
@@ -201,7 +207,7 @@ def test_evaluate_scores_the_ood_set_beside_the_test_set(tmp_path, tiny_zips, ti
     params, truths = _tiny_project(tmp_path, tiny_zips, tiny_params)
     _write_submission(params, truths)
     # no OOD files (real data): skipped with a note, never an error
-    with caplog.at_level(logging.INFO, logger="speedstructure.stages.evaluate"):
+    with caplog.at_level(logging.INFO, logger="speedstructure"):
         m = run_evaluate(params, track=False, progress=False)
     assert "ood" not in m and "no out-of-distribution test set" in caplog.text
     assert "Out-of-distribution" not in format_report(m)
@@ -253,6 +259,108 @@ def test_evaluate_scores_the_ood_set_beside_the_test_set(tmp_path, tiny_zips, ti
     # targets without gathers: a one-line data error naming the zip
     np.savez(params.ood_paths()[1], **ood, ODextra00000000000=g[0])
     with pytest.raises(DataError, match="test_ood.zip: no gathers for 1 target"):
+        run_evaluate(params, track=False, progress=False)
+
+
+# --------------------------------------------------------------------------- truth files
+
+
+def _write_truth(zip_path, ids, families, floors, bodies) -> None:
+    """A truth file beside ``zip_path`` (rows in the reverse of ``ids``' order)."""
+    from speedstructure.data.truth import make_truth, pack_body, save_truth, truth_path
+
+    n = len(ids)
+    rows = {
+        "family": families,
+        "v_top": [2.0] * n,
+        "v_bottom": [3.0] * n,
+        "trend_power": [1.0] * n,
+        "floor": [np.full(300, f) for f in floors],
+        "h": [np.zeros(300)] * n,
+        "body": [pack_body(b) for b in bodies],
+    }
+    rows = {k: v[::-1] for k, v in rows.items()}
+    save_truth(make_truth(truth_path(zip_path), ids[::-1], rows))
+
+
+def test_evaluate_with_truth_files_scores_families_bodies_and_level(
+    tmp_path, tiny_zips, tiny_params, caplog
+):
+    params, _ = _tiny_project(tmp_path, tiny_zips, tiny_params)
+    ids = sorted(list_sample_ids(tiny_zips["test"]))
+    truths = {ids[0]: _layered(200, dip=0.5), ids[1]: _layered(260, dip=-0.3)}
+    body = np.zeros((300, 1259), bool)
+    body[100:160, 700:740] = True
+    truths[ids[0]][body] = 4.3  # an intrusion sample and a flat one
+    np.savez(params.test_labels_path(), **truths)
+    _write_submission(params, truths, factor=1.0)  # a perfect prediction
+    with caplog.at_level(logging.INFO, logger="speedstructure.data.truth"):
+        m = run_evaluate(params, track=False, progress=False)
+    assert "no truth file test_truth.npz" in caplog.text and m["truth"] is None
+    _write_truth(params.zip_path("test"), ids, ["intrusion", "flat"], [200, 260], [body, None])
+
+    m = run_evaluate(params, track=False, progress=False)
+    assert m["truth"] == "test_truth.npz" and m["level_floor"] == "truth"
+    assert m["per_family"] == {
+        "flat": {"n": 1, "ensemble_mape": 0.0, "lateral_r2": 1.0},
+        "intrusion": {"n": 1, "ensemble_mape": 0.0, "lateral_r2": 1.0},
+    }
+    assert m["body_iou"] == 1.0 and m["body_iou_n"] == 1 and m["body_threshold"] == 4.0
+    assert m["level_corr"] == pytest.approx(1.0) and m["level_error"] == 0.0
+    lean = json.loads(params.path("evaluate_metrics").read_text())
+    assert lean["r2_lat_flat"] == lean["r2_lat_intrusion"] == lean["body_iou"] == 1.0
+    assert lean["level_error"] == 0.0 and "level_bias" not in lean
+    rows = params.path("evaluate_per_sample").read_text().splitlines()
+    assert rows[0] == (
+        "sample_id,group,family,ensemble_mape,baseline_mape,lateral_r2,water_floor_error_m,"
+        "level_pred,level_true,body_iou"
+    )
+    assert rows[1].startswith(f"{ids[0]},0,intrusion,") and rows[1].endswith(",1.0")
+    assert rows[2].startswith(f"{ids[1]},0,flat,") and rows[2].endswith(",")  # no body
+    text = format_report(m)
+    assert "intrusion bodies (cells above 4 km/s): IoU 1.000, mean of 1 samples" in text
+    assert "  flat         1  0.00000  1.000" in text
+
+
+def test_evaluate_scores_the_ood_set_with_its_truth_file(tmp_path, tiny_zips, tiny_params):
+    """The OOD set's truth file (as synth writes it): dipping models predicted at 2.65 km/s;
+    then a stale truth file beside the test zip."""
+    from speedstructure.config.schema import SynthConfig
+    from speedstructure.data.truth import load_truth, save_truth, truth_path
+    from speedstructure.metrics import mean_below_floor
+    from speedstructure.synth.dataset import ood_config
+    from speedstructure.synth.truth import truth_of
+    from speedstructure.synth.velocity import generate_model
+
+    params, truths = _tiny_project(tmp_path, tiny_zips, tiny_params)
+    _write_submission(params, truths)
+    ood = _write_ood_set(params)
+    _write_ensemble(params, {"tiny_a": 0.25, "tiny_b": 0.75})
+    rng = np.random.default_rng(7)  # _write_ood_set's models again, with what was drawn
+    drawn = [generate_model(rng, "dipping", ood_config(SynthConfig())) for _ in ood]
+    assert all(v.tobytes() == ood[s].tobytes() for (v, _), s in zip(drawn, ood, strict=True))
+    zip_path = params.ood_paths()[0]
+    save_truth(truth_of(zip_path, list(ood), [f for _, f in drawn]))
+
+    m = run_evaluate(params, track=False, progress=False)
+    o = m["ood"]
+    assert o["truth"] == "test_ood_truth.npz" and list(o["per_family"]) == ["dipping"]
+    assert o["per_family"]["dipping"]["lateral_r2"] == pytest.approx(0.0, abs=1e-9)
+    assert o["body_iou_n"] == 0 and "body_iou" not in o
+    assert o["level_corr"] is None  # a constant prediction: no correlation
+    sids = sorted(ood)
+    truth = load_truth(truth_path(zip_path)).select(sids)
+    level = mean_below_floor(np.stack([ood[s] for s in sids]), truth.floor)
+    assert o["level_error"] == pytest.approx(float(np.mean(np.abs(2.65 - level) / level)))
+    assert o["per_sample"][sids[0]]["family"] == "dipping"
+    assert o["per_sample"][sids[0]]["level_true"] == pytest.approx(level[0])
+    lean = json.loads(params.path("evaluate_metrics").read_text())
+    assert lean["ood_r2_lat_dipping"] == o["per_family"]["dipping"]["lateral_r2"]
+    assert lean["ood_level_error"] == o["level_error"] and "ood_level_corr" not in lean
+    assert "r2_lat_dipping" not in lean and m["truth"] is None  # the test set has none
+    # a truth file of other samples: a one-line data error naming it
+    _write_truth(params.zip_path("test"), ["A" * 18, "B" * 18], ["flat"] * 2, [200] * 2, [None] * 2)
+    with pytest.raises(DataError, match="test_truth.npz: no truth for 2 sample"):
         run_evaluate(params, track=False, progress=False)
 
 

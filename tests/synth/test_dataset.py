@@ -34,14 +34,17 @@ CFG = SynthConfig(
 # config_digest of the shipped params.yaml's synth section (data/synth_meta.json records it;
 # while it matches, `speedstructure synth` regenerates nothing).  Changed deliberately by
 # issue 10: the priors (v_top, v_bottom, trend_power, water_depth) became broader synth keys
-# and the out-of-distribution set (synth.ood) was added, so existing data is regenerated.
-SHIPPED_DIGEST = "042eec296a8652f1"
+# and the out-of-distribution set (synth.ood) was added, so existing data is regenerated;
+# again by issue 20: the test and out-of-distribution sets grew from 24 to 48 samples each.
+SHIPPED_DIGEST = "d045a50dfd936d51"
 
 
 def test_generate_layout_and_determinism(tmp_path):
     s1 = generate(CFG, tmp_path / "a", progress=False)
     generate(dataclasses.replace(CFG, workers=1), tmp_path / "b", progress=False)
-    for name in (*[f"{s}.zip" for s in SPLITS], "test_ood.zip", "synth_meta.json"):
+    zips = [*SPLITS, "test_ood"]
+    truths = [f"{s}_truth.npz" for s in zips]  # the generator's facts beside every zip
+    for name in (*[f"{s}.zip" for s in zips], *truths, "synth_meta.json"):
         # every file byte-identical (no timings in the metadata): data.dvc matches everywhere
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert s1["seconds"] >= 0 and "seconds" not in (tmp_path / "a" / "synth_meta.json").read_text()
@@ -112,9 +115,11 @@ def test_no_ood_set_when_its_size_is_zero(tmp_path):
         CFG, n_train=1, n_extended_1=0, n_extended_2=0, n_test=1, ood=SynthOodConfig(n_test=0)
     )
     (tmp_path / "test_ood.zip").write_bytes(b"stale")  # from an earlier generation
+    (tmp_path / "test_ood_truth.npz").write_bytes(b"stale")
     summary = generate(cfg, tmp_path, progress=False)
     assert "ood" not in summary and "test_ood" not in format_summary(summary, tmp_path)
     assert not (tmp_path / "test_ood.zip").exists()
+    assert not (tmp_path / "test_ood_truth.npz").exists()
     assert not (tmp_path / "test_ood_labels.npz").exists()
     assert up_to_date(cfg, tmp_path)
 

@@ -142,7 +142,7 @@ def test_only_faults_offset_layers(family):
     # throw (>= 15 m) between neighbouring columns; folds and dips change it smoothly.
     rng = np.random.default_rng(21)
     for _ in range(10):
-        u, body = _structure(rng, family, _water_floor(rng, 150, 400))
+        u, _h, body = _structure(rng, family, _water_floor(rng, 150, 400))
         assert u.shape == (300, 1259)
         jump = np.abs(np.diff(u, axis=0)).max()
         assert jump >= 15.0 if family == "faulted" else jump < 3.0

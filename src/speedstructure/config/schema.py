@@ -145,7 +145,7 @@ class SynthOodConfig:
     """The out-of-distribution test set (``synth.ood``): its own seed and size, and prior
     ranges (:data:`PRIOR_KEYS`) shifted against the training ones (``n_test: 0``: none)."""
 
-    n_test: int = 24
+    n_test: int = 48
     seed: int = 7919
     v_top: tuple[float, float] = (2.2, 2.8)
     v_bottom: tuple[float, float] = (3.3, 4.0)
@@ -166,7 +166,7 @@ class SynthConfig:
     n_train: int = 240
     n_extended_1: int = 60
     n_extended_2: int = 60
-    n_test: int = 24
+    n_test: int = 48
     families: tuple[str, ...] = (
         "flat",
         "dipping",
@@ -346,12 +346,14 @@ class PredictConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """The evaluate stage (``evaluate:``): the baseline variant and the depth bands (m)."""
+    """The evaluate stage (``evaluate:``): the baseline variant, the depth bands (m), the
+    velocity (km/s) above which a cell counts as intrusion body (``body_iou``)."""
 
     baseline: str = "baseline_depth_trend"
     batch_size: int = 4
     depth_bands: tuple[int, ...] = (0, 150, 300, 450, 600, 800, 1000, 1259)
     focus_band: tuple[int, int] = (300, 900)
+    body_threshold: float = 4.0
 
 
 @dataclass(frozen=True)

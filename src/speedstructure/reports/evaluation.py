@@ -3,8 +3,11 @@ member and every run; the headline DVC metrics; the table ``make demo`` ends wit
 
 Scores (:func:`score`): MAPE per sample and mean, per K-Means group (the fitted K-Means of
 the ``folds`` stage applied to the test targets), per depth band, the laterally constant
-oracle, R2_lat and the water-floor depth error.  :func:`headline` picks the figures
-experiments are compared on; :func:`format_report` writes the table.
+oracle, R2_lat, the water-floor depth error and the velocity level (the mean velocity below
+the water floor, predicted against true: :func:`level`).  With the test set's truth file
+(:mod:`speedstructure.data.truth`, synthetic data only) also R2_lat per family and, on the
+intrusion samples, the body IoU (:func:`known_structure`).  :func:`headline` picks the
+figures experiments are compared on; :func:`format_report` writes the table.
 """
 
 from __future__ import annotations
@@ -17,13 +20,18 @@ from typing import Any
 import numpy as np
 
 from speedstructure.config.schema import V_MAX, V_MIN, Params
+from speedstructure.data.truth import INTRUSION, Truth
 from speedstructure.ensemble.runs import run_paths
 from speedstructure.errors import UserError
 from speedstructure.fsutil import atomic_write_text
 from speedstructure.metrics import (
+    high_velocity_iou,
     lateral_r2,
     laterally_constant_oracle,
+    mean_below_floor,
+    pearson,
     relative_error,
+    water_floor_depth,
     water_floor_error,
 )
 
@@ -102,8 +110,71 @@ def structure(params: Params, truths: np.ndarray, ens: np.ndarray, oracle_err: n
     }
 
 
-def score(params: Params, truths, ens, runs, preds, base_keys) -> tuple[dict, dict]:
-    """The stage's metrics and the per-sample table's columns (group, ensemble, baseline)."""
+def _value(x: float) -> float | None:
+    """``x``, or None where it is undefined (NaN: JSON and the DVC metrics have no NaN)."""
+    return float(x) if math.isfinite(x) else None
+
+
+def level(params: Params, truths: np.ndarray, ens: np.ndarray, truth: Truth | None) -> tuple:
+    """The velocity level: ``(metrics, per-sample columns)`` of the mean velocity below the
+    true water floor (the truth file's, else the targets' first cell faster than water),
+    predicted against true: their Pearson correlation over the samples and the mean (absolute)
+    relative error and bias of the predicted level."""
+    if truth is not None:
+        floor, source = truth.floor, "truth"
+    else:
+        floor, source = water_floor_depth(truths, params.synth.water_velocity), "targets"
+    pred, true = mean_below_floor(ens, floor), mean_below_floor(truths, floor)
+    ok = np.isfinite(pred) & np.isfinite(true)  # a target without a floor has no level
+    rel = (pred[ok] - true[ok]) / true[ok]
+    metrics = {
+        "level_floor": source,
+        "level_corr": _value(pearson(pred[ok], true[ok])),
+        "level_error": _value(float(np.abs(rel).mean())) if ok.any() else None,
+        "level_bias": _value(float(rel.mean())) if ok.any() else None,
+    }
+    return metrics, {"level_pred": pred, "level_true": true}
+
+
+def _family_order(params: Params, family: np.ndarray) -> list[str]:
+    known = [f for f in params.synth.families if f in set(family)]
+    return known + sorted(set(family) - set(known))
+
+
+def known_structure(params: Params, truths, ens, ens_scores, truth: Truth | None) -> tuple:
+    """``(metrics, per-sample columns)`` from the truth file: R2_lat per family (pooled over
+    the family's samples like the overall R2_lat) and the body IoU of the intrusion samples
+    (:func:`~speedstructure.metrics.high_velocity_iou` at ``evaluate.body_threshold``);
+    ``truth: None`` (no truth file) when there is none."""
+    if truth is None:
+        return {"truth": None}, {}
+    family = np.asarray(truth.family)
+    per_family = {}
+    for fam in _family_order(params, family):
+        sel = family == fam
+        per_family[fam] = {
+            "n": int(sel.sum()),
+            "ensemble_mape": float(ens_scores[sel].mean()),
+            "lateral_r2": _value(lateral_r2(ens[sel], truths[sel])),
+        }
+    threshold = float(params.evaluate.body_threshold)
+    iou = np.full(len(truths), math.nan)
+    for i in np.flatnonzero(family == INTRUSION):
+        iou[i] = high_velocity_iou(ens[i], truths[i], threshold)
+    metrics: dict[str, Any] = {"truth": truth.path.name, "per_family": per_family}
+    metrics.update(body_threshold=threshold, body_iou_n=int((family == INTRUSION).sum()))
+    if np.isfinite(iou).any():
+        metrics["body_iou"] = float(np.nanmean(iou))
+    columns = {"family": family, "body_iou": iou} if metrics["body_iou_n"] else {"family": family}
+    return metrics, columns
+
+
+def score(
+    params: Params, truths, ens, runs, preds, base_keys, truth: Truth | None = None
+) -> tuple[dict, dict]:
+    """The stage's metrics and the per-sample table's columns (group, family with a truth
+    file, ensemble, baseline, structure, level); ``truth``: the test set's truth file, its
+    rows in the targets' order, or None."""
     ens_err = relative_error(ens, truths)  # (N, 300, 1259): per sample, group and depth band
     base_err = relative_error(np.mean([preds[k] for k in base_keys], axis=0), truths)
     oracle_err = relative_error(laterally_constant_oracle(truths), truths)
@@ -112,6 +183,8 @@ def score(params: Params, truths, ens, runs, preds, base_keys) -> tuple[dict, di
     run_test, run_val = _run_scores(runs, preds, truths)
     best = _best_member(params, runs, run_val)
     groups = target_groups(params, truths)
+    lev, lev_columns = level(params, truths, ens, truth)
+    known, known_columns = known_structure(params, truths, ens, ens_scores, truth)
     metrics = {
         "n_test": len(truths),
         "ensemble_mape": float(ens_scores.mean()),
@@ -129,30 +202,45 @@ def score(params: Params, truths, ens, runs, preds, base_keys) -> tuple[dict, di
             ens_err[:, :, slice(*params.evaluate.focus_band)].mean(dtype=np.float64)
         ),
         **{k: v for k, v in struct.items() if k != "per_sample"},
+        **lev,
+        **known,
         "runs": {k: {"test_mape": run_test[k], "val_mape": run_val[k]} for k in runs},
     }
     columns = {
         "group": groups.astype(int),
+        **{k: v for k, v in known_columns.items() if k == "family"},
         "ensemble_mape": ens_scores,
         "baseline_mape": base_scores,
         **struct["per_sample"],
+        **lev_columns,
+        **{k: v for k, v in known_columns.items() if k != "family"},
     }
     return metrics, columns
 
 
 # the DVC metrics (paths.evaluate_metrics, what `make exp` compares), under MLflow's names
 HEADLINE = ("test_mape", "baseline_mape", "ratio_to_baseline", "lateral_r2")
+# and the structure and level, on both sets (ood_ prefix), with r2_lat_<family>
+HEADLINE_STRUCTURE = ("level_corr", "level_error", "body_iou")
+HEADLINE_OOD = ("test_mape", "ratio_to_baseline")
+
+
+def _in_headline(key: str) -> bool:
+    base = key.removeprefix("ood_")
+    structure = base in HEADLINE_STRUCTURE or base.startswith("r2_lat_")
+    return structure or (base in HEADLINE_OOD if key.startswith("ood_") else key in HEADLINE)
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The figures experiments are compared on: the ensemble's test MAPE, the baseline's, their
-    ratio, R2_lat, and the same on the OOD set when scored (``ood_`` prefix); without test
-    targets, ``labels: none``.  The rest of ``metrics`` stays in ``paths.evaluate_report``."""
+    ratio, R2_lat, the level's correlation and error, and with a truth file R2_lat per family
+    and the body IoU; the OOD set's test MAPE, ratio and structure figures when scored
+    (``ood_`` prefix); without test targets, ``labels: none``.  The rest of ``metrics`` stays
+    in ``paths.evaluate_report``."""
     if metrics.get("labels") == NO_LABELS:
         return {"labels": NO_LABELS, "n_test": metrics["n_test"]}
     flat = flat_metrics(metrics)
-    keys = [*HEADLINE, "ood_test_mape", "ood_ratio_to_baseline"]
-    return {k: flat[k] for k in keys if k in flat and math.isfinite(flat[k])}
+    return {k: v for k, v in flat.items() if _in_headline(k) and math.isfinite(v)}
 
 
 def write_training_curves(params: Params) -> Path:
@@ -209,6 +297,12 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         "oracle_mape": metrics["oracle_mape"],
         "focus_band_mape": metrics["focus_band_mape"],
     }
+    for key in ("level_corr", "level_error", "level_bias", "body_iou"):
+        if metrics.get(key) is not None:  # evaluations before these figures existed lack them
+            flat[key] = metrics[key]
+    for fam, v in (metrics.get("per_family") or {}).items():
+        if v["lateral_r2"] is not None:
+            flat[f"r2_lat_{fam}"] = v["lateral_r2"]
     flat.update({f"group{g}_mape": v["ensemble"] for g, v in metrics["per_group"].items()})
     flat.update({f"depth_{band}_mape": v["ensemble"] for band, v in metrics["per_depth"].items()})
     flat.update({f"run_{k}_test_mape": v["test_mape"] for k, v in metrics["runs"].items()})
@@ -287,4 +381,38 @@ def _mape_table(metrics: dict[str, Any], title: str) -> list[str]:
             f"{metrics['oracle_mape']:.5f}; lateral structure R2_lat {metrics['lateral_r2']:.3f}; "
             f"water-floor depth error {metrics['water_floor_error_m']:.1f} m"
         )
+    return lines + _structure_lines(metrics)
+
+
+def _structure_lines(metrics: dict[str, Any]) -> list[str]:
+    """The level line, and with a truth file the body IoU and the per-family table."""
+    lines = []
+    if "level_corr" in metrics:
+        floor = "the truth file's" if metrics["level_floor"] == "truth" else "the targets'"
+        corr, err, bias = (metrics[k] for k in ("level_corr", "level_error", "level_bias"))
+        lines.append(
+            f"  velocity level (mean below {floor} water floor): correlation "
+            f"{_fmt(corr, '.3f')}, mean relative error {_fmt(err, '.4f')}, "
+            f"bias {_fmt(bias, '+.4f')}"
+        )
+    if "truth" in metrics and metrics["truth"] is None:
+        lines.append("  no truth file: per-family R2_lat and body IoU not available")
+    if "body_iou" in metrics:
+        lines.append(
+            f"  intrusion bodies (cells above {metrics['body_threshold']:g} km/s): IoU "
+            f"{metrics['body_iou']:.3f}, mean of {metrics['body_iou_n']} samples"
+        )
+    fams = metrics.get("per_family") or {}
+    if fams:
+        width = max(len("family"), *map(len, fams))
+        lines.append(f"  {'family':<{width}}  {'n':>3}  MAPE     R2_lat")
+        for fam, v in fams.items():
+            lines.append(
+                f"  {fam:<{width}}  {v['n']:>3}  {v['ensemble_mape']:.5f}  "
+                f"{_fmt(v['lateral_r2'], '.3f')}"
+            )
     return lines
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)

@@ -18,6 +18,14 @@ ratio to the baseline, R2_lat, the OOD test MAPE: :func:`headline`) to the DVC m
 training curves).  All of it is logged to MLflow; the registered model version
 (``paths.registered``) gets a ``test_mape`` tag.
 
+Structure and level: the velocity level (the mean velocity below the true water floor,
+predicted against true: correlation and mean relative error) is scored whenever there are
+targets.  When the synthetic generator's truth file sits beside the zip
+(``<zip stem>_truth.npz``, :mod:`speedstructure.data.truth`) the family of every sample is
+known: R2_lat per family, a ``family`` column in the per-sample table, and on the intrusion
+samples the body IoU (cells above ``evaluate.body_threshold``).  Real data has no truth
+file: one logged line, and those figures are left out.
+
 The out-of-distribution test set (``data.ood_zip`` and ``data.ood_labels`` in
 ``paths.data``, written by the generator with shifted priors, ``synth.ood``) is
 scored beside it the same way: predicted by the registered ensemble (the tuned
@@ -49,6 +57,7 @@ from speedstructure import cli
 from speedstructure.config.load import load_params
 from speedstructure.config.schema import V_MAX, V_MIN, Params
 from speedstructure.data.test_sets import load_ood_set, load_predictions, load_test_set
+from speedstructure.data.truth import Truth, load_truth, truth_path
 from speedstructure.ensemble.card import tag_registered_version, update_card
 from speedstructure.ensemble.loading import ensemble_predictor
 from speedstructure.ensemble.runs import baseline_runs, predict_runs, predict_zip, run_paths
@@ -70,8 +79,24 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = (
     "MAPE per sample, per K-Means group and per depth band, against the depth-trend baseline "
-    "and the best single member; figures; MLflow."
+    "and the best single member; structure and velocity level; figures; MLflow."
 )
+TRUTH_FIGURES = "per-family R2_lat and body IoU"  # what a missing truth file leaves out
+
+
+def load_set_truth(zip_path: Path, ids: list[str]) -> Truth | None:
+    """The truth file beside ``zip_path``, its rows in ``ids``' order; None (logged) without."""
+    truth = load_truth(truth_path(zip_path), TRUTH_FIGURES)
+    return None if truth is None else truth.select(ids)
+
+
+def _records(ids: list[str], columns: dict[str, np.ndarray]) -> dict[str, dict]:
+    """The per-sample columns as ``{sample_id: {column: value}}`` (non-finite values left out)."""
+    out = {}
+    for i, sid in enumerate(ids):
+        row = {k: np.asarray(v)[i].item() for k, v in columns.items()}
+        out[sid] = {k: v for k, v in row.items() if not isinstance(v, float) or np.isfinite(v)}
+    return out
 
 
 def evaluate_ood(params: Params, runs, base_keys, progress: bool = True) -> dict | None:
@@ -84,13 +109,15 @@ def evaluate_ood(params: Params, runs, base_keys, progress: bool = True) -> dict
     if found is None:
         return None
     zip_path, ids, truths = found
+    truth = load_set_truth(zip_path, ids)  # before predicting: a stale one fails at once
     batch = int(params.evaluate.batch_size)
     bar = tqdm(total=len(ids), desc="evaluate OOD", unit="sample", disable=not progress)
     with bar:
         ens = predict_zip(ensemble_predictor(params), zip_path, ids, batch, bar)
     preds = predict_runs(runs, zip_path, ids, batch, progress)
-    metrics, _ = score(params, truths, np.clip(ens, V_MIN, V_MAX), runs, preds, base_keys)
-    return {"zip": zip_path.name, **metrics}
+    ens = np.clip(ens, V_MIN, V_MAX)
+    metrics, columns = score(params, truths, ens, runs, preds, base_keys, truth)
+    return {"zip": zip_path.name, **metrics, "per_sample": _records(ids, columns)}
 
 
 def run_evaluate(params: Params, *, track: bool = True, progress: bool = True) -> dict[str, Any]:
@@ -111,8 +138,9 @@ def _evaluate(params: Params, *, track: bool, progress: bool) -> dict[str, Any]:
     runs = run_paths(params)
     base_keys = baseline_runs(params, runs)
     test_zip = params.zip_path("test")
+    truth = load_set_truth(test_zip, ids)
     preds = predict_runs(runs, test_zip, ids, int(params.evaluate.batch_size), progress)
-    metrics, columns = score(params, truths, ens, runs, preds, base_keys)
+    metrics, columns = score(params, truths, ens, runs, preds, base_keys, truth)
     ood = evaluate_ood(params, runs, base_keys, progress)
     if ood is not None:
         metrics["ood"] = ood

@@ -9,6 +9,7 @@
     data/test_labels.npz        # test targets keyed by sample id (scoring only)
     data/test_ood.zip           # the out-of-distribution test set: gathers only
     data/test_ood_labels.npz    # its targets
+    data/<zip stem>_truth.npz   # beside every zip: what was drawn (family, floor, h, body, trend)
     data/synth_meta.json        # the synth params that made them
 
 The out-of-distribution (OOD) test set (``synth.ood``, file names
@@ -22,8 +23,10 @@ across all zips, the OOD one included.  Generation runs in ``synth.workers``
 processes with a progress bar.  ``synth_meta.json`` records :func:`config_digest` of the ``synth``
 section and what was drawn (no timings: the same settings give the same bytes, so
 ``data.dvc`` matches on every machine); while the digest matches, ``speedstructure synth``
-regenerates nothing.  Existing zips that this generator did not write (real challenge
-data, say) are never overwritten without ``--force``.
+regenerates nothing but the truth files when they are missing
+(:mod:`speedstructure.synth.truth`; ``--truth-only`` writes them alone, checked against the
+zips' targets).  Existing zips that this generator did not write (real challenge data, say)
+are never overwritten without ``--force``.
 """
 
 from __future__ import annotations
@@ -48,8 +51,11 @@ from speedstructure.config.load import load_params
 from speedstructure.config.schema import PRIOR_KEYS, SPLITS, DataConfig, SimParams, SynthConfig
 from speedstructure.config.typed import as_plain
 from speedstructure.data.samples import ZipWriter
+from speedstructure.data.truth import TRUTH_SUFFIX, save_truth, truth_path
 from speedstructure.errors import UserError
 from speedstructure.fsutil import atomic_output, atomic_write_json
+from speedstructure.synth.truth import missing_truths, truth_of, write_truth_only
+from speedstructure.synth.velocity import ModelFacts
 
 SIZE_KEYS: dict[str, str] = {  # split -> the synth key with its number of samples
     "train": "n_train",
@@ -92,12 +98,14 @@ def ood_config(cfg: SynthConfig) -> SynthConfig:
     )
 
 
-def make_velocity(cfg: SynthConfig, split_index: int, index: int) -> tuple[str, np.ndarray]:
-    from speedstructure.synth.velocity import generate_velocity, sample_family
+def make_model(cfg: SynthConfig, split_index: int, index: int) -> tuple[np.ndarray, ModelFacts]:
+    """``(velocity, facts)`` of sample ``index`` of a split: its family and model drawn from
+    the sample's own stream (:func:`sample_rng`)."""
+    from speedstructure.synth.velocity import generate_model, sample_family
 
     rng = sample_rng(int(cfg.seed), split_index, index)
     family = sample_family(rng, cfg.families)
-    return family, generate_velocity(rng, family, cfg)
+    return generate_model(rng, family, cfg)
 
 
 # Worker state: one Simulator per process (built once, reused for every sample).
@@ -114,10 +122,10 @@ def _init_worker(sim: SimParams) -> None:
     _SIM = Simulator(sim)
 
 
-def _make_sample(job: tuple[SynthConfig, int, int]) -> tuple[str, np.ndarray, np.ndarray]:
+def _make_sample(job: tuple[SynthConfig, int, int]) -> tuple[ModelFacts, np.ndarray, np.ndarray]:
     cfg, split_index, index = job
-    family, v = make_velocity(cfg, split_index, index)
-    return family, _SIM(v), v
+    v, facts = make_model(cfg, split_index, index)
+    return facts, _SIM(v), v
 
 
 def config_digest(cfg: SynthConfig) -> str:
@@ -207,17 +215,19 @@ def _write_split(
     labelled: bool,
 ) -> dict[str, Any]:
     """Simulate one split's samples in ``pool`` and write its zip (with the targets if
-    ``labelled``, else into ``tally.labels``); returns its summary."""
-    families: Counter[str] = Counter()
+    ``labelled``, else into ``tally.labels``) and its truth file; returns its summary."""
+    facts: list[ModelFacts] = []
     jobs = [(cfg, split_index, i) for i in range(len(ids))]
     with ZipWriter(zip_path) as zw:
-        for sid, (family, gathers, v) in zip(
+        for sid, (f, gathers, v) in zip(
             ids, pool.map(_make_sample, jobs, chunksize=1), strict=True
         ):
             zw.add(sid, gathers, v if labelled else None)
             tally.add(sid, v, gathers, labelled)
-            families[family] += 1
+            facts.append(f)
             bar.update(1)
+    save_truth(truth_of(zip_path, ids, facts))
+    families = Counter(f.family for f in facts)
     return {"samples": len(ids), "families": dict(sorted(families.items()))}
 
 
@@ -233,7 +243,7 @@ def _write_ood(
     its summary (None, and stale files removed, when ``synth.ood.n_test`` is 0)."""
     zip_path, labels_path = ood_outputs(out_dir, data)
     if cfg.ood.n_test <= 0:
-        for p in (zip_path, labels_path):
+        for p in (zip_path, labels_path, truth_path(zip_path)):
             if p.exists():
                 log.info("synth.ood.n_test is 0: removing the stale %s", p)
                 p.unlink()
@@ -307,6 +317,7 @@ def format_summary(summary: dict[str, Any], out_dir: Path) -> str:
         fam = ", ".join(f"{k} {v}" for k, v in info["families"].items())
         lines.append(f"  {name + '.zip':<24} {info['samples']:>5} samples  ({fam})")
     lines.append(f"  {LABELS_NAME:<24} test targets for scoring")
+    lines.append(f"  {'*' + TRUTH_SUFFIX:<24} beside each zip: family, floor, h(x), body, trend")
     ood = summary.get("ood")
     if ood:
         fam = ", ".join(f"{k} {v}" for k, v in ood["families"].items())
@@ -335,9 +346,13 @@ def _cmd(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     cfg = dataclasses.replace(params.synth, **overrides)
     out_dir = Path(args.output) if args.output else params.path("data")
+    if args.truth_only:
+        return _truth_only(cfg, out_dir, params.data)
     if not args.force and up_to_date(cfg, out_dir, params.data):
         summary = json.loads((out_dir / META_NAME).read_text())
         print(format_summary(summary, out_dir))
+        if missing_truths(cfg, out_dir, params.data):  # generated before the truth files existed
+            return _truth_only(cfg, out_dir, params.data)
         print("  (up to date with params.yaml: nothing regenerated; --force to redo)")
         return 0
     summary = generate(
@@ -349,6 +364,17 @@ def _cmd(args: argparse.Namespace) -> int:
         data=params.data,
     )
     print(format_summary(summary, out_dir))
+    return 0
+
+
+def _truth_only(cfg: SynthConfig, out_dir: Path, data: DataConfig) -> int:
+    t0 = time.perf_counter()
+    written = write_truth_only(cfg, out_dir, data)
+    seconds = time.perf_counter() - t0
+    print(
+        f"  truth files written ({', '.join(p.name for p in written)}): every velocity "
+        f"regenerated and equal to its zip's target ({seconds:.1f} s, nothing simulated)"
+    )
     return 0
 
 
@@ -370,6 +396,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--force",
         action="store_true",
         help="regenerate even if up to date / overwrite foreign zips",
+    )
+    p.add_argument(
+        "--truth-only",
+        action="store_true",
+        help="write only the truth files (<zip stem>_truth.npz) of the existing zips, after "
+        "checking that the regenerated velocities equal their targets (no simulation)",
     )
     add_quiet_option(p)
     p.set_defaults(func=_cmd)

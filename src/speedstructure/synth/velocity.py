@@ -36,12 +36,16 @@ Families differ in ``h`` and in what is added to it:
 
 Everything is vectorised numpy; one model takes a few milliseconds.  The only
 randomness is the ``numpy.random.Generator`` passed in, so the same generator
-state gives the same array.
+state gives the same array.  :func:`generate_model` returns, beside the array, what
+was drawn for it (:class:`ModelFacts`: the family, the water floor, ``h(x)``, the
+intrusion body, the trend's parameters), the facts the truth files record;
+:func:`generate_velocity` is its array alone (the same draws, the same bytes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,6 +58,25 @@ _X = np.arange(NX, dtype=np.float64)  # metres (cell index)
 _XN = (_X - (NX - 1) / 2) / ((NX - 1) / 2)  # [-1, 1]
 _Z = np.arange(NZ, dtype=np.float64)
 _MAX_LAYERS = 256  # thicknesses drawn per model (always enough to fill the depth range)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What :func:`generate_model` drew for one model (the truth files' contents).
+
+    ``floor``: int (300,), the first sediment cell (m) of each column; ``h``: float (300,),
+    the structural surface (m; the base structure of faulted and intrusion models, without
+    the throws or the uplift); ``body``: bool (300, 1259), the intrusion body's cells below
+    the floor (None for the other families); ``v_top``, ``v_bottom``, ``trend_power``: the
+    depth trend ``v_top + (v_bottom - v_top) * t ** trend_power``."""
+
+    family: str
+    floor: np.ndarray
+    h: np.ndarray
+    body: np.ndarray | None
+    v_top: float
+    v_bottom: float
+    trend_power: float
 
 
 def sample_family(rng: np.random.Generator, families: Sequence[str]) -> str:
@@ -140,8 +163,9 @@ def _lens(rng: np.random.Generator, top_min: float) -> tuple[np.ndarray, np.ndar
 
 def _structure(
     rng: np.random.Generator, family: str, floor: np.ndarray
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(u, body)``: structural depth of every cell and an optional intrusion mask."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(u, h, body)``: structural depth of every cell, the structural surface and an
+    optional intrusion mask."""
     zz = _Z[None, :]
     body = None
     if family == "flat":
@@ -177,11 +201,20 @@ def _structure(
     u = zz - h[:, None]
     if extra is not None:
         u = u + extra
-    return u, body
+    return u, h, body
 
 
 def generate_velocity(rng: np.random.Generator, family: str, cfg: SynthConfig) -> np.ndarray:
-    """One synthetic model, float32 ``(300, 1259)`` in km/s, clipped to [v_min, v_max].
+    """One synthetic model, float32 ``(300, 1259)`` in km/s, clipped to [v_min, v_max]:
+    :func:`generate_model`'s array."""
+    return generate_model(rng, family, cfg)[0]
+
+
+def generate_model(
+    rng: np.random.Generator, family: str, cfg: SynthConfig
+) -> tuple[np.ndarray, ModelFacts]:
+    """``(velocity, facts)``: one synthetic model, float32 ``(300, 1259)`` in km/s, clipped to
+    [v_min, v_max], and what was drawn for it.
 
     ``cfg`` is params.yaml's ``synth`` section (``v_min``, ``v_max``,
     ``water_velocity`` and the priors ``water_depth``, ``v_top``, ``v_bottom``,
@@ -197,7 +230,7 @@ def generate_velocity(rng: np.random.Generator, family: str, cfg: SynthConfig) -
         raise ValueError(f"synth.water_depth must satisfy 0 <= min <= max < {NZ}, got {[lo, hi]}")
 
     floor = _water_floor(rng, lo, hi)
-    u, body = _structure(rng, family, floor)
+    u, h, body = _structure(rng, family, floor)
 
     # Layers in structural depth, covering every cell below the floor.
     u_floor = u[np.arange(NX), floor]
@@ -230,5 +263,15 @@ def generate_velocity(rng: np.random.Generator, family: str, cfg: SynthConfig) -
             v_body = min(max(v_body, float(np.median(vel[body])) + 0.9), v_max)
         vel = np.where(body, v_body + 0.02 * _XN[:, None], vel)
     vel = np.maximum(vel, v_water + 0.05)  # sediment is never as slow as water
-    vel = np.where(_Z[None, :] < floor[:, None], v_water, vel)
-    return np.clip(vel, v_min, v_max).astype(np.float32)
+    water = _Z[None, :] < floor[:, None]
+    vel = np.where(water, v_water, vel)
+    facts = ModelFacts(
+        family=family,
+        floor=floor,
+        h=h,
+        body=None if body is None else body & ~water,
+        v_top=float(v_top),
+        v_bottom=float(v_bot),
+        trend_power=float(power),
+    )
+    return np.clip(vel, v_min, v_max).astype(np.float32), facts
