@@ -143,6 +143,19 @@ def isolated_mlflow(monkeypatch):
         mlflow.end_run()
 
 
+@pytest.fixture(scope="session")
+def curved_floor():
+    """A gently curved water floor (230-250 m) over a linear rise: ``(floor, velocity,
+    gathers)``, simulated once per session with the default simulator settings."""
+    from speedstructure.config.schema import SimParams
+    from speedstructure.physics.simulate import Simulator
+    from support import model_with_floor
+
+    floor = np.round(250 + 20 * np.sin(np.arange(300) / 300 * np.pi)).astype(int)
+    v = model_with_floor(floor)
+    return floor, v, Simulator(SimParams())(v)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """deepwave on small grids: one torch thread (more only contend for the cores)."""

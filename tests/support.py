@@ -98,3 +98,10 @@ def layered_model(nz: int = 200, floor: int = 60) -> np.ndarray:
     v[:, floor:] = 1.9 + 0.004 * z
     v[:, floor + 60 : floor + 80] += 0.4
     return v
+
+
+def model_with_floor(floor: np.ndarray, below: float = 2.0) -> np.ndarray:
+    """Water over ``floor`` (metres per column), ``below`` km/s under it rising with depth."""
+    z = np.arange(1259)[None, :]
+    v = below + 1.5e-3 * np.clip(z - floor[:, None], 0, None)
+    return np.where(z < floor[:, None], WATER, v).astype(np.float32)

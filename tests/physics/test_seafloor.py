@@ -4,46 +4,30 @@ predictions."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from speedstructure.config.schema import SimParams
 from speedstructure.metrics import water_floor_depth
 from speedstructure.physics.seafloor import FloorPicker, impose_floor, pick_floor, water_response
-from speedstructure.physics.simulate import Simulator
-from support import WATER, model_from
+from support import WATER, model_from, model_with_floor
 
 X = np.arange(300)
 
 
-def _model_with_floor(floor: np.ndarray, below: float = 2.0) -> np.ndarray:
-    """Water over ``floor`` (metres per column), ``below`` km/s under it rising with depth."""
-    z = np.arange(1259)[None, :]
-    v = below + 1.5e-3 * np.clip(z - floor[:, None], 0, None)
-    return np.where(z < floor[:, None], 1.5, v).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def curved():
-    floor = np.round(250 + 20 * np.sin(X / 300 * np.pi)).astype(int)
-    v = _model_with_floor(floor)
-    return floor, v, Simulator(SimParams())(v)
-
-
-def test_the_picked_floor_matches_a_curved_floor_within_a_few_metres(curved):
-    floor, _, gathers = curved
+def test_the_picked_floor_matches_a_curved_floor_within_a_few_metres(curved_floor):
+    floor, _, gathers = curved_floor
     picked = pick_floor(gathers, SimParams(), WATER)
     assert np.isfinite(picked).all()
     assert np.abs(picked - floor).mean() < 4.0
     assert np.abs(picked - floor).max() < 10.0
 
 
-def test_mirrored_gathers_give_the_mirrored_floor(curved):
+def test_mirrored_gathers_give_the_mirrored_floor(curved_floor):
     """Gathers flipped consistently (receivers and source order reversed, as training's flip
     augmentation and flip test-time augmentation do) are recognised: the pick is mirrored."""
     from speedstructure.data.flips import flip_inputs
 
-    _, _, gathers = curved
+    _, _, gathers = curved_floor
     picked = pick_floor(gathers, SimParams(), WATER)
     mirrored = pick_floor(flip_inputs(gathers, "consistent"), SimParams(), WATER)
     assert np.isfinite(mirrored).all()
@@ -57,7 +41,7 @@ def test_a_water_only_record_gives_no_pick():
 
 
 def test_impose_floor_moves_each_column_and_keeps_the_structure_below():
-    pred = _model_with_floor(np.full(300, 200))
+    pred = model_with_floor(np.full(300, 200))
     target = np.where(X < 150, 230.0, np.nan)  # NaN: the column is kept
     out = impose_floor(pred, target, WATER)
     depth = water_floor_depth(out, WATER)
@@ -67,14 +51,14 @@ def test_impose_floor_moves_each_column_and_keeps_the_structure_below():
     np.testing.assert_array_equal(out[150:], pred[150:])
 
 
-def test_a_variant_with_a_picked_floor_predicts_it(curved):
-    floor, _, gathers = curved
+def test_a_variant_with_a_picked_floor_predicts_it(curved_floor):
+    floor, _, gathers = curved_floor
     raw = {"arch": "depth_trend", "floor": "picked"}
     model = model_from(raw, floor_picker=FloorPicker(SimParams(), WATER))
-    model.fit([_model_with_floor(np.full(300, 150), below=2.5)])
+    model.fit([model_with_floor(np.full(300, 150), below=2.5)])
     x = torch.from_numpy(gathers[None])
     learned = model_from({"arch": "depth_trend"})
-    learned.fit([_model_with_floor(np.full(300, 150), below=2.5)])
+    learned.fit([model_with_floor(np.full(300, 150), below=2.5)])
     assert np.abs(water_floor_depth(learned.predict(x)[0].numpy(), WATER) - floor).mean() > 50
     depth = water_floor_depth(model.predict(x)[0].numpy(), WATER)
     assert np.abs(depth - floor).mean() < 4.0

@@ -30,6 +30,7 @@ from speedstructure.config.schema import (
     SECTIONS,
     SPLITS,
     VARIANT_TYPES,
+    ColumnVariant,
     EvaFusionVariant,
     InversionNetVariant,
     Params,
@@ -133,8 +134,15 @@ def _check_variant(v: Variant, where: str) -> None:
         ]
     if isinstance(v, InversionNetVariant):
         choices += [("norm", NORMS), ("prior", PRIORS)]
+    if isinstance(v, ColumnVariant):
+        choices += [("prior", PRIORS)]
     for key, allowed in choices:
         _check_choice(getattr(v, key), allowed, f"{where}.{key}")
+    if (v.floor == "relative") != isinstance(v, ColumnVariant):
+        raise ConfigError(
+            f"{where}.floor: relative is the column network's floor and its only one "
+            f"(arch {v.arch!r}, floor {v.floor!r})"
+        )
 
 
 def _check_choice(value: Any, allowed: tuple[str, ...], where: str) -> None:

@@ -226,7 +226,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
 
 
-ARCHS = ("eva_fusion", "inversionnet", "depth_trend")
+ARCHS = ("eva_fusion", "inversionnet", "depth_trend", "column")
 FUSIONS = ("mean", "single", "dual")
 FLIP_MODES = ("consistent", "receivers")
 POOL_QUERIES = ("shared", "per_token")
@@ -234,7 +234,7 @@ HEAD_RESIZES = ("area", "linear")
 LAYOUTS = ("fold", "time_receiver")
 AMPLITUDES = ("linear", "signlog")
 HEADS = ("rows", "grid")
-FLOORS = ("learned", "picked")  # the water floor: see Variant.floor
+FLOORS = ("learned", "picked", "relative")  # the water floor: see Variant.floor
 NORMS = ("batch", "group", "none")
 PRIORS = ("none", "depth_trend")
 AMPS = ("none", "bf16", "fp16")
@@ -255,7 +255,7 @@ class Variant:
     v_max: float = V_MAX
     tta_flip: str = "consistent"
     # learned: as predicted | picked: predict() moves each column to the floor picked from the
-    # gathers (seafloor.py)
+    # gathers (seafloor.py) | relative: the network predicts below the picked floor (column)
     floor: str = "learned"
     input_scale: float = 1.0e3
     train: dict[str, Any] = field(default_factory=dict)  # overrides of the train section
@@ -302,10 +302,28 @@ class DepthTrendVariant(Variant):
     arch: str = "depth_trend"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ColumnVariant(Variant):
+    """The column network (models/column.py): midpoint-binned, offset-banded gathers, a
+    velocity column per x below the picked water floor."""
+
+    arch: str = "column"
+    floor: str = "relative"
+    prior: str = "depth_trend"
+    width: int = 32  # encoder channels (x1, x2, x4 over five stride-2 stages in time)
+    hidden: int = 256  # channels of the network over x
+    knots: int = 64  # velocities per column between the water floor and the bottom
+    time_samples: int = 500  # the 1 s record area-averaged to this many samples (2 ms)
+    midpoint_bins: int = 30  # bins of source-receiver midpoints over the 300 m (10 m)
+    offset_edges: tuple[float, ...] = (0.0, 50.0, 100.0, 175.0, 301.0)  # offset bands (m)
+    gain: float = 1.0  # reflections multiplied by t ** gain (spherical spreading)
+
+
 VARIANT_TYPES: dict[str, type[Variant]] = {
     "eva_fusion": EvaFusionVariant,
     "inversionnet": InversionNetVariant,
     "depth_trend": DepthTrendVariant,
+    "column": ColumnVariant,
 }
 
 

@@ -234,12 +234,12 @@ Prepare = Callable[[torch.Tensor], torch.Tensor]  # gathers (B, 5, T, R) -> imag
 
 
 class PreparedInputs(Dataset):
-    """The samples of ``ds`` with their model-ready images computed once.
+    """The samples of ``ds`` with their model-ready inputs computed once.
 
-    ``ds[i]`` is ``(images, y, i)``: ``images`` float32 ``(2, 5, H, W)`` holds ``prepare``
-    of the gathers and of the gathers with the receivers mirrored (the consistent flip is
-    the latter with the source order reversed: :func:`flip_prepared_batch`); the target is
-    read from ``ds`` each time (it is 1.5 MB a sample, the two sets of images 0.5 MB at
+    ``ds[i]`` is ``(prepared, y, i)``: ``prepared`` float32 ``(2, ...)`` holds ``prepare`` of
+    the gathers and of the gathers flipped consistently (receivers mirrored and the source
+    order reversed: what :func:`flip_prepared_batch` trains a flipped sample on); the target
+    is read from ``ds`` each time (it is 1.5 MB a sample, the two EVA images 0.5 MB at
     112 x 112).
     Sample ids, targets and length are those of ``ds``, so fingerprints and the depth-trend
     prior see the same training set.
@@ -255,7 +255,7 @@ class PreparedInputs(Dataset):
         with torch.no_grad():
             for i in rows:
                 x = ds[i][0].unsqueeze(0)
-                pair = torch.cat([prepare(x), prepare(flip_inputs(x, "receivers"))])
+                pair = torch.cat([prepare(x), prepare(flip_inputs(x, "consistent"))])
                 if self.images is None:
                     self.images = torch.empty((len(ds), *pair.shape), dtype=pair.dtype)
                 self.images[i] = pair
@@ -274,9 +274,9 @@ class PreparedInputs(Dataset):
         return self.images[int(index)], torch.from_numpy(self.ds.target(index)), int(index)
 
     @staticmethod
-    def nbytes(n_samples: int, image_shape: tuple[int, int]) -> int:
-        """The cache's size for ``n_samples`` samples of ``image_shape`` images."""
-        return int(n_samples) * 2 * 5 * int(image_shape[0]) * int(image_shape[1]) * 4
+    def nbytes(n_samples: int, numel: int) -> int:
+        """The cache's size for ``n_samples`` samples of ``numel`` prepared numbers each."""
+        return int(n_samples) * 2 * int(numel) * 4
 
 
 def memory_bytes() -> int | None:
@@ -296,7 +296,7 @@ def cached_training_set(
     prepare = getattr(model, "prepare", None)
     if not enabled or not callable(prepare) or len(ds) == 0:
         return ds
-    need = PreparedInputs.nbytes(len(ds), model.img_shape)
+    need = PreparedInputs.nbytes(len(ds), model.prepared_numel)
     have = memory_bytes()
     if have is not None and need > have // 4:
         log.warning(
@@ -312,16 +312,16 @@ def cached_training_set(
 def flip_prepared_batch(
     x: torch.Tensor, y: torch.Tensor, prob: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`flip_batch` for a batch of :class:`PreparedInputs` images ``(B, 2, 5, H, W)``:
-    the same draw, and images equal to preparing the flipped gathers; returns the
-    ``(B, 5, H, W)`` images to train on and the targets."""
-    images = x[:, 0]
+    """:func:`flip_batch` for a batch of :class:`PreparedInputs` ``(B, 2, ...)``: the same
+    draw, and inputs equal to preparing the flipped gathers; returns the ``(B, ...)`` inputs
+    to train on and the targets."""
+    prepared = x[:, 0]
     idx = flip_draw(x.shape[0], prob, x.device)
     if idx is None:
-        return images, y
+        return prepared, y
     from speedstructure.data.flips import flip_target
 
-    images, y = images.clone(), y.clone()
-    images[idx] = x[idx, 1].flip(1)  # receivers mirrored (cached), source order reversed
+    prepared, y = prepared.clone(), y.clone()
+    prepared[idx] = x[idx, 1]  # prepared from the consistently flipped gathers
     y[idx] = flip_target(y[idx])
-    return images, y
+    return prepared, y

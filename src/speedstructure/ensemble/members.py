@@ -75,13 +75,13 @@ def load_member(checkpoint: str | os.PathLike, device: str | torch.device = "cpu
 
 def _floor_picker(ck: dict, variant: Variant, path: Path) -> FloorPicker | None:
     """The floor picker a checkpoint's training recorded; an error for a ``floor: picked``
-    checkpoint that records none (trained before checkpoints recorded it)."""
+    (or ``relative``) checkpoint that records none (trained before checkpoints recorded it)."""
     rec = (ck.get("meta") or {}).get("floor_picker")
     if rec is not None:
         return FloorPicker.from_record(rec, str(path))
-    if variant.floor == "picked":
+    if variant.floor in ("picked", "relative"):
         raise UserError(
-            f"{path}: a floor: picked model that records no floor picker: retrain it "
+            f"{path}: a floor: {variant.floor} model that records no floor picker: retrain it "
             "(dvc repro) with this version"
         )
     return None

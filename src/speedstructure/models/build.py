@@ -17,6 +17,7 @@ from torch import nn
 
 from speedstructure.config.load import load_params
 from speedstructure.config.schema import (
+    ColumnVariant,
     EvaFusionVariant,
     InversionNetVariant,
     Params,
@@ -24,6 +25,7 @@ from speedstructure.config.schema import (
 )
 from speedstructure.models.base import VelocityModel, muon_param_names
 from speedstructure.models.baselines import DepthTrend, InversionNet
+from speedstructure.models.column import ColumnNet
 from speedstructure.models.eva_fusion import EvaFusionNet
 from speedstructure.models.inputs import INPUT_SHAPE, OUTPUT_SHAPE
 from speedstructure.physics.seafloor import FloorPicker
@@ -43,7 +45,7 @@ def build_model(
 
     ``meta=True`` builds on the meta device (no memory, pretrained weights not loaded,
     nothing downloaded): for parameter counts and FLOP estimates.  ``floor_picker`` is the
-    physics a ``floor: picked`` variant picks water floors with
+    physics a ``floor: picked`` or ``relative`` variant picks water floors with
     (:meth:`FloorPicker.from_synth` of ``params.synth``).  The model keeps the variant as
     ``model.variant``.
     """
@@ -53,6 +55,8 @@ def build_model(
             model: VelocityModel = EvaFusionNet(v, load_weights=not meta)
         elif isinstance(v, InversionNetVariant):
             model = InversionNet(v)
+        elif isinstance(v, ColumnVariant):
+            model = ColumnNet(v)
         else:
             model = DepthTrend(v)
     model.variant = v

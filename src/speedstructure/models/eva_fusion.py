@@ -189,6 +189,11 @@ class EvaFusionNet(VelocityModel):
         are the Muon parameters)."""
         return list(self.backbone.blocks) + self.fusion.attention_modules()
 
+    @property
+    def prepared_numel(self) -> int:
+        """Numbers per sample in :meth:`prepare`'s output (the training engine's cache)."""
+        return N_SOURCES * self.img_shape[0] * self.img_shape[1]
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """The model-ready images ``(B, 5, H, W)`` of gathers ``(B, 5, 10001, 31)``: what
         :meth:`forward` computes first, per sample and per source (so a sample's images are

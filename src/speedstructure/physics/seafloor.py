@@ -96,7 +96,7 @@ def water_response(sim: SimParams, water_velocity: float) -> tuple[np.ndarray, f
     return direct, delay
 
 
-def _geometry() -> tuple[np.ndarray, np.ndarray, float]:
+def trace_geometry() -> tuple[np.ndarray, np.ndarray, float]:
     """Source-receiver midpoints and offsets ``(5, 31)`` in metres, and the depth sum
     ``z_source + z_receiver``."""
     from speedstructure.physics.simulate import (
@@ -144,7 +144,7 @@ def pick_floor(gathers: np.ndarray, sim: SimParams, water_velocity: float) -> np
     direct, delay = water_response(sim, water_velocity)
     g = np.asarray(gathers, np.float64)
     times = _lobe_times(g - _direct_wave(g, direct, sim.record_dt), sim.record_dt) - delay
-    mid, offset, depth_sum = _geometry()
+    mid, offset, depth_sum = trace_geometry()
     path2 = (water_velocity * 1000.0 * times) ** 2 - offset**2
     ok = np.isfinite(path2) & (path2 > 0) & (offset <= MAX_OFFSET_M)
     depth = (np.sqrt(np.where(ok, path2, 0.0)) + depth_sum) / 2.0

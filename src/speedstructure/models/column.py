@@ -1,0 +1,266 @@
+"""The column network (:class:`ColumnNet`, ``arch: column``): one velocity column per x, with
+weights shared over x, predicted below the water floor picked from the gathers.
+
+The five shots cover one 300 m section; every source-receiver trace reflects off the
+subsurface under its midpoint.  So the gathers are re-sorted by midpoint and offset:
+
+1. the water-only wavefield (the direct wave, the same for every sample) is subtracted
+   (:func:`~speedstructure.physics.seafloor.water_response`, mirrored for gathers flipped
+   consistently), leaving the reflections;
+2. time is averaged down to ``time_samples`` and gained by ``t ** gain`` (spherical spreading);
+3. each trace is averaged into its (offset band, midpoint bin) cell: ``offset_edges`` bands,
+   ``midpoint_bins`` bins over the 300 m; one mask channel per band says which cells hold
+   traces.  The result is a ``(2 x bands, time, bins)`` image with x across.
+
+A convolutional encoder compresses time (stride 2, kernels 3 wide in x), a small 1-D
+network over x mixes neighbouring bins and the section's mean, and a shared head turns each
+bin's features into ``knots`` velocities.  These describe the column from the water floor
+(``t = 0``) to the bottom of the model (``t = 1``), the coordinate the depth trend of the
+sediments follows; they are interpolated to 300 columns and 1259 cells below the floor picked
+from the gathers (:func:`~speedstructure.physics.seafloor.pick_floor`), water above.  The
+loss therefore never spends anything on the floor, and lateral variation is the default.
+The optional ``depth_trend`` prior is the training targets' mean in the same coordinate.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedstructure.config.schema import ColumnVariant
+from speedstructure.config.typed import ConfigError
+from speedstructure.errors import UserError
+from speedstructure.models.base import NX, NZ, VelocityModel
+from speedstructure.models.inputs import N_RECEIVERS, N_SOURCES, N_TIME
+
+log = logging.getLogger(__name__)
+
+EARLY_SAMPLES = 1000  # 0.1 s: before the earliest sea-floor reflection only the direct wave
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@functools.lru_cache(maxsize=8)
+def binning(edges: tuple[float, ...], bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """The averaging matrix ``(5 * 31, bands * bins)`` that takes the traces (source-major)
+    to their (offset band, midpoint bin) cells, and the cells' mask ``(bands, bins)``."""
+    from speedstructure.physics.seafloor import trace_geometry
+
+    mid, offset, _ = trace_geometry()
+    band = np.digitize(offset.ravel(), edges[1:-1])
+    cell = np.minimum((mid.ravel() // (NX / bins)).astype(int), bins - 1)
+    n_bands = len(edges) - 1
+    w = np.zeros((mid.size, n_bands * bins))
+    w[np.arange(mid.size), band * bins + cell] = 1.0
+    count = w.sum(axis=0)
+    w /= np.maximum(count, 1.0)
+    return w.astype(np.float32), (count > 0).reshape(n_bands, bins)
+
+
+def floor_relative_to_depth(vt: torch.Tensor, floor: torch.Tensor, water: float) -> torch.Tensor:
+    """Columns ``vt (B, 300, K)`` sampled evenly from the water floor (first knot) to the
+    bottom (last) -> velocities ``(B, 300, 1259)`` with water above ``floor (B, 300)`` (m),
+    linear in between; differentiable in ``vt``."""
+    k = vt.shape[-1]
+    z = torch.arange(NZ, device=vt.device, dtype=vt.dtype)
+    f = floor.to(vt.dtype).unsqueeze(-1)
+    t = ((z - f) / (NZ - 1 - f).clamp(min=1.0)).clamp(0, 1) * (k - 1)
+    i0 = t.floor().long().clamp(0, k - 2)
+    w = t - i0
+    v = torch.gather(vt, -1, i0) * (1 - w) + torch.gather(vt, -1, i0 + 1) * w
+    return torch.where(z < f, torch.full_like(v, water), v)
+
+
+def depth_to_floor_relative(y: np.ndarray, floor: np.ndarray, knots: int) -> np.ndarray:
+    """The inverse for one target ``(300, 1259)``: each column from ``floor`` (m) to the
+    bottom sampled at ``knots`` even points, float64 ``(300, knots)``."""
+    t = np.linspace(0.0, 1.0, knots)
+    z = np.arange(NZ)
+    out = np.empty((NX, knots))
+    for x in range(NX):
+        out[x] = np.interp(floor[x] + t * (NZ - 1 - floor[x]), z, y[x])
+    return out
+
+
+def fill_floor(floor: np.ndarray, default: float) -> np.ndarray:
+    """A picked floor ``(300,)`` with its NaN columns interpolated from their neighbours;
+    ``default`` everywhere when no column was picked."""
+    ok = np.isfinite(floor)
+    if not ok.any():
+        return np.full(NX, default)
+    return np.interp(np.arange(NX), np.flatnonzero(ok), floor[ok])
+
+
+# ----------------------------------------------------------------------------- the network
+
+
+def _block(cin: int, cout: int, k: tuple[int, int]) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, (2, 1), (k[0] // 2, k[1] // 2)),
+        nn.GroupNorm(min(8, cout), cout),
+        nn.GELU(),
+    )
+
+
+class ColumnNet(VelocityModel):
+    """Midpoint-binned, offset-banded gathers -> a velocity column per x below the picked
+    water floor (see the module's description)."""
+
+    arch = "column"
+
+    def __init__(self, v: ColumnVariant):
+        if v.floor != "relative":
+            raise ConfigError("arch column predicts below the picked floor: set floor: relative")
+        super().__init__(v, prior=v.prior)
+        self.edges = tuple(float(e) for e in v.offset_edges)
+        self.bins, self.time_samples = int(v.midpoint_bins), int(v.time_samples)
+        self.knots, self.gain = int(v.knots), float(v.gain)
+        if len(self.edges) < 2 or list(self.edges) != sorted(self.edges) or self.knots < 2:
+            raise ConfigError("column: offset_edges must rise (>= 2 edges) and knots >= 2")
+        if not 2 <= self.bins <= NX or not 32 <= self.time_samples <= N_TIME:
+            raise ConfigError(f"column: midpoint_bins in [2, {NX}], time_samples in [32, {N_TIME}]")
+        w, n_bands = int(v.width), len(self.edges) - 1
+        widths = [2 * n_bands, w, w, 2 * w, 2 * w, 4 * w]
+        self.encoder = nn.Sequential(
+            *(
+                _block(a, b, (7, 3) if i == 0 else (3, 3))
+                for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True))
+            )
+        )
+        t = self.time_samples
+        for _ in widths[1:]:
+            t = (t - 1) // 2 + 1
+        feat, hidden = 4 * w * t, int(v.hidden)
+        self.mix = nn.Sequential(
+            nn.Conv1d(2 * feat, hidden, 3, padding=1),
+            nn.GELU(),
+            nn.Conv1d(hidden, hidden, 3, padding=1),
+            nn.GELU(),
+        )
+        self.head = nn.Conv1d(hidden, self.knots, 1)
+        nn.init.zeros_(self.head.weight)  # start from the prior (or mid-range) exactly
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("floor_default", torch.zeros(()))  # the training floors' mean
+        if self.prior == "depth_trend":
+            self.prior_logit = torch.zeros(self.knots)  # the knots' prior, not depth cells
+        else:  # fit_prior still sets floor_default
+            self.register_buffer("prior_fitted", torch.zeros((), dtype=torch.bool))
+
+    # -- inputs
+
+    @property
+    def prepared_numel(self) -> int:
+        """Numbers per sample in :meth:`prepare`'s output (the training engine's cache)."""
+        return 2 * (len(self.edges) - 1) * self.time_samples * self.bins + NX
+
+    def _picker(self):
+        if self.floor_picker is None:
+            raise ValueError(
+                "arch column needs the physics of the data: build_model(..., floor_picker=...)"
+            )
+        return self.floor_picker
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 5, 10001, 31)`` gathers -> ``(B, prepared_numel)``: the binned image,
+        flattened, then the picked floor (m); per sample, so a sample's numbers do not depend
+        on its batch."""
+        self._check_input(x)
+        b = x.shape[0]
+        if x.device.type == "meta":  # shapes and FLOPs only: no physics on the meta device
+            floors = torch.zeros(b, NX, device=x.device)
+            return torch.cat([self._binned(x).flatten(1), floors], 1)
+        from speedstructure.physics.seafloor import pick_floor, water_response
+
+        picker = self._picker()
+        direct, _ = water_response(picker.sim, picker.water_velocity)
+        direct = torch.as_tensor(direct, dtype=torch.float32, device=x.device)
+        rows = []
+        for g in x.float():
+            d = _oriented(g, direct)
+            floor = pick_floor(g.cpu().numpy(), picker.sim, picker.water_velocity)
+            floor = fill_floor(floor, float(self.floor_default))
+            image = self._binned(g[None] - d[None]).flatten(1)
+            rows.append(torch.cat([image, torch.as_tensor(floor, device=x.device)[None]], 1))
+        return torch.cat(rows).float()
+
+    def _binned(self, residual: torch.Tensor) -> torch.Tensor:
+        """Reflections ``(B, 5, 10001, 31)`` -> the ``(B, 2 x bands, time, bins)`` image."""
+        b = residual.shape[0]
+        r = residual.float() * self.input_scale
+        r = r.transpose(2, 3).reshape(b, N_SOURCES * N_RECEIVERS, N_TIME)  # source-major traces
+        r = F.interpolate(r, size=self.time_samples, mode="area")
+        t = (torch.arange(self.time_samples, device=r.device) + 0.5) / self.time_samples
+        r = r * t**self.gain
+        w, mask = binning(self.edges, self.bins)
+        cells = torch.einsum("bnt,nc->btc", r, torch.as_tensor(w, device=r.device))
+        n_bands = len(self.edges) - 1
+        image = cells.reshape(b, self.time_samples, n_bands, self.bins).permute(0, 2, 1, 3)
+        m = torch.as_tensor(mask, dtype=image.dtype, device=image.device)
+        m = m[None, :, None, :].expand(b, n_bands, self.time_samples, self.bins)
+        return torch.cat([image, m], 1)
+
+    # -- prior
+
+    @torch.no_grad()
+    def fit_prior(self, targets: Iterable) -> None:
+        """The prior (with ``prior: depth_trend``): the training targets' mean velocity at
+        each knot between their own water floor and the bottom; and the floors' mean, used
+        where no floor can be picked."""
+        from speedstructure.metrics import water_floor_depth
+
+        water = self._picker().water_velocity
+        total, floors, n = np.zeros(self.knots), [], 0
+        for y in targets:
+            a = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+            for target in a.reshape(-1, NX, NZ):
+                floor = water_floor_depth(target, water).astype(np.float64)
+                total += depth_to_floor_relative(target, floor, self.knots).mean(axis=0)
+                floors.append(floor.mean())
+                n += 1
+        if n == 0:
+            raise UserError("column: no training targets to fit the prior to")
+        self.floor_default.fill_(float(np.mean(floors)))
+        if self.prior == "depth_trend":
+            frac = (torch.from_numpy(total / n) - self.v_min) / (self.v_max - self.v_min)
+            logit = torch.logit(frac.clamp(1e-4, 1 - 1e-4))
+            self.prior_logit.copy_(logit.to(self.prior_logit))
+        self.prior_fitted.fill_(True)
+
+    @property
+    def needs_prior(self) -> bool:
+        """Fitted before training with or without a prior (the floors' mean is needed)."""
+        return not bool(self.prior_fitted)
+
+    # -- forward
+
+    def forward(self, x: torch.Tensor, prepared: bool = False) -> torch.Tensor:
+        """Velocities of gathers ``x``, or of what :meth:`prepare` made of them."""
+        p = x if prepared else self.prepare(x)
+        b, n_bands = p.shape[0], len(self.edges) - 1
+        image = p[:, :-NX].reshape(b, 2 * n_bands, self.time_samples, self.bins)
+        floor = p[:, -NX:]
+        h = self.encoder(image)
+        h = h.reshape(b, -1, self.bins)
+        h = torch.cat([h, h.mean(-1, keepdim=True).expand_as(h)], 1)
+        knots = self.head(self.mix(h))  # (B, knots, bins)
+        knots = F.interpolate(knots, size=NX, mode="linear", align_corners=False)
+        vt = self.to_velocity(knots.transpose(1, 2))  # (B, 300, knots)
+        return floor_relative_to_depth(vt, floor, self._water())
+
+    def _water(self) -> float:
+        return self.floor_picker.water_velocity if self.floor_picker is not None else self.v_min
+
+
+def _oriented(g: torch.Tensor, direct: torch.Tensor) -> torch.Tensor:
+    """``direct`` or its mirror image, whichever matches the early record of ``g``."""
+    mirrored = direct.flip(0, 2)
+    e = EARLY_SAMPLES
+    plain = (g[:, :e] - direct[:, :e]).square().sum()
+    return mirrored if (g[:, :e] - mirrored[:, :e]).square().sum() < plain else direct

@@ -1,0 +1,136 @@
+"""The column network (``arch: column``, speedstructure.models.column): its binning, its
+floor-relative output, its inputs picked and prepared per sample, its configuration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from speedstructure.config.schema import SimParams
+from speedstructure.config.typed import ConfigError
+from speedstructure.data.flips import flip_inputs, flip_target
+from speedstructure.metrics import water_floor_depth
+from speedstructure.models.column import (
+    binning,
+    depth_to_floor_relative,
+    fill_floor,
+    floor_relative_to_depth,
+)
+from speedstructure.physics.seafloor import FloorPicker, pick_floor
+from support import WATER, model_from, model_with_floor, random_gathers, random_velocity
+
+SMALL = {
+    "arch": "column",
+    "width": 8,
+    "hidden": 16,
+    "knots": 16,
+    "time_samples": 64,
+    "midpoint_bins": 10,
+}
+PICKER = FloorPicker(SimParams(), WATER)
+
+
+def _curved_model() -> tuple[np.ndarray, np.ndarray]:
+    floor = np.round(240 + 25 * np.sin(np.arange(300) / 300 * np.pi)).astype(int)
+    return floor, model_with_floor(floor)
+
+
+def test_every_trace_lands_in_one_cell_and_cells_average():
+    w, mask = binning((0.0, 50.0, 100.0, 175.0, 301.0), 30)
+    assert w.shape == (155, 4 * 30) and mask.shape == (4, 30)
+    assert ((w > 0).sum(axis=1) == 1).all()  # one cell per trace
+    used = w.sum(axis=0) > 0
+    np.testing.assert_allclose(w.sum(axis=0)[used], 1.0, rtol=1e-6)  # a mean over its traces
+    np.testing.assert_array_equal(used.reshape(4, 30), mask)
+    assert mask.any(axis=0).all()  # every 10 m midpoint bin holds traces
+
+
+def test_floor_relative_columns_round_trip_below_the_floor():
+    floor, v = _curved_model()
+    knots = 1259
+    rel = depth_to_floor_relative(v, floor.astype(float), knots)
+    back = floor_relative_to_depth(
+        torch.from_numpy(rel)[None], torch.from_numpy(floor)[None].double(), WATER
+    )[0].numpy()
+    np.testing.assert_array_equal(water_floor_depth(back, WATER), floor)
+    assert (back[np.arange(1259)[None, :] < floor[:, None]] == WATER).all()
+    np.testing.assert_allclose(back, v, atol=2e-3)
+
+
+def test_fill_floor_interpolates_gaps_and_falls_back():
+    f = np.full(300, np.nan)
+    f[[10, 20]] = [100.0, 200.0]
+    filled = fill_floor(f, 250.0)
+    assert filled[15] == 150.0 and filled[0] == 100.0 and filled[299] == 200.0
+    assert (fill_floor(np.full(300, np.nan), 250.0) == 250.0).all()
+
+
+def test_relative_floor_belongs_to_the_column_network_only():
+    with pytest.raises(ConfigError, match="relative"):
+        model_from({"arch": "depth_trend", "floor": "relative"})
+    with pytest.raises(ConfigError, match="relative"):
+        model_from({**SMALL, "floor": "picked"})
+
+
+def test_the_column_network_needs_the_physics_of_the_data():
+    model = model_from(SMALL)
+    with pytest.raises(ValueError, match="floor_picker"):
+        model.prepare(torch.from_numpy(random_gathers(np.random.default_rng(0)))[None])
+
+
+def test_prepare_is_per_sample_and_carries_the_picked_floor(curved_floor):
+    floor, v, gathers = curved_floor
+    model = model_from(SMALL, floor_picker=PICKER)
+    other = random_gathers(np.random.default_rng(1)) + gathers
+    x = torch.from_numpy(np.stack([gathers, other]).astype(np.float32))
+    both = model.prepare(x)
+    assert both.shape == (2, model.prepared_numel)
+    torch.testing.assert_close(both[:1], model.prepare(x[:1]), rtol=0, atol=0)
+    picked = pick_floor(gathers, PICKER.sim, PICKER.water_velocity)
+    np.testing.assert_allclose(both[0, -300:].numpy(), picked, rtol=1e-6)
+    assert np.abs(picked - floor).mean() < 4.0
+    mirrored = model.prepare(flip_inputs(x[:1], "consistent"))[0, -300:].numpy()
+    assert np.abs(mirrored[::-1] - picked).max() < 2.0  # the flipped sample's floor, mirrored
+
+
+def test_an_untrained_network_predicts_its_prior_below_the_picked_floor(curved_floor):
+    floor, v, gathers = curved_floor
+    model = model_from(SMALL, floor_picker=PICKER)
+    rng = np.random.default_rng(2)
+    targets = [v, np.clip(random_velocity(rng), 1.6, None)]
+    targets[1][:, :200] = WATER  # a second target with a flat floor at 200 m
+    model.fit_prior(targets)
+    assert float(model.floor_default) == pytest.approx((floor.mean() + 200.0) / 2, rel=1e-6)
+    x = torch.from_numpy(gathers.astype(np.float32))[None]
+    pred = model.predict(x, tta=False)[0].numpy()
+    picked = fill_floor(pick_floor(gathers, PICKER.sim, WATER), 0.0)
+    np.testing.assert_array_equal(water_floor_depth(pred, WATER), np.ceil(picked - 1e-9))
+    assert pred.min() >= 1.5 and pred.max() <= 4.5
+    with_tta = model.predict(x, tta=True)[0].numpy()  # the flipped pass picks the mirror image
+    depth_difference = water_floor_depth(with_tta, WATER) - water_floor_depth(pred, WATER)
+    assert np.abs(depth_difference).max() <= 1
+    # the head starts at zero: each column is the prior, the same at every x
+    below = [pred[x, int(np.ceil(picked[x])) + 1] for x in range(300)]
+    np.testing.assert_allclose(below, below[0], rtol=1e-3)
+
+
+def test_the_loss_trains_the_column_network_towards_a_lateral_change(curved_floor):
+    """Two steps of AdamW on one flipped and one plain sample lower the loss: gradients flow
+    through the floor-relative placement."""
+    _, v, gathers = curved_floor
+    torch.manual_seed(0)
+    model = model_from(SMALL, floor_picker=PICKER)
+    model.fit_prior([v])
+    x = torch.from_numpy(np.stack([gathers, flip_inputs(gathers, "consistent")]).astype(np.float32))
+    y = torch.from_numpy(np.stack([v, flip_target(v)]) * 1.1)
+    prepared = model.prepare(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = ((model(prepared, prepared=True) - y).abs() / y).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
