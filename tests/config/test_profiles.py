@@ -74,7 +74,7 @@ def test_switch_to_competition(params_copy):
     for c in (
         "# K-Means clusters of the velocity-model features (seed: 6)",
         "# learning rate of the Muon group; null = lr",
-        "# the seed's hand-set weights, for comparison",
+        "# hand-set weights, for comparison (the seed's: 0.8 dual42, 0.3 single4)",
         "# Optuna TPE trials per study (3 studies per fold: two halves + the whole fold)",
         "# ---------------------------------------------------------------- training runs",
         "#   competition: the seed's 1st-place setup: EVA02-Large at 560 px "

@@ -339,9 +339,9 @@ class RunConfig:
 class EnsembleConfig:
     """The ensemble's member variants and the seed's hand-set weights, for comparison."""
 
-    variants: tuple[str, ...] = ("tiny_dual42", "tiny_single4")
+    variants: tuple[str, ...] = ("tiny_dual42", "column")
     hand_weights: dict[str, float] = field(
-        default_factory=lambda: {"tiny_dual42": 0.8, "tiny_single4": 0.3}
+        default_factory=lambda: {"tiny_dual42": 0.5, "column": 0.5}
     )
 
 

@@ -405,6 +405,11 @@ def _cmd(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             repeats=args.repeats,
         )
+    if args.what == "learning":  # not part of `all`: it trains three models (up to an hour)
+        from speedstructure.tools.bench_learning import bench_learning, format_table
+
+        out["learning"] = bench_learning(params, (args.variant or [None])[0], scale=args.scale)
+        print(format_table(out["learning"]))
     if args.what == "gpu":  # never part of `all`: it is the GPU machine's check
         from speedstructure.tools.bench_gpu import run_bench_gpu
 
@@ -421,6 +426,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
         description="Benchmarks: data generation, store reads, model speed (`all`: the three); "
+        "`learning`: a variant trained on 1x, 2x, 4x the samples (or epochs), scored; "
         "`training`: training steps before/after the precision rule and the input cache; "
         "`gpu`: the competition variants' training path checked and timed (bf16, fp16, "
         "validation, TTA, save + resume) with random weights; `parallel`: two tiny trainings "
@@ -430,7 +436,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "what",
         nargs="?",
         default="all",
-        choices=["data", "store", "model", "all", "training", "gpu", "parallel"],
+        choices=["data", "store", "model", "all", "training", "gpu", "parallel", "learning"],
     )
     p.add_argument("--samples", type=int, default=8, help="samples generated per timing run")
     p.add_argument("--repeats", type=int, default=3, help="timing runs (the median is reported)")
@@ -447,9 +453,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="V",
-        help="gpu: a variant to check (repeatable; default: the competition profile's)",
+        help="gpu: a variant to check (repeatable; default: the competition profile's); "
+        "learning: the variant to scale (default: the ensemble's first)",
     )
     p.add_argument("--steps", type=int, default=20, help="gpu: training steps per precision")
     p.add_argument("--epochs", type=int, default=2, help="parallel: epochs of each training")
+    p.add_argument(
+        "--scale",
+        choices=["samples", "epochs"],
+        default="samples",
+        help="learning: scale the training samples (a quarter, a half, all) or the epochs",
+    )
     add_json_option(p)
     p.set_defaults(func=_cmd)
