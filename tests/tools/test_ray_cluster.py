@@ -11,8 +11,9 @@ address), and the last check is that every command of the block but ``torchrun``
 across nodes: tests/engine/test_multinode.py) was run, in the README's order.  What the test
 adds to a README command is only what three nodes and a server on one shared machine need:
 
-* ``make server SERVER_PORT=P`` (a free port), in a clone of the project in a folder the
-  ``postgres`` account can reach (the tests run as root; pytest's folders are closed to it);
+* ``make server SERVER_PORT=P`` (a free port), in a folder holding what it reads of this
+  checkout (Makefile, pyproject.toml, .dvc/config, the environment), which the ``postgres``
+  account can reach (the tests run as root; pytest's folders are closed to it);
 * ``ray start``: ``--temp-dir`` (a folder of the test's), free ports for the dashboard and the
   nodes' agents, a small object store and ``--block`` (each node stays a child process of the
   test, stopped by its pid); the workers ``--num-gpus 1`` (this machine has no GPU: one logical
@@ -63,7 +64,7 @@ from server_support import (
     wait_for_exports,
 )
 from speedstructure.tools.server import free_port
-from support import COUNTS, random_gathers, random_velocity, sample_id
+from support import COUNTS, ROOT, random_gathers, random_velocity, sample_id
 from tiny_project import (
     BIN,
     check_make_keeps_env,
@@ -78,7 +79,7 @@ pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
 
 STAGES = ["train@tiny_a-f0", "train@tiny_b-f0"]
-KILLED, EPOCHS = STAGES[0], 4  # shared mode: tiny_a trains 4 epochs and is killed after one
+KILLED, EPOCHS = STAGES[0], 3  # shared mode: tiny_a trains 3 epochs and is killed after one
 EXPERIMENT = "speedstructure"
 NOT_FOLLOWED_HERE = "torchrun"  # tests/engine/test_multinode.py
 
@@ -126,12 +127,14 @@ class Stack:
     project: Path
 
 
-def _start_server(readme: Readme, base: Path, checkout: Path, log_file: Path) -> Server:
-    """README: ``make server``, in a clone of the project (no wait)."""
-    run(["git", "clone", "-q", str(base), str(checkout)], checkout.parent)
-    assert (checkout / ".venv").resolve() == BIN.parent  # committed: a link to this env
-    st = (base / "pyproject.toml").stat()  # a fresh clone's is newer than .venv/.installed
-    os.utime(checkout / "pyproject.toml", ns=(st.st_atime_ns, st.st_mtime_ns))
+def _start_server(readme: Readme, checkout: Path, log_file: Path) -> Server:
+    """README: ``make server`` (no wait), in a checkout of what it reads: this checkout's
+    Makefile, pyproject.toml (its mtime kept: make finds the environment installed),
+    .dvc/config (where ``make setup`` writes the plots page) and the environment."""
+    (checkout / ".dvc").mkdir(parents=True)
+    for name in ("Makefile", "pyproject.toml", ".gitignore", ".dvc/config"):
+        shutil.copy2(ROOT / name, checkout / name)
+    (checkout / ".venv").symlink_to(BIN.parent)
     check_make_keeps_env(checkout)
     port = free_port()
     cmd = [*readme.step("make server"), f"SERVER_PORT={port}"]
@@ -179,35 +182,42 @@ def _start_workers(readme: Readme, nodes: RayNodes, address: str, env: dict, log
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """The README's steps up to the driver's: the server, the exports, the nodes; the project
-    with ingest and folds run.  The server starts while the head does (the README's first
-    step runs in a terminal of its own)."""
+    with ingest and folds run.  The server, the head and the project are made at the same
+    time (the README's first step runs in a terminal of its own), and the folds run while
+    the workers start."""
     reason = postgres_usable()
     if reason:
         pytest.skip(reason)
     readme, tmp = Readme(), tmp_path_factory.mktemp("cluster")
-    base = make_tiny_project(tmp / "base", _params(), _write_random_zips)
     nodes_tmp, elsewhere = tmp / "nodes-tmp", tmp / "elsewhere" / "mlflow.db"
     nodes_tmp.mkdir()
     with contextlib.ExitStack() as cleanup:
+        t0 = time.time()
         folder = cleanup.enter_context(pg_reachable_folder("ss-srv-"))
-        server = _start_server(readme, base, folder / "checkout", tmp / "make-server.log")
+        server = _start_server(readme, folder / "checkout", tmp / "make-server.log")
         cleanup.callback(server.stop)
         nodes = RayNodes(Path(tempfile.mkdtemp(prefix="ss-ray-")))  # short: Ray's socket paths
         cleanup.callback(shutil.rmtree, nodes.temp_dir, ignore_errors=True)
         cleanup.callback(_stop_or_kill, nodes)
-        t0 = time.time()
         env, address = _start_head(readme, nodes, tmp)
+        base = make_tiny_project(tmp / "base", _params(), _write_random_zips)  # meanwhile
         server.exports = wait_for_exports(server.make, server.log, timeout=150)
         server.postmaster = postmaster_pid(server.pgdata)
         nodes.wait()
         t1 = time.time()
+        with open(tmp / "folds.log", "w") as out:  # while the workers start
+            folds = subprocess.Popen(
+                [str(BIN / "dvc"), "repro", "folds"], cwd=base, stdout=out,
+                stderr=subprocess.STDOUT, env={**project_env(), "MLFLOW_TRACKING_URI": server.url},
+            )  # fmt: skip
+        cleanup.callback(folds.kill)
         elsewhere_env = {"TMPDIR": str(nodes_tmp), "MLFLOW_TRACKING_URI": f"sqlite:///{elsewhere}"}
         _start_workers(readme, nodes, address, {**env, **elsewhere_env}, tmp)
         t2 = time.time()
-        run([str(BIN / "dvc"), "repro", "folds"], base, MLFLOW_TRACKING_URI=server.url)
+        assert folds.wait(timeout=300) == 0, (tmp / "folds.log").read_text()
         run(["git", "add", "-A"], base)
         run(["git", "commit", "-qm", "ingest and folds"], base)
-        log.info("setup: server and head %.1f s, workers %.1f s, folds %.1f s",
+        log.info("setup: project, server and head %.1f s, workers %.1f s, then folds %.1f s",
                  t1 - t0, t2 - t1, time.time() - t2)  # fmt: skip
         yield Stack(readme, server, nodes, address, env, nodes_tmp, elsewhere, base)
 
@@ -247,18 +257,20 @@ def _ran(out: str) -> set[str]:
     return {ln.split("'")[1] for ln in out.splitlines() if ln.startswith("Running stage")}
 
 
-def _check_trained(proj: Path, out: str, srv: Server, since: int, attempts: dict) -> dict:
-    """Both stages done and recorded, each with ``attempts[stage]`` attempts, one FINISHED run
-    on the server each (tagged with its last attempt's GPU), the two first attempts on GPUs 0
-    and 1 at once, and no local MLflow store; the runs by stage."""
-    for stage in STAGES:
+def _check_trained(
+    proj: Path, out: str, srv: Server, since: int, attempts: dict[str, int]
+) -> tuple[dict, dict]:
+    """The stages of ``attempts`` done and recorded (no training stage left), each with
+    ``attempts[stage]`` attempts and one FINISHED run on the server tagged with its last
+    attempt's GPU, and no local MLflow store; the runs and the first attempts' GPUs by stage."""
+    for stage in attempts:
         assert f"{stage}: GPU" in out, out
     status = json.loads(dvc("status", "--json", cwd=proj).stdout)
     assert not [s for s in status if s.startswith("train@")], status  # recorded in dvc.lock
     assert "tune" in status, status  # what `dvc repro` runs next
     assert set(STAGES) <= set(yaml.safe_load((proj / "dvc.lock").read_text())["stages"])
     runs, first = {}, {}
-    for stage in STAGES:
+    for stage in attempts:
         (runs[stage],) = _runs(srv, stage, since)  # on the server, in its one experiment
         assert runs[stage].info.status == "FINISHED", runs[stage].info
         text = (proj / "logs/train-parallel" / f"{stage}.log").read_text()
@@ -267,9 +279,8 @@ def _check_trained(proj: Path, out: str, srv: Server, since: int, attempts: dict
         assert len(gpus) == attempts[stage], text
         assert runs[stage].data.tags["cuda_visible_devices"] == gpus[-1]
         first[stage] = gpus[0]
-    assert sorted(first.values()) == ["0", "1"], first  # each task its own GPU, and only it
     assert not (proj / "mlruns").exists()  # nothing in a local store
-    return runs
+    return runs, first
 
 
 def _shared_mode_with_a_task_killed(proj: Path, cmd: list[str], env: dict, srv: Server) -> None:
@@ -296,7 +307,8 @@ def _shared_mode_with_a_task_killed(proj: Path, cmd: list[str], env: dict, srv: 
             os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 0, out
     assert not pid_alive(trainer)  # killed with its task (process group)
-    runs = _check_trained(proj, out, srv, since, {KILLED: 2, STAGES[1]: 1})  # Ray retried it
+    runs, first = _check_trained(proj, out, srv, since, {KILLED: 2, STAGES[1]: 1})  # a retry
+    assert sorted(first.values()) == ["0", "1"], first  # each task its own GPU, and only it
     text = (proj / "logs/train-parallel" / f"{KILLED}.log").read_text()
     assert "resuming after epoch" in text, text
     r = runs[KILLED]  # one MLflow run, continued
@@ -318,7 +330,7 @@ def _check_one_experiment_and_the_model(srv: Server, proj: Path, since: int) -> 
     assert {r.info.experiment_id for r in runs} == {exp.experiment_id}, experiments
     recent = [r for r in runs if r.info.start_time >= since]
     per_stage = {s: sum(r.data.tags.get("dvc_stage") == s for r in recent) for s in STAGES}
-    assert per_stage == dict.fromkeys(STAGES, 2), per_stage  # shared and clone mode
+    assert per_stage == {KILLED: 2, STAGES[1]: 1}, per_stage  # shared mode; clone mode
     assert {"tune", "register", "evaluate"} <= {r.data.tags.get("dvc_stage") for r in recent}
     paths = yaml.safe_load((proj / "params.yaml").read_text())["paths"]
     registered = json.loads((proj / paths["registered"]).read_text())
@@ -345,21 +357,24 @@ def test_the_readme_section_followed_step_by_step_on_a_tracking_server(stack, tm
     _shared_mode_with_a_task_killed(shared, cmd, env, server)
     timings["shared"] = time.time() - t0
 
-    # (b) nothing shared but git and a DVC remote: each task in a fresh clone on its node
-    proj = _copy(stack.project, tmp_path / "clone")
+    # (b) nothing shared but git and a DVC remote: each task in a fresh clone on its node.
+    # The same project carried on: params.yaml as committed (tiny_a's extra epochs dropped),
+    # so tiny_a's stage is the one pending
+    proj = _copy(shared, tmp_path / "clone")
+    run(["git", "checkout", "--", "params.yaml"], proj)
     dvc("remote", "add", "-d", "shared", str(tmp_path / "dvc-remote"), cwd=proj)
-    run(["git", "commit", "-qam", "the DVC remote"], proj)
+    run(["git", "commit", "-qam", "the DVC remote; the training stages so far"], proj)
     head, t0, t_ms = run(["git", "rev-parse", "HEAD"], proj).stdout, time.time(), _now_ms()
     cmd = at(readme.step("make train-cluster ADDRESS=HEAD:6379 STORAGE=clone"), stack.address)
     out = run(cmd, proj, timeout=400, **env).stdout
-    _check_trained(proj, out, server, t_ms, dict.fromkeys(STAGES, 1))
+    assert f"{STAGES[1]}: GPU" not in out, out  # up to date since (a)
+    _check_trained(proj, out, server, t_ms, {KILLED: 1})
     timings["clone"] = time.time() - t0
-    for stage in STAGES:  # each ran in a clone under its node's temp dir, removed since
-        text = (proj / "logs/train-parallel" / f"{stage}.log").read_text()
-        assert f" --no-checkout {proj.resolve()} {stack.nodes_tmp}/speedstructure-" in text
-        d = proj / "models" / stage.split("@")[1].replace("-f", "/fold_")
-        assert (d / "best.pt").is_file() and json.loads((d / "metrics.json").read_text())
-    assert not list(stack.nodes_tmp.glob("speedstructure-*"))
+    text = (proj / "logs/train-parallel" / f"{KILLED}.log").read_text()
+    assert f" --no-checkout {proj.resolve()} {stack.nodes_tmp}/speedstructure-" in text
+    assert not list(stack.nodes_tmp.glob("speedstructure-*"))  # the clone is gone
+    metrics = json.loads((proj / "models/tiny_a/fold_0/metrics.json").read_text())
+    assert metrics["epochs"] == 1  # the clone's training, brought back
     assert run(["git", "rev-parse", "HEAD"], proj).stdout == head
 
     t0 = time.time()
