@@ -11,6 +11,7 @@ address), and the last check is that every command of the block but ``torchrun``
 across nodes: tests/engine/test_multinode.py) was run, in the README's order.  What the test
 adds to a README command is only what three nodes and a server on one shared machine need:
 
+* ``make train-cluster ... STORAGE=clone CACHE_DIR=DIR``: a DVC cache for the node's clones;
 * ``make server SERVER_PORT=P`` (a free port), in a folder holding what it reads of this
   checkout (Makefile, pyproject.toml, .dvc/config, the environment), which the ``postgres``
   account can reach (the tests run as root; pytest's folders are closed to it);
@@ -366,13 +367,15 @@ def test_the_readme_section_followed_step_by_step_on_a_tracking_server(stack, tm
     run(["git", "commit", "-qam", "the DVC remote; the training stages so far"], proj)
     head, t0, t_ms = run(["git", "rev-parse", "HEAD"], proj).stdout, time.time(), _now_ms()
     cmd = at(readme.step("make train-cluster ADDRESS=HEAD:6379 STORAGE=clone"), stack.address)
-    out = run(cmd, proj, timeout=400, **env).stdout
+    node_cache = tmp_path / "node-cache"  # one DVC cache per node, shared by its clones
+    out = run([*cmd, f"CACHE_DIR={node_cache}"], proj, timeout=400, **env).stdout
     assert f"{STAGES[1]}: GPU" not in out, out  # up to date since (a)
     _check_trained(proj, out, server, t_ms, {KILLED: 1})
     timings["clone"] = time.time() - t0
     text = (proj / "logs/train-parallel" / f"{KILLED}.log").read_text()
     assert f" --no-checkout {proj.resolve()} {stack.nodes_tmp}/speedstructure-" in text
-    assert not list(stack.nodes_tmp.glob("speedstructure-*"))  # the clone is gone
+    assert not list(stack.nodes_tmp.glob("speedstructure-*"))  # the clone is gone ...
+    assert list(node_cache.rglob("*"))  # ... not the node's cache
     metrics = json.loads((proj / "models/tiny_a/fold_0/metrics.json").read_text())
     assert metrics["epochs"] == 1  # the clone's training, brought back
     assert run(["git", "rev-parse", "HEAD"], proj).stdout == head
