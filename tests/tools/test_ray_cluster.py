@@ -1,9 +1,10 @@
 """README "On a cluster", followed step by step on this machine, against a real tracking server:
 ``make server`` (MLflow on a PostgreSQL it starts), a Ray cluster started with the README's
 ``ray start`` commands (a head and two worker nodes, one logical GPU each, numbered 0 and 1),
-the two training stages of a tiny project through ``make train-cluster`` in both storage modes
-(in shared mode one task is killed mid-training: Ray retries it and it resumes), ``dvc repro``;
-then the server and every node stopped by their process ids.
+the two training stages of a tiny project through ``make train-cluster`` in shared storage (one
+task killed mid-training: Ray retries it and it resumes), then, the project carried on with a
+stage's params changed, that stage in clone storage, ``dvc repro``; then the server and every
+node stopped by their process ids.
 
 The commands come from the README's code block, so the test breaks when the README changes:
 each step takes its command by its exact text there (``HEAD:6379`` becomes the head's
@@ -23,8 +24,8 @@ adds to a README command is only what three nodes and a server on one shared mac
 * ``RAY_AUTH_TOKEN``: a token of the test's own, so ``ray get-auth-token --generate`` neither
   reads nor writes this machine's ``~/.ray/auth_token``.
 
-The ingest and folds stages run once (logged to the server) before the copies are made: the
-first thing each driver would do, done once for time.
+The ingest and folds stages run once (logged to the server) before the shared-mode copy is
+made: the driver's first step, done while the workers start, for time.
 """
 
 from __future__ import annotations
