@@ -77,10 +77,11 @@ train: setup ## every training stage, then their validation MAPE
 train-parallel: setup ## pending training stages at once, one GPU each (GPUS="0 1 2 3")
 	$(SS) train-parallel --gpus $(GPUS)
 
-# The same on a Ray cluster (CLUSTER-ray.md): make train-cluster ADDRESS=head:6379, with
-# STORAGE=clone where the nodes share no file system (a DVC remote carries the data)
+# The same on a Ray cluster (docs/cluster.md): make train-cluster ADDRESS=head:6379, with
+# STORAGE=clone where the nodes share no file system (a DVC remote carries the data), and there
+# CACHE_DIR=/local/disk/dvc-cache: one DVC cache per node, shared by its clones
 train-cluster: setup ## pending training stages on a Ray cluster (ADDRESS=head:6379 STORAGE=shared|clone)
-	$(SS) train-parallel --address $(ADDRESS) --storage $(STORAGE)
+	$(SS) train-parallel --address $(ADDRESS) --storage $(STORAGE) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR))
 
 # The pretrained backbone weights, once, online (weights/*.safetensors, tracked by DVC)
 weights: setup ## download the pretrained backbone weights once (online)

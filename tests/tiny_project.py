@@ -8,7 +8,9 @@ the project (git + DVC initialised) on a tiny generated dataset, and the command
   folds, two tiny variants and a depth-trend baseline, one epoch), as a mapping to edit;
 * ``make_tiny_project(proj, params, write_data=None)``: the copy in ``proj`` with those params,
   ``make data`` run (synth + ``dvc add data``; or the zips ``write_data`` writes, added) and
-  everything committed.
+  everything committed;
+* ``check_make_keeps_env(proj)``: fails unless ``make`` in ``proj`` finds this environment
+  installed (it would otherwise reinstall it from the copy).
 """
 
 from __future__ import annotations
@@ -97,6 +99,18 @@ def tiny_params() -> dict:
     return params
 
 
+def check_make_keeps_env(proj: Path) -> None:
+    """Fail unless ``make`` in ``proj`` finds ``.venv`` (this environment) installed:
+    ``.venv/.installed`` newer than ``pyproject.toml``.  Otherwise every make target would first
+    reinstall this environment, in editable mode, from the temporary copy."""
+    proc = subprocess.run(["make", "--question", ".venv/.installed"], cwd=proj, capture_output=True)
+    assert proc.returncode == 0, (
+        f"make in {proj} would reinstall {BIN.parent}: its pyproject.toml is newer than "
+        f"{BIN.parent / '.installed'} (give the checkout's pyproject.toml an older mtime, or "
+        "run `make setup` in the checkout once)"
+    )
+
+
 def make_tiny_project(
     proj: Path, params: dict, write_data: Callable[[Path], object] | None = None
 ) -> Path:
@@ -112,6 +126,7 @@ def make_tiny_project(
         ROOT / "pyproject.toml", proj / "pyproject.toml"
     )  # keeps its mtime: make sees .venv as fresh
     (proj / ".venv").symlink_to(BIN.parent)  # this environment
+    check_make_keeps_env(proj)
     (proj / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], proj)

@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from server_support import (
+    listening,
+    pg_reachable_folder,
+    pid_alive,
+    postgres_usable,
+    postmaster_pid,
+    wait_for_exports,
+)
 from speedstructure.cli import main
 from speedstructure.errors import UserError
 from speedstructure.tools import server as S
@@ -129,45 +133,15 @@ study.optimize(lambda t: t.suggest_float("x", -1.0, 1.0) ** 2, n_trials=2)
 """
 
 
-def _postgres_usable() -> str | None:
-    """Why the real test cannot run here, or None."""
-    try:
-        S.find_postgres()
-        S._as_pg_account(["true"])
-    except UserError as exc:
-        return str(exc)
-    return None
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _wait_for_exports(proc: subprocess.Popen, log: Path, timeout: float) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text()
-        if f"export {OPTUNA_STORAGE_ENV}=" in text:
-            return dict(re.findall(r"^  export (\w+)=(\S+)$", text, flags=re.M))
-        assert proc.poll() is None, f"the server exited early:\n{text}"
-        time.sleep(0.3)
-    raise AssertionError(f"no tracking URI within {timeout} s:\n{log.read_text()}")
-
-
 @pytest.fixture
 def pg_folder():
-    """A short folder in the system's temporary folder that the ``postgres`` account can reach
-    (pytest's own is closed to it when the tests run as root)."""
-    base = Path(tempfile.mkdtemp(prefix="ss-pg-"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
+    with pg_reachable_folder() as base:
+        yield base
 
 
 @pytest.mark.slow
 def test_server_on_postgresql_takes_two_writers_and_optuna_then_stops(tmp_path, pg_folder):
-    reason = _postgres_usable()
+    reason = postgres_usable()
     if reason:
         pytest.skip(reason)
     port, pg_port = S.free_port(), S.free_port()
@@ -179,7 +153,8 @@ def test_server_on_postgresql_takes_two_writers_and_optuna_then_stops(tmp_path, 
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        exports = _wait_for_exports(server, log, timeout=45)
+        exports = wait_for_exports(server, log, timeout=45)
+        postmaster = postmaster_pid(pgdata)
         assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{port}"
         assert exports[OPTUNA_STORAGE_ENV] == (
             f"postgresql+psycopg://speedstructure@127.0.0.1:{pg_port}/optuna"
@@ -198,8 +173,8 @@ def test_server_on_postgresql_takes_two_writers_and_optuna_then_stops(tmp_path, 
     text = log.read_text()
     assert rc == 0, text
     assert "mlflow server stopped" in text and f"PostgreSQL of {pgdata} stopped" in text
-    assert not (pgdata / "postmaster.pid").exists()
-    assert not _listening(port) and not _listening(pg_port)
+    assert not (pgdata / "postmaster.pid").exists() and not pid_alive(postmaster)
+    assert not listening(port) and not listening(pg_port)
 
 
 def _api(base: str, path: str, body: dict | None = None, **query) -> dict:
