@@ -43,6 +43,7 @@ WINDOW_S = 0.03  # ... starts the window in which the lobe's peak is taken
 MAX_OFFSET_M = 150.0  # near offsets only: the flat-floor approximation holds best there
 HALF_WINDOW_M = 20.0  # picks whose midpoint lies this close to a column vote for it
 MIN_PICKS = 3  # a column with fewer votes keeps the predicted floor
+EARLY_S = 0.1  # s: before the earliest sea-floor reflection (floor >= 75 m), only the direct wave
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,26 @@ def _lobe_times(residual: np.ndarray, record_dt: float) -> np.ndarray:
     return np.where(top[..., 0] > 0, times, np.nan)
 
 
+def _direct_wave(gathers: np.ndarray, direct: np.ndarray, record_dt: float) -> np.ndarray:
+    """The water-only wavefield of ``gathers``' orientation: ``direct`` as simulated, or its
+    mirror image (receivers and source order reversed, the consistent flip) for gathers that
+    were flipped so; whichever leaves less energy before ``EARLY_S``, where only the direct
+    wave has arrived.  (The mirrored sources sit 1 m from the simulated ones, enough to leave
+    a residual far larger than the sea-floor reflection.)"""
+    early = max(1, int(round(EARLY_S / record_dt)))
+    mirrored = direct[::-1, :, ::-1]
+    plain_left = np.square(gathers[:, :early] - direct[:, :early]).sum()
+    mirrored_left = np.square(gathers[:, :early] - mirrored[:, :early]).sum()
+    return mirrored if mirrored_left < plain_left else direct
+
+
 def pick_floor(gathers: np.ndarray, sim: SimParams, water_velocity: float) -> np.ndarray:
     """Water-floor depth per column ``(300,)`` in metres (NaN where fewer than
-    ``MIN_PICKS`` near-offset picks vote) for one sample's gathers ``(5, 10001, 31)``."""
+    ``MIN_PICKS`` near-offset picks vote) for one sample's gathers ``(5, 10001, 31)``, as
+    recorded or mirrored by the consistent flip (the pick is then the mirrored floor)."""
     direct, delay = water_response(sim, water_velocity)
-    times = _lobe_times(np.asarray(gathers, np.float64) - direct, sim.record_dt) - delay
+    g = np.asarray(gathers, np.float64)
+    times = _lobe_times(g - _direct_wave(g, direct, sim.record_dt), sim.record_dt) - delay
     mid, offset, depth_sum = _geometry()
     path2 = (water_velocity * 1000.0 * times) ** 2 - offset**2
     ok = np.isfinite(path2) & (path2 > 0) & (offset <= MAX_OFFSET_M)
