@@ -91,11 +91,12 @@ def _report(rows: list[dict]) -> dict:
         "model": "checkpoint best.pt",
         "samples": rows,
         "summary": bs.summarise(rows),
+        "train_floor": {"n_samples": 48, "record": 2.02, "simulated": 2.05},
     }
 
 
 def _row(sid: str, record: float, simulated: float, own: float, fine: float) -> dict:
-    row = {"sample_id": sid, "floor_m": 250.0, "corr": 0.99999}
+    row = {"sample_id": sid, "floor_m": 250.0, "corr": 0.99999, "corr_late": 0.9998}
     for method, err in (("record", record), ("simulated", simulated)):
         for name in ("own", "fine"):
             row[f"floor_{method}_{name}"] = err if name == "fine" else 2.0
@@ -126,6 +127,7 @@ def test_the_table_shows_the_bar_met_and_not_met():
     mean = next(line for line in text.splitlines() if line.strip().startswith("mean"))
     assert "16.00" in mean and "1.200" in mean
     assert "30.00*" in text  # a pick with unpicked columns is marked
+    assert "on 48 training samples (project's gathers): record 2.02 m, simulated 2.05 m" in text
 
 
 def test_measure_reads_both_sets_and_scores_a_model(project, tmp_path):
@@ -136,7 +138,9 @@ def test_measure_reads_both_sets_and_scores_a_model(project, tmp_path):
     rows = bs.measure(project, folder, meta["ids"], trained)
     assert [r["sample_id"] for r in rows] == meta["ids"]
     for r in rows:
-        assert -1.0 <= r["corr"] <= 1.0
+        assert -1.0 <= r["corr"] <= 1.0 and -1.0 <= r["corr_late"] <= 1.0
         assert {"floor_record_own", "floor_simulated_fine", "mape_own", "mape_fine"} <= set(r)
         assert r["mape_own"] == r["mape_fine"] > 0  # the constant model ignores its input
     assert "bar: mape fine / own within 1.10: MET (1.000)" in bs.table(_report(rows))
+    train = bs.train_floor_errors(project, 2)  # the tiny training zip: random gathers
+    assert train["n_samples"] == 2 and set(train) == {"n_samples", "record", "simulated"}

@@ -65,7 +65,6 @@ import numpy as np
 
 from speedstructure.config.load import load_params
 from speedstructure.config.schema import SPLITS, V_MAX, V_MIN, Params, SimParams, SynthConfig
-from speedstructure.config.typed import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -411,17 +410,9 @@ def _cmd(args: argparse.Namespace) -> int:
             repeats=args.repeats,
         )
     if args.what == "simulator":  # not part of `all`: it simulates on a 1 m grid (minutes)
-        from speedstructure.tools.bench_simulator import FINE_DT, FINE_DX, run, table
+        from speedstructure.tools.bench_simulator import run_from_args
 
-        out["simulator"] = run(
-            params,
-            resolve_path(args.folder, params.root),
-            args.samples,
-            dx=args.fine_dx or FINE_DX,
-            dt=args.fine_dt or FINE_DT,
-            model=args.model,
-        )
-        print(table(out["simulator"]))
+        out["simulator"] = run_from_args(params, args)
     if args.what == "gpu":  # never part of `all`: it is the GPU machine's check
         from speedstructure.tools.bench_gpu import run_bench_gpu
 
@@ -465,20 +456,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="grid spacing (m) of the reference run (data: 2; simulator: 1)",
     )
     p.add_argument(
-        "--fine-dt", type=float, default=None, help="simulator: the fine set's step (s, 0.0001)"
-    )
-    p.add_argument(
-        "--folder",
-        default="bench/simulator",
-        help="simulator: the fine set's folder (reused while its settings digest matches)",
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="simulator: a checkpoint (.pt), ensemble file, registered.json or models:/ URI "
-        "(default: the registered model, if any)",
-    )
-    p.add_argument(
         "--families", type=int, default=6, help="velocity families in the fidelity check"
     )
     p.add_argument("--variants", nargs="*", help="model variants (default: the default profile's)")
@@ -492,5 +469,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--steps", type=int, default=20, help="gpu: training steps per precision")
     p.add_argument("--epochs", type=int, default=2, help="parallel: epochs of each training")
+    from speedstructure.tools.bench_simulator import add_arguments
+
+    add_arguments(p)
     add_json_option(p)
     p.set_defaults(func=_cmd)

@@ -44,6 +44,7 @@ SET_LABELS = "test_labels.npz"  # their velocity models, keyed by sample id
 SET_META = "meta.json"  # the digest, the settings, the ids, the time per sample
 FLOOR_BAR_M = 5.0  # the issue's bar: the floor picked within 5 m on the fine set ...
 MAPE_RATIO_BAR = 1.10  # ... and the MAPE on it within 10 % of the project's gathers'
+LATE_S = 0.25  # s: the second correlation starts here, after the direct wave (reflections)
 
 
 # --------------------------------------------------------------------------- the set
@@ -213,9 +214,10 @@ def load_trained(params: Params, model: str | None) -> Trained | None:
 # --------------------------------------------------------------------------- measurements
 
 
-def gather_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two samples' gathers, all samples together."""
-    return float(np.corrcoef(np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64))[0, 1])
+def gather_correlation(a: np.ndarray, b: np.ndarray, start: int = 0) -> float:
+    """Pearson correlation of two samples' gathers ``(5, T, 31)`` from time sample ``start``."""
+    a, b = (np.asarray(g)[:, start:].astype(np.float64).ravel() for g in (a, b))
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def floor_error(picked: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -237,6 +239,7 @@ def measure(
     from speedstructure.physics.seafloor import METHODS, pick_floor
 
     water, sim = float(params.synth.water_velocity), params.synth.sim
+    late = int(round(LATE_S / sim.record_dt))
     methods = METHODS if trained is not None and trained.pickers() else (None,)
     rows = []
     with (
@@ -252,6 +255,7 @@ def measure(
                 "sample_id": sid,
                 "floor_m": round(float(floor.mean()), 1),
                 "corr": gather_correlation(gathers["own"], gathers["fine"]),
+                "corr_late": gather_correlation(gathers["own"], gathers["fine"], late),
             }
             for method in METHODS:
                 for name, g in gathers.items():
@@ -267,6 +271,27 @@ def measure(
             rows.append(row)
             log.info("bench simulator: %s measured", sid)
     return rows
+
+
+def train_floor_errors(params: Params, n: int) -> dict[str, Any]:
+    """Each picking method's mean floor error (m) on the first ``n`` samples of the training
+    zip (the project's own gathers) against their true floors."""
+    from speedstructure.data.samples import ZipSamples
+    from speedstructure.metrics import water_floor_depth
+    from speedstructure.physics.seafloor import METHODS, pick_floor
+
+    water, sim = float(params.synth.water_velocity), params.synth.sim
+    errors: dict[str, list[float]] = {m: [] for m in METHODS}
+    with ZipSamples(params.zip_path("train")) as z:
+        for sid in z.sample_ids[:n]:
+            gathers, target = z.read(sid)
+            floor = water_floor_depth(target, water).astype(np.float64)
+            for m in METHODS:
+                errors[m].append(floor_error(pick_floor(gathers, sim, water, m), floor)[0])
+    return {
+        "n_samples": min(n, len(errors[METHODS[0]])),
+        **{m: float(np.nanmean(e)) for m, e in errors.items()},
+    }
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -309,8 +334,8 @@ def table(report: dict[str, Any]) -> str:
         f"(dx {report['own_sim']['dx']:g} m, dt {report['own_sim']['dt'] * 1000:g} ms)",
         f"model: {report['model'] or 'none (no MAPE)'}",
     ]
-    head = f"  {'sample':<20} {'floor':>6} {'corr':>8}"
-    sub = f"  {'':<20} {'(m)':>6} {'':>8}"
+    head = f"  {'sample':<20} {'floor':>6} {'corr':>8} {'late':>8}"
+    sub = f"  {'':<20} {'(m)':>6} {'':>8} {'corr':>8}"
     for m in METHODS:
         label = f"{m} pick" + (" (default)" if m == DEFAULT_METHOD else "")
         head += f"  {label:>17}"
@@ -321,7 +346,7 @@ def table(report: dict[str, Any]) -> str:
     lines += [head, sub, "  " + "-" * (len(sub) - 2)]
     for r in [*rows, mean]:
         line = f"  {r['sample_id']:<20} {_cell(r['floor_m'], '.1f', 6)}"
-        line += f" {_cell(r['corr'], '.5f', 8)}"
+        line += f" {_cell(r['corr'], '.5f', 8)} {_cell(r['corr_late'], '.5f', 8)}"
         for m in METHODS:
             for s in ("own", "fine"):
                 mark = "*" if r.get(f"picked_{m}_{s}", 1.0) < 1.0 else " "
@@ -331,7 +356,16 @@ def table(report: dict[str, Any]) -> str:
             line += f"  {_cell(r[f'{k}_own'], '.4f', 8)} {_cell(r[f'{k}_fine'], '.4f', 8)}"
             line += f" {_cell(ratio, '.3f', 8)}"
         lines.append(line)
-    lines.append("  floor error: mean |picked - true| (m) over picked columns (*: some unpicked)")
+    lines.append(
+        "  floor error: mean |picked - true| (m) over picked columns (*: some unpicked); "
+        f"late corr: from {LATE_S:g} s"
+    )
+    train = report.get("train_floor")
+    if train:
+        figures = ", ".join(f"{m} {train[m]:.2f} m" for m in METHODS)
+        lines.append(
+            f"floor error on {train['n_samples']} training samples (project's gathers): {figures}"
+        )
     bar = summary["bar"]
     for m in METHODS:
         key = f"floor_{m}_fine"
@@ -356,6 +390,7 @@ def run(
     dx: float = FINE_DX,
     dt: float = FINE_DT,
     model: str | None = None,
+    train_samples: int = 0,
 ) -> dict[str, Any]:
     """The benchmark: the fine set made or reused, then measured (see the module docstring)."""
     sim = fine_settings(params.synth.sim, dx, dt)
@@ -374,4 +409,48 @@ def run(
         "model": trained.description if trained is not None else None,
         "samples": rows,
         "summary": summarise(rows),
+        "train_floor": train_floor_errors(params, train_samples) if train_samples else None,
     }
+
+
+def add_arguments(p) -> None:
+    """The options of ``speedstructure bench simulator`` (``--samples`` and ``--fine-dx`` are
+    shared with the other benchmarks)."""
+    p.add_argument(
+        "--fine-dt", type=float, default=None, help="simulator: the fine set's step (s, 0.0001)"
+    )
+    p.add_argument(
+        "--folder",
+        default="bench/simulator",
+        help="simulator: the fine set's folder (reused while its settings digest matches)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="simulator: a checkpoint (.pt), ensemble file, registered.json or models:/ URI "
+        "(default: the registered model, if any)",
+    )
+    p.add_argument(
+        "--train-samples",
+        type=int,
+        default=48,
+        help="simulator: training samples the picking methods are also scored on (0: none)",
+    )
+
+
+def run_from_args(params: Params, args) -> dict[str, Any]:
+    """``speedstructure bench simulator``: :func:`run` with the command's options; prints the
+    table."""
+    from speedstructure.config.typed import resolve_path
+
+    report = run(
+        params,
+        resolve_path(args.folder, params.root),
+        args.samples,
+        dx=args.fine_dx or FINE_DX,
+        dt=args.fine_dt or FINE_DT,
+        model=args.model,
+        train_samples=args.train_samples,
+    )
+    print(table(report))
+    return report
