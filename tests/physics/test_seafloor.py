@@ -101,7 +101,7 @@ def test_the_picker_records_its_method_and_older_records_pick_with_the_default()
     picker = FloorPicker(SimParams(), WATER, "simulated")
     assert FloorPicker.from_record(picker.record(), "ck") == picker
     older = {k: v for k, v in picker.record().items() if k != "method"}
-    assert FloorPicker.from_record(older, "ck").method == DEFAULT_METHOD
+    assert FloorPicker.from_record(older, "ck").method == DEFAULT_METHOD == "record"
     with pytest.raises(UserError, match="floor_picker.method"):
         FloorPicker.from_record({**older, "method": "guess"}, "ck")
 

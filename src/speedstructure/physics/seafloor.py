@@ -5,12 +5,12 @@ arrives every sample records the same wavefield: the direct wave of a water-only
 :func:`pick_floor` keeps that direct wave out of the pick in one of two ways (``method``,
 :data:`METHODS`):
 
-* ``record``: each trace is muted until ``GUARD_S`` after its direct wave's
+* ``record`` (the default): each trace is muted until ``GUARD_S`` after its direct wave's
   peak, timed on the record itself (:func:`record_delay`: the peak on the three traces within
   ``NEAR_M`` of their source, minus the straight-ray time), and a pick must reach
   ``MIN_REFLECTION`` of the trace's direct peak.  Nothing is simulated, so the pick does not
   depend on the data having been made by this project's simulator;
-* ``simulated`` (the default): the water-only wavefield simulated once with the project's simulator
+* ``simulated``: the water-only wavefield simulated once with the project's simulator
   (:mod:`speedstructure.physics.simulate`, ``sim``) is subtracted, and the wavelet delay is
   measured on it.  Any difference between that simulation and the data's (another grid,
   calibration or time convention) stays in the residual, where it can outweigh the reflection.
@@ -25,7 +25,8 @@ above it.  A :class:`FloorPicker` holds the simulator's settings, the water velo
 ``params.yaml``'s ``synth:`` section and the method, and applies both steps to a batch.
 
 On the embedded synthetic set the picks are within about 2 m of the truth on average with
-either method (README, "Models and training").  The variants opt in
+either method; on gathers simulated on a 1 m grid with a 0.1 ms step (``speedstructure bench
+simulator``) only ``record`` stays there (README, "Models and training").  The variants opt in
 with ``floor: picked``.  Limits: the first arrival comes from the nearest point of the floor,
 so a strongly curved syncline (tens of metres of relief over a few hundred metres) is picked
 too shallow at its bottom; ``record`` needs the floor deeper than about 75 m (its reflection
@@ -59,7 +60,7 @@ GUARD_S = 0.04  # record: the pick starts this long after the direct wave's peak
 MIN_REFLECTION = 0.002  # record: a pick's lobe reaches this fraction of its trace's direct peak
 NEAR_M = 1.0  # record: the delay is timed on the traces this close to their source (3 of them)
 METHODS = ("record", "simulated")  # how the direct wave is kept out of the pick
-DEFAULT_METHOD = "simulated"
+DEFAULT_METHOD = "record"
 
 
 @dataclass(frozen=True)
