@@ -391,6 +391,8 @@ def test_load_member_gives_a_picked_floor_the_physics_its_training_recorded(tmp_
     torch.save({"model": model.state_dict(), "variant": record, "meta": {}}, path)
     with pytest.raises(UserError, match="records no floor picker"):
         load_member(path)
+    given = FloorPicker(SimParams(), WATER, "simulated")  # what a benchmark may supply
+    assert load_member(path, default_floor_picker=given).floor_picker == given
     learned = model_from({"arch": "depth_trend"})
     torch.save({"model": learned.state_dict(), "variant": {"arch": "depth_trend"}}, path)
     assert load_member(path).floor_picker is None

@@ -4,40 +4,91 @@ predictions."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from speedstructure.config.schema import SimParams
+from speedstructure.errors import UserError
 from speedstructure.metrics import water_floor_depth
-from speedstructure.physics.seafloor import FloorPicker, impose_floor, pick_floor, water_response
+from speedstructure.physics.seafloor import (
+    DEFAULT_METHOD,
+    METHODS,
+    FloorPicker,
+    impose_floor,
+    pick_floor,
+    record_delay,
+    water_response,
+)
 from support import WATER, model_from, model_with_floor
 
 X = np.arange(300)
 
 
-def test_the_picked_floor_matches_a_curved_floor_within_a_few_metres(curved_floor):
+@pytest.mark.parametrize("method", METHODS)
+def test_the_picked_floor_matches_a_curved_floor_within_a_few_metres(curved_floor, method):
     floor, _, gathers = curved_floor
-    picked = pick_floor(gathers, SimParams(), WATER)
+    picked = pick_floor(gathers, SimParams(), WATER, method)
     assert np.isfinite(picked).all()
     assert np.abs(picked - floor).mean() < 4.0
     assert np.abs(picked - floor).max() < 10.0
 
 
-def test_mirrored_gathers_give_the_mirrored_floor(curved_floor):
+@pytest.mark.parametrize("method", METHODS)
+def test_mirrored_gathers_give_the_mirrored_floor(curved_floor, method):
     """Gathers flipped consistently (receivers and source order reversed, as training's flip
     augmentation and flip test-time augmentation do) are recognised: the pick is mirrored."""
     from speedstructure.data.flips import flip_inputs
 
     _, _, gathers = curved_floor
-    picked = pick_floor(gathers, SimParams(), WATER)
-    mirrored = pick_floor(flip_inputs(gathers, "consistent"), SimParams(), WATER)
+    picked = pick_floor(gathers, SimParams(), WATER, method)
+    mirrored = pick_floor(flip_inputs(gathers, "consistent"), SimParams(), WATER, method)
     assert np.isfinite(mirrored).all()
     assert np.abs(mirrored[::-1] - picked).max() < 2.0
 
 
-def test_a_water_only_record_gives_no_pick():
+@pytest.mark.parametrize("method", METHODS)
+def test_a_water_only_record_gives_no_pick(method):
     direct, delay = water_response(SimParams(), WATER)
     assert 0.05 < delay < 0.1  # the 15 Hz Ricker peaks about 1/f after its start
-    assert np.isnan(pick_floor(direct, SimParams(), WATER)).all()
+    assert np.isnan(pick_floor(direct, SimParams(), WATER, method)).all()
+
+
+def test_the_record_delay_is_the_simulated_one_and_follows_a_shifted_record():
+    direct, delay = water_response(SimParams(), WATER)
+    assert record_delay(direct, 1e-4, WATER) == pytest.approx(delay, abs=2e-4)
+    later = np.concatenate([np.zeros_like(direct[:, :5]), direct[:, :-5]], axis=1)
+    assert record_delay(later, 1e-4, WATER) == pytest.approx(
+        record_delay(direct, 1e-4, WATER) + 5e-4
+    )
+
+
+def test_the_record_pick_holds_where_the_record_and_the_simulator_differ(curved_floor):
+    """Gathers 10 % weaker and 0.5 ms later than the project's simulator makes them (another
+    simulator's calibration): the record method times the direct wave on the record itself
+    and keeps the floor; subtracting the simulated direct wave leaves it in the residual."""
+    floor, _, gathers = curved_floor
+    other = 0.9 * np.concatenate([np.zeros_like(gathers[:, :5]), gathers[:, :-5]], axis=1)
+    picked = pick_floor(other, SimParams(), WATER, "record")
+    assert np.isfinite(picked).all()
+    assert np.abs(picked - floor).mean() < 4.0
+    subtracted = pick_floor(other, SimParams(), WATER, "simulated")
+    assert not (np.abs(subtracted - floor) < 10.0).all()
+
+
+def test_an_unknown_method_is_refused(curved_floor):
+    with pytest.raises(ValueError, match="expected one of"):
+        pick_floor(curved_floor[2], SimParams(), WATER, "guess")
+    with pytest.raises(ValueError, match="expected one of"):
+        FloorPicker(SimParams(), WATER, "guess")
+
+
+def test_the_picker_records_its_method_and_older_records_pick_with_the_default():
+    picker = FloorPicker(SimParams(), WATER, "simulated")
+    assert FloorPicker.from_record(picker.record(), "ck") == picker
+    older = {k: v for k, v in picker.record().items() if k != "method"}
+    assert FloorPicker.from_record(older, "ck").method == DEFAULT_METHOD == "record"
+    with pytest.raises(UserError, match="floor_picker.method"):
+        FloorPicker.from_record({**older, "method": "guess"}, "ck")
 
 
 def test_impose_floor_moves_each_column_and_keeps_the_structure_below():

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from scipy.signal import fftconvolve
 
 from speedstructure.config.schema import SimParams, SynthConfig
@@ -105,6 +106,19 @@ def test_fidelity_coarse_vs_fine_layered():
     rel = np.linalg.norm(coarse - fine) / np.linalg.norm(fine)
     assert corr > 0.99, corr
     assert rel < 0.10, rel
+
+
+def test_the_organisers_grid_is_the_model_itself_on_nodes_with_no_resampling():
+    """dx 1 m, dt 0.1 ms (``bench simulator``'s fine set): the model's own cells (one column
+    added for the receiver at x = 300 m), every source and receiver on a node, and the record
+    at its own step.  Not simulated here: about a minute a sample on one core."""
+    sim = Simulator(SimParams(dx=1.0, dt=0.0001))
+    assert (sim.factor, sim.up) == (1, 1)
+    v = np.random.default_rng(0).uniform(1.5, 4.5, (NX, NZ)).astype(np.float32)
+    np.testing.assert_array_equal(coarsen_slowness(v, 1)[:NX], v)
+    assert coarsen_slowness(v, 1).shape == (NX + 1, NZ)
+    for locations in (sim.source_locations, sim.receiver_locations):
+        assert torch.equal(locations, locations.round())
 
 
 def test_coarsen_slowness_harmonic_mean():

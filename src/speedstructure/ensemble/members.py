@@ -46,12 +46,18 @@ ENSEMBLE_ARTIFACT = "ensemble"  # the ensemble file's key among a registered mod
 # --------------------------------------------------------------------------- members
 
 
-def load_member(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"):
+def load_member(
+    checkpoint: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    *,
+    default_floor_picker: FloorPicker | None = None,
+):
     """The model saved in a training checkpoint (``best.pt``), in eval mode.
 
     The checkpoint's variant record is parsed here, once.  Pretrained-weight settings are
     ignored (the checkpoint holds all weights), so loading never downloads anything.  A
-    ``floor: picked`` model gets the floor picker its training recorded (``meta``).
+    ``floor: picked`` model gets the floor picker its training recorded (``meta``), else
+    ``default_floor_picker`` (benchmarks of older checkpoints), else it is an error.
     """
     from speedstructure.engine.checkpoint import load_checkpoint
     from speedstructure.models.build import build_model
@@ -68,17 +74,23 @@ def load_member(checkpoint: str | os.PathLike, device: str | torch.device = "cpu
     variant = parse_variant(record, f"{path}: variant")
     if isinstance(variant, EvaFusionVariant):
         variant = dataclasses.replace(variant, pretrained="none")
-    model = build_model(variant, floor_picker=_floor_picker(ck, variant, path))
+    picker = _floor_picker(ck, variant, path, default_floor_picker)
+    model = build_model(variant, floor_picker=picker)
     model.load_state_dict(ck["model"])
     return model.to(device).eval()
 
 
-def _floor_picker(ck: dict, variant: Variant, path: Path) -> FloorPicker | None:
-    """The floor picker a checkpoint's training recorded; an error for a ``floor: picked``
-    (or ``relative``) checkpoint that records none (trained before checkpoints recorded it)."""
+def _floor_picker(
+    ck: dict, variant: Variant, path: Path, default: FloorPicker | None = None
+) -> FloorPicker | None:
+    """The floor picker a checkpoint's training recorded; ``default`` or an error for a
+    ``floor: picked`` (or ``relative``) checkpoint that records none (trained before
+    checkpoints recorded it)."""
     rec = (ck.get("meta") or {}).get("floor_picker")
     if rec is not None:
         return FloorPicker.from_record(rec, str(path))
+    if variant.floor in ("picked", "relative") and default is not None:
+        return default
     if variant.floor in ("picked", "relative"):
         raise UserError(
             f"{path}: a floor: {variant.floor} model that records no floor picker: retrain it "

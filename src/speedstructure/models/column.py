@@ -184,7 +184,7 @@ class ColumnNet(VelocityModel):
         rows = []
         for g in x.float():
             d = _oriented(g, direct)
-            floor = pick_floor(g.cpu().numpy(), picker.sim, picker.water_velocity)
+            floor = pick_floor(g.cpu().numpy(), picker.sim, picker.water_velocity, picker.method)
             floor = fill_floor(floor, float(self.floor_default))
             image = self._binned(g[None] - d[None]).flatten(1)
             rows.append(torch.cat([image, torch.as_tensor(floor, device=x.device)[None]], 1))

@@ -2,25 +2,36 @@
 
 Above the water floor every velocity model is water, so until the sea-floor reflection
 arrives every sample records the same wavefield: the direct wave of a water-only model.
-:func:`pick_floor` subtracts that wavefield (simulated once with the project's simulator,
-:mod:`speedstructure.physics.simulate`), takes on each near-offset trace (source-receiver
-offset <= ``MAX_OFFSET_M``) the first positive lobe of what remains (the reflection off a
-faster floor has the source wavelet's polarity), converts its time to a depth at the
-source-receiver midpoint (straight rays in water over a locally flat floor), and takes per
-column the median of the picks whose midpoints lie within ``HALF_WINDOW_M``.
+:func:`pick_floor` keeps that direct wave out of the pick in one of two ways (``method``,
+:data:`METHODS`):
 
-The wavelet delay (time from the wavelet's start to its positive peak) is measured on the
-same simulated direct wave, at the receiver right above the first source, so nothing is
-fitted on labels.  :func:`impose_floor` moves each column of a predicted model vertically so
-that its water floor lies at the picked depth and sets water above it.  A
-:class:`FloorPicker` holds the simulator's settings and the water velocity of
-``params.yaml``'s ``synth:`` section, and applies both steps to a batch.
+* ``record`` (the default): each trace is muted until ``GUARD_S`` after its direct wave's
+  peak, timed on the record itself (:func:`record_delay`: the peak on the three traces within
+  ``NEAR_M`` of their source, minus the straight-ray time), and a pick must reach
+  ``MIN_REFLECTION`` of the trace's direct peak.  Nothing is simulated, so the pick does not
+  depend on the data having been made by this project's simulator;
+* ``simulated``: the water-only wavefield simulated once with the project's simulator
+  (:mod:`speedstructure.physics.simulate`, ``sim``) is subtracted, and the wavelet delay is
+  measured on it.  Any difference between that simulation and the data's (another grid,
+  calibration or time convention) stays in the residual, where it can outweigh the reflection.
 
-On the embedded synthetic set the picks are within about 2 m of the truth on average
-(README, "Models and training"); the variants opt in with ``floor: picked``.  Limits: the
-first arrival comes from the nearest point of the floor, so a strongly curved syncline
-(tens of metres of relief over a few hundred metres) is picked too shallow at its bottom;
-the data must carry the challenge's acquisition and wavelet (the simulator's settings).
+Then, on each near-offset trace (source-receiver offset <= ``MAX_OFFSET_M``), the first positive
+lobe of what remains (the reflection off a faster floor has the source wavelet's polarity) is
+converted to a depth at the source-receiver midpoint (straight rays in water over a locally
+flat floor), and each column takes the median of the picks whose midpoints lie within
+``HALF_WINDOW_M``.  Nothing is fitted on labels.  :func:`impose_floor` moves each column of a
+predicted model vertically so that its water floor lies at the picked depth and sets water
+above it.  A :class:`FloorPicker` holds the simulator's settings, the water velocity of
+``params.yaml``'s ``synth:`` section and the method, and applies both steps to a batch.
+
+On the embedded synthetic set the picks are within about 2 m of the truth on average with
+either method; on gathers simulated on a 1 m grid with a 0.1 ms step (``speedstructure bench
+simulator``) only ``record`` stays there (README, "Models and training").  The variants opt in
+with ``floor: picked``.  Limits: the first arrival comes from the nearest point of the floor,
+so a strongly curved syncline (tens of metres of relief over a few hundred metres) is picked
+too shallow at its bottom; ``record`` needs the floor deeper than about 75 m (its reflection
+``GUARD_S`` after the direct wave on the near offsets); the data must carry the challenge's
+acquisition and a wavelet whose direct wave has passed ``GUARD_S`` after its peak.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import numpy as np
 from speedstructure.config.schema import SimParams, SynthConfig
 from speedstructure.config.typed import as_plain, build
 from speedstructure.data.format import NX, NZ
+from speedstructure.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +56,11 @@ MAX_OFFSET_M = 150.0  # near offsets only: the flat-floor approximation holds be
 HALF_WINDOW_M = 20.0  # picks whose midpoint lies this close to a column vote for it
 MIN_PICKS = 3  # a column with fewer votes keeps the predicted floor
 EARLY_S = 0.1  # s: before the earliest sea-floor reflection (floor >= 75 m), only the direct wave
+GUARD_S = 0.04  # record: the pick starts this long after the direct wave's peak (floor >= ~75 m)
+MIN_REFLECTION = 0.002  # record: a pick's lobe reaches this fraction of its trace's direct peak
+NEAR_M = 1.0  # record: the delay is timed on the traces this close to their source (3 of them)
+METHODS = ("record", "simulated")  # how the direct wave is kept out of the pick
+DEFAULT_METHOD = "record"
 
 
 @dataclass(frozen=True)
@@ -57,25 +74,39 @@ class FloorPicker:
 
     sim: SimParams
     water_velocity: float
+    method: str = DEFAULT_METHOD  # how :func:`pick_floor` keeps the direct wave out
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"floor picking method {self.method!r}: expected one of {METHODS}")
 
     @classmethod
     def from_synth(cls, synth: SynthConfig) -> FloorPicker:
         return cls(synth.sim, float(synth.water_velocity))
 
     def record(self) -> dict[str, Any]:
-        return {"sim": as_plain(self.sim), "water_velocity": self.water_velocity}
+        return {
+            "sim": as_plain(self.sim),
+            "water_velocity": self.water_velocity,
+            "method": self.method,
+        }
 
     @classmethod
     def from_record(cls, rec: dict[str, Any], where: str) -> FloorPicker:
+        """The picker a checkpoint recorded (one recorded before ``method`` existed picks
+        with :data:`DEFAULT_METHOD`)."""
         sim = build(SimParams, rec.get("sim", {}), f"{where}: floor_picker.sim")
-        return cls(sim, float(rec["water_velocity"]))
+        method = str(rec.get("method", DEFAULT_METHOD))
+        if method not in METHODS:
+            raise UserError(f"{where}: floor_picker.method {method!r}: expected one of {METHODS}")
+        return cls(sim, float(rec["water_velocity"]), method)
 
     def __call__(self, preds: np.ndarray, gathers: np.ndarray) -> np.ndarray:
         """A batch of predictions ``(B, 300, 1259)`` with the water floor picked from each
         sample's gathers ``(B, 5, 10001, 31)`` imposed."""
         out = np.empty_like(preds)
         for i, (p, g) in enumerate(zip(preds, gathers, strict=True)):
-            floor = pick_floor(g, self.sim, self.water_velocity)
+            floor = pick_floor(g, self.sim, self.water_velocity, self.method)
             if not np.isfinite(floor).any():
                 log.warning("no sea-floor reflection picked in sample %d of the batch: kept", i)
             out[i] = impose_floor(p, floor, self.water_velocity)
@@ -111,9 +142,9 @@ def trace_geometry() -> tuple[np.ndarray, np.ndarray, float]:
     return (xs + xr) / 2.0, np.abs(xr - xs), SOURCE_DEPTH_M + RECEIVER_DEPTH_M
 
 
-def _lobe_times(residual: np.ndarray, record_dt: float) -> np.ndarray:
+def _lobe_times(residual: np.ndarray, record_dt: float, level: Any = 0.0) -> np.ndarray:
     """Per trace ``(5, 31)``, the time (s) of the first positive lobe's peak of
-    ``residual (5, T, 31)``; NaN where a trace has no positive sample."""
+    ``residual (5, T, 31)``; NaN where a trace has no sample above ``level`` (per trace)."""
     tr = np.moveaxis(residual, 1, -1)  # (5, 31, T)
     top = tr.max(axis=-1, keepdims=True)
     start = np.argmax(tr > THRESHOLD * top, axis=-1)  # (5, 31)
@@ -121,7 +152,7 @@ def _lobe_times(residual: np.ndarray, record_dt: float) -> np.ndarray:
     idx = np.minimum(start[..., None] + np.arange(width), tr.shape[-1] - 1)
     peak = start + np.argmax(np.take_along_axis(tr, idx, axis=-1), axis=-1)
     times = peak * record_dt
-    return np.where(top[..., 0] > 0, times, np.nan)
+    return np.where(top[..., 0] > level, times, np.nan)
 
 
 def _direct_wave(gathers: np.ndarray, direct: np.ndarray, record_dt: float) -> np.ndarray:
@@ -137,13 +168,67 @@ def _direct_wave(gathers: np.ndarray, direct: np.ndarray, record_dt: float) -> n
     return mirrored if mirrored_left < plain_left else direct
 
 
-def pick_floor(gathers: np.ndarray, sim: SimParams, water_velocity: float) -> np.ndarray:
+def _straight_ray_times(water_velocity: float) -> np.ndarray:
+    """Per trace ``(5, 31)``, the direct wave's straight-ray travel time in seconds."""
+    from speedstructure.physics.simulate import RECEIVER_DEPTH_M, SOURCE_DEPTH_M
+
+    _, offset, _ = trace_geometry()
+    distance = np.hypot(offset, SOURCE_DEPTH_M - RECEIVER_DEPTH_M)
+    return distance / (water_velocity * 1000.0)
+
+
+def record_delay(gathers: np.ndarray, record_dt: float, water_velocity: float) -> float:
+    """The wavelet delay in seconds measured on the record itself: on the traces within
+    ``NEAR_M`` of their source, the direct wave's peak time (the largest sample in the first
+    ``EARLY_S`` after the straight-ray time) minus the straight-ray time; their median."""
+    _, offset, _ = trace_geometry()
+    ray = _straight_ray_times(water_velocity)
+    near = np.flatnonzero((offset <= NEAR_M).ravel())
+    tr = np.moveaxis(np.asarray(gathers), 1, -1).reshape(-1, np.shape(gathers)[1])[near]
+    early = max(1, int(round(EARLY_S / record_dt)))
+    delays = []
+    for trace, t0 in zip(tr, ray.ravel()[near], strict=True):
+        start = int(round(t0 / record_dt))
+        delays.append((start + int(np.argmax(trace[start : start + early]))) * record_dt - t0)
+    return float(np.median(delays))
+
+
+def _muted(gathers: np.ndarray, delay: float, record_dt: float, water_velocity: float):
+    """``gathers`` with each trace zeroed until ``GUARD_S`` after its direct wave's peak."""
+    ray = _straight_ray_times(water_velocity)
+    end = np.round((ray + delay + GUARD_S) / record_dt).astype(int)  # (5, 31)
+    t = np.arange(gathers.shape[1])[None, :, None]
+    return np.where(t < end[:, None, :], 0.0, gathers)
+
+
+def pick_floor(
+    gathers: np.ndarray, sim: SimParams, water_velocity: float, method: str = DEFAULT_METHOD
+) -> np.ndarray:
     """Water-floor depth per column ``(300,)`` in metres (NaN where fewer than
     ``MIN_PICKS`` near-offset picks vote) for one sample's gathers ``(5, 10001, 31)``, as
-    recorded or mirrored by the consistent flip (the pick is then the mirrored floor)."""
-    direct, delay = water_response(sim, water_velocity)
+    recorded or mirrored by the consistent flip (the pick is then the mirrored floor).
+
+    ``method`` (:data:`METHODS`): ``record`` mutes each trace until ``GUARD_S`` after its
+    direct wave's peak, timed on the record (:func:`record_delay`); ``simulated`` subtracts
+    the water-only wavefield simulated with ``sim`` (:func:`water_response`)."""
     g = np.asarray(gathers, np.float64)
-    times = _lobe_times(g - _direct_wave(g, direct, sim.record_dt), sim.record_dt) - delay
+    if method == "record":
+        delay = record_delay(g, sim.record_dt, water_velocity)
+        residual = _muted(g, delay, sim.record_dt, water_velocity)
+        level = MIN_REFLECTION * np.abs(g).max(axis=1)  # (5, 31): of each trace's direct wave
+    elif method == "simulated":
+        direct, delay = water_response(sim, water_velocity)
+        residual = g - _direct_wave(g, direct, sim.record_dt)
+        level = 0.0
+    else:
+        raise ValueError(f"floor picking method {method!r}: expected one of {METHODS}")
+    times = _lobe_times(residual, sim.record_dt, level) - delay
+    return _floor_from_times(times, water_velocity)
+
+
+def _floor_from_times(times: np.ndarray, water_velocity: float) -> np.ndarray:
+    """Per column, the median depth of the reflection times ``(5, 31)`` (s) whose
+    source-receiver midpoints lie within ``HALF_WINDOW_M`` (straight rays, flat floor)."""
     mid, offset, depth_sum = trace_geometry()
     path2 = (water_velocity * 1000.0 * times) ** 2 - offset**2
     ok = np.isfinite(path2) & (path2 > 0) & (offset <= MAX_OFFSET_M)

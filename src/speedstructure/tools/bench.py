@@ -37,6 +37,10 @@ the README.
 variants' training path on this machine (:mod:`speedstructure.tools.bench_gpu`; it imports only
 torch, timm, numpy and pyyaml, and exits 1 when a check fails).
 
+``speedstructure bench simulator`` keeps a few test models simulated on the organisers' grid
+(1 m, 0.1 ms) and measures the floor picker and a trained model on them against the project's
+own gathers (:mod:`speedstructure.tools.bench_simulator`).
+
 ``speedstructure bench parallel`` starts two tiny trainings at once and compares them with
 running them one after the other, with the automatic thread budget (``train.threads:
 null``) and with every process taking all cores (:mod:`speedstructure.tools.bench_parallel`).
@@ -383,7 +387,7 @@ def _cmd(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {}
     if args.what in ("data", "all"):
         out["data"] = bench_data(
-            params.synth, args.samples, args.repeats, args.fine_dx, args.families
+            params.synth, args.samples, args.repeats, args.fine_dx or 2.0, args.families
         )
     if args.what in ("store", "all"):
         out["store"] = bench_store(params, args.repeats, max(args.samples, 16))
@@ -410,11 +414,15 @@ def _cmd(args: argparse.Namespace) -> int:
 
         out["learning"] = bench_learning(params, (args.variant or [None])[0], scale=args.scale)
         print(format_table(out["learning"]))
+    if args.what == "simulator":  # not part of `all`: it simulates on a 1 m grid (minutes)
+        from speedstructure.tools.bench_simulator import run_from_args
+
+        out["simulator"] = run_from_args(params, args)
     if args.what == "gpu":  # never part of `all`: it is the GPU machine's check
         from speedstructure.tools.bench_gpu import run_bench_gpu
 
         out["gpu"] = run_bench_gpu(params, args.variant, args.steps)
-    if args.json != "-":
+    if args.json != "-" and args.what not in ("simulator", "learning"):  # they print tables
         print(json.dumps(out, indent=2))
     write_json_output(args.json, out)
     return 0 if out.get("gpu", {}).get("ok", True) else 1
@@ -427,6 +435,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         description="Benchmarks: data generation, store reads, model speed (`all`: the three); "
         "`learning`: a variant trained on 1x, 2x, 4x the samples (or epochs), scored; "
+        "`simulator`: the floor picker and a trained model on test models simulated at 1 m / "
+        "0.1 ms against the project's gathers; "
         "`training`: training steps before/after the precision rule and the input cache; "
         "`gpu`: the competition variants' training path checked and timed (bf16, fp16, "
         "validation, TTA, save + resume) with random weights; `parallel`: two tiny trainings "
@@ -436,12 +446,30 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "what",
         nargs="?",
         default="all",
-        choices=["data", "store", "model", "all", "training", "gpu", "parallel", "learning"],
+        choices=[
+            "data",
+            "store",
+            "model",
+            "all",
+            "training",
+            "gpu",
+            "parallel",
+            "simulator",
+            "learning",
+        ],
     )
-    p.add_argument("--samples", type=int, default=8, help="samples generated per timing run")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=8,
+        help="samples generated per timing run; simulator: test models in the fine set",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timing runs (the median is reported)")
     p.add_argument(
-        "--fine-dx", type=float, default=2.0, help="grid spacing (m) of the reference run"
+        "--fine-dx",
+        type=float,
+        default=None,
+        help="grid spacing (m) of the reference run (data: 2; simulator: 1)",
     )
     p.add_argument(
         "--families", type=int, default=6, help="velocity families in the fidelity check"
@@ -464,5 +492,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default="samples",
         help="learning: scale the training samples (a quarter, a half, all) or the epochs",
     )
+    from speedstructure.tools.bench_simulator import add_arguments
+
+    add_arguments(p)
     add_json_option(p)
     p.set_defaults(func=_cmd)
