@@ -79,3 +79,14 @@ def test_the_projection_adds_up_the_measured_rates(fresh_project):
     assert proj.total == pytest.approx(
         proj.data + proj.training + proj.prediction + proj.qc + STAGE_OVERHEAD_S
     )
+
+
+def test_every_trained_variant_of_the_default_profile_is_measured(fresh_project):
+    """The column network picks floors inside forward(): the doctor builds every variant with
+    the data's floor picker (it once failed there with a traceback)."""
+    from speedstructure.tools.doctor import measure_variant, trained_variants
+
+    params = load_params()
+    assert "column" in trained_variants(params)
+    rates = measure_variant(params, "column", steps=1)
+    assert rates.train > 0 and rates.infer > 0

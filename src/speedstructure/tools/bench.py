@@ -229,6 +229,7 @@ def bench_model(params: Params, variants: list[str], repeats: int, batch: int) -
 
     from speedstructure.engine.optim import build_optimizer
     from speedstructure.models.build import build_model, forward_flops
+    from speedstructure.physics.seafloor import FloorPicker
 
     peak = matmul_peak()
     out: dict[str, Any] = {
@@ -245,7 +246,7 @@ def bench_model(params: Params, variants: list[str], repeats: int, batch: int) -
             continue
         fwd = forward_flops(build_model(variant, meta=True)) * batch
         torch.manual_seed(0)
-        model = build_model(variant)
+        model = build_model(variant, floor_picker=FloorPicker.from_synth(params.synth))
         opt = build_optimizer(model, params.train_for(name))
         tr, inf = _step_times(model, opt, x, y, repeats)
         out["variants"][name] = {
@@ -320,12 +321,14 @@ def step_seconds(params: Params, name: str, changes: dict, repeats: int) -> dict
     from speedstructure.engine.results import Run
     from speedstructure.engine.runtime import Dist, pick_device
     from speedstructure.models.build import build_model
+    from speedstructure.physics.seafloor import FloorPicker
 
     cfg = dataclasses.replace(params.train_for(name), progress=False, **changes)
     rows = _training_rows(params, cfg.batch_size * (repeats + 1))
     device = pick_device(cfg.device)
     torch.manual_seed(0)
-    model = build_model(params.variant(name), device=device)
+    picker = FloorPicker.from_synth(params.synth)
+    model = build_model(params.variant(name), device=device, floor_picker=picker)
     ds = SampleDataset(rows)
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         t0 = time.perf_counter()
@@ -410,10 +413,9 @@ def _cmd(args: argparse.Namespace) -> int:
             repeats=args.repeats,
         )
     if args.what == "learning":  # not part of `all`: it trains three models (up to an hour)
-        from speedstructure.tools.bench_learning import bench_learning, format_table
+        from speedstructure.tools.bench_learning import run_from_args
 
-        out["learning"] = bench_learning(params, (args.variant or [None])[0], scale=args.scale)
-        print(format_table(out["learning"]))
+        out["learning"] = run_from_args(params, args)
     if args.what == "simulator":  # not part of `all`: it simulates on a 1 m grid (minutes)
         from speedstructure.tools.bench_simulator import run_from_args
 
@@ -426,6 +428,9 @@ def _cmd(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     write_json_output(args.json, out)
     return 0 if out.get("gpu", {}).get("ok", True) else 1
+
+
+BENCHES = ("data", "store", "model", "training", "gpu", "parallel", "simulator", "learning")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -446,17 +451,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "what",
         nargs="?",
         default="all",
-        choices=[
-            "data",
-            "store",
-            "model",
-            "all",
-            "training",
-            "gpu",
-            "parallel",
-            "simulator",
-            "learning",
-        ],
+        choices=[*BENCHES, "all"],
     )
     p.add_argument(
         "--samples",

@@ -120,3 +120,10 @@ def format_table(out: dict[str, Any]) -> str:
             f"{r['band_mape']:>9.4f} {r['lateral_r2']:>7.3f} {r['water_floor_error_m']:>7.1f}"
         )
     return "\n".join(lines)
+
+
+def run_from_args(params: Params, args) -> dict[str, Any]:
+    """``speedstructure bench learning``: run, print the table, return the results."""
+    out = bench_learning(params, (args.variant or [None])[0], scale=args.scale)
+    print(format_table(out))
+    return out

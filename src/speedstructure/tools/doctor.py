@@ -154,11 +154,13 @@ def measure_variant(params: Params, name: str, steps: int = 2) -> Rates:
     from speedstructure.engine.runtime import pick_device
     from speedstructure.metrics import mape
     from speedstructure.models.build import build_model
+    from speedstructure.physics.seafloor import FloorPicker
 
     cfg = params.train_for(name)
     dev = pick_device(cfg.device)
     torch.manual_seed(0)
-    model = build_model(params.variant(name), device=dev).to(dev)
+    picker = FloorPicker.from_synth(params.synth)  # the column network picks floors in forward
+    model = build_model(params.variant(name), device=dev, floor_picker=picker).to(dev)
     opt = build_optimizer(model, cfg, device=dev)
     b, vb = int(cfg.batch_size), int(cfg.val_batch_size)
     x = torch.randn(max(b, vb), 5, 10001, 31, device=dev) * 0.0155
