@@ -41,8 +41,6 @@ from speedstructure.models.inputs import N_RECEIVERS, N_SOURCES, N_TIME
 
 log = logging.getLogger(__name__)
 
-EARLY_SAMPLES = 1000  # 0.1 s: before the earliest sea-floor reflection only the direct wave
-
 
 # ----------------------------------------------------------------------------- geometry
 
@@ -176,15 +174,20 @@ class ColumnNet(VelocityModel):
         if x.device.type == "meta":  # shapes and FLOPs only: no physics on the meta device
             floors = torch.zeros(b, NX, device=x.device)
             return torch.cat([self._binned(x).flatten(1), floors], 1)
-        from speedstructure.physics.seafloor import pick_floor, water_response
+        from speedstructure.physics.seafloor import (
+            oriented_direct_wave,
+            pick_floor,
+            water_response,
+        )
 
         picker = self._picker()
         direct, _ = water_response(picker.sim, picker.water_velocity)
-        direct = torch.as_tensor(direct, dtype=torch.float32, device=x.device)
         rows = []
         for g in x.float():
-            d = _oriented(g, direct)
-            floor = pick_floor(g.cpu().numpy(), picker.sim, picker.water_velocity, picker.method)
+            record = g.cpu().numpy()
+            oriented = oriented_direct_wave(record.astype(np.float64), direct, picker.sim.record_dt)
+            d = torch.as_tensor(oriented.copy(), dtype=torch.float32, device=x.device)
+            floor = pick_floor(record, picker.sim, picker.water_velocity, picker.method)
             floor = fill_floor(floor, float(self.floor_default))
             image = self._binned(g[None] - d[None]).flatten(1)
             rows.append(torch.cat([image, torch.as_tensor(floor, device=x.device)[None]], 1))
@@ -256,11 +259,3 @@ class ColumnNet(VelocityModel):
 
     def _water(self) -> float:
         return self.floor_picker.water_velocity if self.floor_picker is not None else self.v_min
-
-
-def _oriented(g: torch.Tensor, direct: torch.Tensor) -> torch.Tensor:
-    """``direct`` or its mirror image, whichever matches the early record of ``g``."""
-    mirrored = direct.flip(0, 2)
-    e = EARLY_SAMPLES
-    plain = (g[:, :e] - direct[:, :e]).square().sum()
-    return mirrored if (g[:, :e] - mirrored[:, :e]).square().sum() < plain else direct

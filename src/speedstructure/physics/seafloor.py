@@ -155,7 +155,7 @@ def _lobe_times(residual: np.ndarray, record_dt: float, level: Any = 0.0) -> np.
     return np.where(top[..., 0] > level, times, np.nan)
 
 
-def _direct_wave(gathers: np.ndarray, direct: np.ndarray, record_dt: float) -> np.ndarray:
+def oriented_direct_wave(gathers: np.ndarray, direct: np.ndarray, record_dt: float) -> np.ndarray:
     """The water-only wavefield of ``gathers``' orientation: ``direct`` as simulated, or its
     mirror image (receivers and source order reversed, the consistent flip) for gathers that
     were flipped so; whichever leaves less energy before ``EARLY_S``, where only the direct
@@ -218,7 +218,7 @@ def pick_floor(
         level = MIN_REFLECTION * np.abs(g).max(axis=1)  # (5, 31): of each trace's direct wave
     elif method == "simulated":
         direct, delay = water_response(sim, water_velocity)
-        residual = g - _direct_wave(g, direct, sim.record_dt)
+        residual = g - oriented_direct_wave(g, direct, sim.record_dt)
         level = 0.0
     else:
         raise ValueError(f"floor picking method {method!r}: expected one of {METHODS}")
