@@ -57,6 +57,25 @@ def lateral_r2(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 - float(((lateral_deviation(pred) - dt) ** 2).sum()) / denom
 
 
+LATERAL_FLOOR = 1e-4  # (km/s)^2: keeps lateral_loss finite on laterally flat truths
+
+
+def lateral_loss(pred: Any, truth: Any) -> Any:
+    """The lateral-structure training term: ``mean (d(pred) - d(truth))^2`` over the batch
+    divided by ``mean d(truth)^2 + LATERAL_FLOOR``, with ``d`` the deviation from each depth
+    row's mean over x.  For numpy inputs and a truth with lateral structure it is
+    ``1 - lateral_r2`` (up to the floor); for torch inputs a float32 0-d tensor to add to
+    MAPE (``train.lateral_weight``): plain MAPE drowns the lateral part, which carries a few
+    percent of the velocity."""
+    if isinstance(pred, np.ndarray) or isinstance(truth, np.ndarray):
+        dp, dt = lateral_deviation(pred), lateral_deviation(truth)
+        return float(((dp - dt) ** 2).mean() / ((dt**2).mean() + LATERAL_FLOOR))
+    pred, truth = pred.float(), truth.float()
+    dp = pred - pred.mean(dim=-2, keepdim=True)
+    dt = truth - truth.mean(dim=-2, keepdim=True)
+    return ((dp - dt) ** 2).mean() / ((dt**2).mean() + LATERAL_FLOOR)
+
+
 def laterally_constant_oracle(truth: np.ndarray) -> np.ndarray:
     """Each depth row of the truth replaced by its mean over x: the best laterally flat model."""
     truth = np.asarray(truth)

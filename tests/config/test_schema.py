@@ -103,6 +103,7 @@ SEED_RECIPE = {
     "accum_steps": 1,  # the seed declared 2 and never applied it
     "patience": 5,
     "flip_prob": 0.5,
+    "lateral_weight": 0.0,  # MAPE alone: the seed had no lateral term
 }
 NOT_RECIPE = {  # how and where it runs, not what it learns
     "val_batch_size": 16,

@@ -298,6 +298,22 @@ def test_gradient_accumulation_matches_bigger_batch(data, tmp_path):
     assert _load(d.last_path)["opt_steps"] == 2
 
 
+def test_lateral_weight_trains_on_the_lateral_term_and_reports_the_mape(data, tmp_path):
+    from speedstructure.metrics import lateral_loss
+
+    x, y, _ = SampleDataset(data["rows"][:2])[0]
+    with torch.no_grad():
+        first = _model()(x[None])
+    assert float(lateral_loss(first, y[None])) > 10.0  # targets flat in x, the net's output not
+    cfg = _cfg(epochs=1, ema_decay=0.0)
+    plain = _run(data, tmp_path / "plain", cfg)
+    lateral = _run(data, tmp_path / "lateral", dataclasses.replace(cfg, lateral_weight=1.0))
+    a, b = _load(plain.last_path)["model"], _load(lateral.last_path)["model"]
+    assert any(not torch.allclose(a[k], b[k]) for k in a)  # the term changed the updates
+    for res in (plain, lateral):  # the epoch's figure is the training MAPE, without the term
+        assert 0.0 < res.history[0]["train_loss"] < 1.0
+
+
 def test_resume_gives_the_same_weights(data, tmp_path):
     cfg = _cfg(epochs=2, flip_prob=0.5)
     straight = _run(data, tmp_path / "straight", cfg, model=_model(1))

@@ -388,6 +388,32 @@ def test_lateral_r2_is_zero_for_flat_and_one_for_perfect_predictions():
     assert np.isnan(lateral_r2(truth, laterally_constant_oracle(truth)))  # flat truth
 
 
+def test_lateral_loss_is_one_minus_lateral_r2_and_differentiable():
+    from speedstructure.metrics import (
+        LATERAL_FLOOR,
+        lateral_deviation,
+        lateral_loss,
+        lateral_r2,
+        laterally_constant_oracle,
+    )
+
+    truth = np.stack([_layered(200, dip=0.5), _layered(300, dip=-0.3)])
+    flat = laterally_constant_oracle(truth)
+    half = flat + 0.5 * (truth - flat)
+    size = float((lateral_deviation(truth) ** 2).mean())
+    shrink = size / (size + LATERAL_FLOOR)  # the floor's share: 0.994 here
+    assert 0.99 < shrink < 1.0
+    for pred in (truth, flat, half, np.full_like(truth, 2.5)):
+        want = (1 - lateral_r2(pred, truth)) * shrink
+        assert lateral_loss(pred, truth) == pytest.approx(want, rel=1e-9, abs=1e-12)
+        as_torch = lateral_loss(torch.from_numpy(pred), torch.from_numpy(truth))
+        assert float(as_torch) == pytest.approx(lateral_loss(pred, truth), rel=1e-4, abs=1e-7)
+    assert lateral_loss(truth, flat) > 1.0  # a flat truth: finite, against the floor
+    p = torch.from_numpy(half).requires_grad_()
+    lateral_loss(p, torch.from_numpy(truth)).backward()
+    assert p.grad is not None and float(p.grad.abs().sum()) > 0
+
+
 def test_water_floor_error_is_the_floor_shift_in_metres():
     from speedstructure.metrics import water_floor_depth, water_floor_error
 

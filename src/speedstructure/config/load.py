@@ -165,6 +165,10 @@ def _check_references(p: Params) -> None:
         _check_choice(
             t.muon_precision, MUON_PRECISIONS, f"{src}: variants.{name}.train.muon_precision"
         )
+        if not float(t.lateral_weight) >= 0:
+            raise ConfigError(
+                f"{src}: variants.{name}.train.lateral_weight must be >= 0, got {t.lateral_weight}"
+            )
     unknown_splits = sorted(set(p.data.zips) - set(SPLITS))
     missing_splits = sorted(set(SPLITS) - set(p.data.zips))
     if unknown_splits or missing_splits:

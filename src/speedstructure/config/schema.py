@@ -204,6 +204,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1.0e-8
     clip: float = 3.0
+    lateral_weight: float = 0.0  # x metrics.lateral_loss added to the MAPE loss
     amp: str = "none"
     muon_precision: str = (
         "auto"  # Muon's orthogonalisation: auto (CUDA bf16, CPU fp32) | bf16 | fp32

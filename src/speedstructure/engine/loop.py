@@ -3,7 +3,10 @@
 :func:`train_model` trains a model on a training set and validates it on a validation
 set, writing into an output folder (see :mod:`speedstructure.engine.checkpoint`):
 
-* loss = MAPE (:func:`speedstructure.metrics.mape`, float32), the challenge metric;
+* loss = MAPE (:func:`speedstructure.metrics.mape`, float32), the challenge metric, plus
+  ``lateral_weight`` x :func:`speedstructure.metrics.lateral_loss` (the lateral deviations
+  from each depth row's mean, which plain MAPE drowns); the reported training figure is the
+  MAPE alone;
 * :class:`~speedstructure.engine.optim.MuonAdamW` with the cosine-then-constant schedule,
   stepped once per optimizer step;
 * gradient clipping, real gradient accumulation (``accum_steps`` micro-batches per
@@ -88,7 +91,7 @@ from speedstructure.engine.runtime import (
     training_seed,
 )
 from speedstructure.errors import UserError
-from speedstructure.metrics import mape
+from speedstructure.metrics import lateral_loss, mape
 
 # --------------------------------------------------------------------------- entry point
 
@@ -314,20 +317,23 @@ class Trainer:
     def _backward(
         self, x: torch.Tensor, y: torch.Tensor, group_size: int, *, sync: bool, where: tuple
     ) -> torch.Tensor:
-        """Forward, MAPE loss and backward of one micro-batch (gradients are synchronised
-        across ranks only on the last micro-batch of a group)."""
+        """Forward, loss and backward of one micro-batch (gradients are synchronised
+        across ranks only on the last micro-batch of a group); the micro-batch's MAPE."""
         run = self.run
         no_sync = not sync and run.ranks.active
         with self.net.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(run.device, run.amp_dtype):
                 pred = self.net(x, prepared=True) if self.prepared else self.net(x)
-            loss = mape(pred, y)
+            error = mape(pred, y)
+            loss = error
+            if run.cfg.lateral_weight:
+                loss = loss + float(run.cfg.lateral_weight) * lateral_loss(pred, y)
             if run.cfg.amp != "fp16" and not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite training loss at epoch {where[0]}, batch {where[1]}"
                 )
             self.scaler.scale(loss / group_size).backward()
-        return loss
+        return error
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on one batch already on the device, no flip, no accumulation
