@@ -7,7 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from speedstructure.tools.bench_learning import FACTORS, bench_learning, format_table, scores
+from speedstructure.tools.bench_learning import (
+    FACTORS,
+    PANELS,
+    bench_learning,
+    format_table,
+    plot_curve,
+    scores,
+)
 from support import WATER, sample_id
 
 
@@ -38,6 +45,17 @@ def test_samples_scale_as_nested_subsets_and_every_row_is_scored(project):
         assert 0 < r["val_mape"] < 1 and 0 < r["band_mape"] < 1
     table = format_table(out)
     assert "scaling the samples" in table and table.count("\n") == len(FACTORS) + 1
+
+
+def test_the_curve_is_a_png_with_one_panel_per_figure(project, tmp_path):
+    from matplotlib.image import imread
+
+    out = bench_learning(project, scale="samples", fold=1)
+    path = plot_curve(out, tmp_path / "curves" / "learning.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width = imread(path).shape[:2]
+    assert (width, height) == (round(320 * len(PANELS)), 300)  # 3.2 x 3.0 in per panel, 100 dpi
+    assert not list(path.parent.glob("*.tmp*"))  # written atomically, nothing left beside it
 
 
 def test_epochs_scale_the_variants_epochs_on_every_sample(project):

@@ -487,6 +487,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default="samples",
         help="learning: scale the training samples (a quarter, a half, all) or the epochs",
     )
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE",
+        help="learning: the curve's PNG (default: bench/learning_<variant>_<scale>.png)",
+    )
     from speedstructure.tools.bench_simulator import add_arguments
 
     add_arguments(p)

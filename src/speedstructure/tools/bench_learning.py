@@ -8,7 +8,8 @@ scored on the fold's validation samples: MAPE, MAPE in the ``evaluate.focus_band
 (300-900 m), the lateral-structure score R2_lat and the water-floor error.  A GPU user reads
 from it whether more data or longer training buys structure (R2_lat, the band) or only a
 better prior.  It needs the ``folds`` stage's table and reads the sample store when
-``paths.store`` holds it.
+``paths.store`` holds it.  Besides the table it draws the four figures against the factor
+(``bench/learning_<variant>_<scale>.png``, not versioned; ``--plot`` elsewhere).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,12 @@ from speedstructure.metrics import lateral_r2, per_sample_mape, water_floor_erro
 log = logging.getLogger(__name__)
 
 FACTORS = (1, 2, 4)
+PANELS = (  # (key of a row, title) of the curve's panels
+    ("val_mape", "validation MAPE"),
+    ("band_mape", "300-900 m MAPE"),
+    ("lateral_r2", "R2_lat"),
+    ("water_floor_error_m", "water-floor error (m)"),
+)
 
 
 def _rows(params: Params, fold: int) -> tuple[list, list]:
@@ -122,8 +130,33 @@ def format_table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_curve(out: dict[str, Any], path: str | Path) -> Path:
+    """The curve: each of :data:`PANELS` against the factor (log2 axis), as a PNG at ``path``."""
+    from matplotlib.figure import Figure
+
+    from speedstructure.reports.plots import save_figure
+
+    factors = [r["factor"] for r in out["rows"]]
+    fig = Figure(figsize=(3.2 * len(PANELS), 3.0), layout="constrained")
+    for ax, (key, title) in zip(fig.subplots(1, len(PANELS)), PANELS, strict=True):
+        ax.plot(factors, [r[key] for r in out["rows"]], "o-")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(factors, [f"{f}x" for f in factors])
+        ax.set_xlabel(f"{out['scale']} (x a quarter)" if out["scale"] == "samples" else "epochs")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"bench learning: {out['variant']}, fold {out['fold']} "
+        f"({out['val_samples']} validation samples)"
+    )
+    return save_figure(fig, path)
+
+
 def run_from_args(params: Params, args) -> dict[str, Any]:
-    """``speedstructure bench learning``: run, print the table, return the results."""
+    """``speedstructure bench learning``: run, print the table, draw the curve, return both."""
     out = bench_learning(params, (args.variant or [None])[0], scale=args.scale)
     print(format_table(out))
+    default = params.root / "bench" / f"learning_{out['variant']}_{out['scale']}.png"
+    out["plot"] = str(plot_curve(out, args.plot or default))
+    print(f"curve: {out['plot']}")
     return out
