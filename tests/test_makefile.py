@@ -31,3 +31,10 @@ def test_make_clean_removes_outputs_but_not_data_the_venv_or_the_mlflow_history(
     removed = set(_make("-n", "clean").split()) - {"rm", "-rf"}
     assert {"store", "models", "metrics", "plots", "submission", "dvc_plots"} <= removed
     assert not removed & {"data", ".venv", "mlruns", "params.yaml", "src"}
+
+
+def test_make_data_demo_and_repro_link_the_dvc_cache_instead_of_keeping_copies():
+    """`dvc add` and `dvc repro` copy data/ and store/ into the DVC cache; these targets then
+    relink them (tests/tiny_project.py checks the links `make data` leaves)."""
+    for target in ("data", "demo", "repro"):
+        assert "checkout --relink" in _make("-n", target), target

@@ -140,6 +140,8 @@ def make_tiny_project(
     if write_data is None:  # synth + `dvc add data`, as on a fresh clone
         run(["make", "--no-print-directory", "data"], proj)
         assert (proj / "data/test_labels.npz").is_file()
+        # linked to its copy in the DVC cache (`dvc checkout --relink`), not a second copy
+        assert (proj / "data/train.zip").stat().st_nlink == 2
     else:
         write_data(proj / "data")
         dvc("add", "-q", "data", cwd=proj)
