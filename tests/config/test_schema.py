@@ -176,6 +176,7 @@ def test_paths_resolve_against_the_root(tmp_path):
         ({"ensemble__variants": ["tiny_dual42", "tiny_dual42"]}, r"lists a variant twice"),
         ({"ensemble__variants": ["ghost"]}, r"ensemble\.variants names unknown variant 'ghost'"),
         ({"tune__n_trials": 0}, r"tune\.n_trials must be >= 1"),
+        ({"tune__weights": "median"}, r"tune\.weights must be one of auto, best_single"),
         ({"variants__tiny_mean__fusion": "max"}, r"variants\.tiny_mean\.fusion must be one of"),
         ({"variants__tiny_mean__width": 8}, r"variants\.tiny_mean: unknown key\(s\) width"),
         (

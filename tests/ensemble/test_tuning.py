@@ -17,6 +17,7 @@ from speedstructure.config.typed import ConfigError
 from speedstructure.data.samples import ZipWriter
 from speedstructure.ensemble.scoring import Scorer, TuneError, weighted_mape
 from speedstructure.ensemble.tuning import (
+    choose_weighting,
     dirichlet_weights,
     fit_weights,
     optuna_storage,
@@ -335,8 +336,12 @@ def test_run_tune_end_to_end(tmp_path, shared_data, tiny_params, monkeypatch):
         ]
         w = np.array([m["weight"] for m in f["members"]])
         assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
-        assert w[0] > w[1]  # the less noisy member weighs more
         assert set(f["heldout"]) == {"best_single", "equal", "hand", "tuned"}
+        # tune.weights auto: the weighting with the lowest held-out MAPE; with members this
+        # unequal, not equal weights: the less noisy member weighs more
+        assert f["strategy"] == min(f["heldout"], key=f["heldout"].get) != "equal"
+        assert w[0] > w[1]
+        assert set(f["tuned_weights"]) == {"tiny_a", "tiny_b"}
         # whole-fold MAPEs, recomputed from the files
         ids = [_sid(10 * k + i) for i in range(N_VAL)]
         tgt = np.stack([targets[s] for s in ids])
@@ -349,14 +354,17 @@ def test_run_tune_end_to_end(tmp_path, shared_data, tiny_params, monkeypatch):
         assert f["val_mape"] <= _ref_mape(preds, tgt, [0.5, 0.5]) + 1e-7
         for m, e in zip(f["members"], np.eye(2), strict=True):
             assert m["val_mape"] == pytest.approx(_ref_mape(preds, tgt, e), rel=1e-5)
-    assert ens["cv_mape"] == pytest.approx(np.mean([f["heldout"]["tuned"] for f in ens["folds"]]))
+    chosen = [f["heldout"][f["strategy"]] for f in ens["folds"]]
+    assert ens["cv_mape"] == pytest.approx(np.mean(chosen)) and ens["weights"] == "auto"
     lean = json.loads(params.path("tune_metrics").read_text())  # the DVC metrics
     assert set(lean) == {"cv_mape", "heldout"} and lean["cv_mape"] == pytest.approx(ens["cv_mape"])
     metrics = json.loads(params.path("tune_report").read_text())  # the detail
     assert metrics["cv_mape"] == pytest.approx(ens["cv_mape"])
     assert set(metrics["folds"]) == {"fold0", "fold1"}
     assert set(metrics["heldout"]) == {"best_single", "equal", "hand", "tuned"}
-    assert metrics["heldout"]["tuned"] == pytest.approx(ens["cv_mape"])
+    assert [metrics["folds"][f"fold{k}"]["strategy"] for k in (0, 1)] == [
+        f["strategy"] for f in ens["folds"]
+    ]
     csv_rows = params.path("tune_weights").read_text().splitlines()
     assert csv_rows[0] == "fold,variant,member,weight" and len(csv_rows) == 5
     assert csv_rows[1].startswith("0,tiny_a,tiny_a @ fold 0,")  # one bar per fold and member
@@ -452,3 +460,33 @@ def test_mlflow_logging(tmp_path, shared_data, tiny_params):
     )
     arts = {a.path for a in client.list_artifacts(runs["tune"].info.run_id, "tune")}
     assert {"tune/ensemble.json", "tune/tune_heldout.png"} <= arts
+
+
+def test_choose_weighting_takes_the_lowest_held_out_mape_or_the_one_named():
+    heldout = {"best_single": 0.060, "equal": 0.052, "hand": 0.055, "tuned": 0.053}
+    assert choose_weighting(heldout, "auto") == "equal"  # tuned weights that overfit give way
+    assert choose_weighting({**heldout, "tuned": 0.051}, "auto") == "tuned"
+    one = dict.fromkeys(("best_single", "equal", "tuned"), 0.05)  # one member: all tie
+    assert choose_weighting(one, "auto") == "best_single"
+    assert choose_weighting(heldout, "tuned") == "tuned"
+    with pytest.raises(TuneError, match="tune.weights: hand: not available"):
+        choose_weighting(one, "hand")
+
+
+@pytest.mark.parametrize("setting", ["equal", "tuned", "best_single"])
+def test_tune_weights_named_are_used_on_every_fold(tmp_path, shared_data, tiny_params, setting):
+    import dataclasses
+
+    params = _project(tmp_path, shared_data, tiny_params)
+    params = dataclasses.replace(params, tune=dataclasses.replace(params.tune, weights=setting))
+    ens = run_tune(params, track=False)["ensemble"]
+    for f in ens["folds"]:
+        assert f["strategy"] == setting
+        w = [m["weight"] for m in f["members"]]
+        if setting == "equal":
+            assert w == [0.5, 0.5]
+        elif setting == "best_single":
+            assert w == [1.0, 0.0]  # tiny_a: the less noisy member
+        else:
+            assert w == pytest.approx(list(f["tuned_weights"].values()))
+    assert ens["cv_mape"] == pytest.approx(np.mean([f["heldout"][setting] for f in ens["folds"]]))

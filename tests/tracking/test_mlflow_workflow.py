@@ -182,7 +182,7 @@ def _check_the_cards(client, version_card: str):
         "Source: synthetic",
         "- fold 0: members trained on 7 samples (3 train + 4 extended), validated on 3",
         "| 0 | a | 0.2500 | 0.07000 |",
-        "- CV MAPE (held-out, tuned weights, split-half): 0.05000",
+        "- CV MAPE (held-out, split-half, each fold's chosen weighting): 0.05000",
         "- held-out MAPE, best single weights: 0.06100",
         f"## Test\n\n{modelcard.PENDING}\n",
         'mlflow.pyfunc.load_model("models:/ens-wf/1", dst_path=tempfile.mkdtemp())',

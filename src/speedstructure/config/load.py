@@ -29,6 +29,7 @@ from speedstructure.config.schema import (
     PRIORS,
     SECTIONS,
     SPLITS,
+    TUNE_WEIGHTS,
     VARIANT_TYPES,
     ColumnVariant,
     EvaFusionVariant,
@@ -157,6 +158,7 @@ def _check_references(p: Params) -> None:
     _check_choice(p.train.muon_precision, MUON_PRECISIONS, f"{src}: train.muon_precision")
     _check_choice(p.train.device, DEVICES, f"{src}: train.device")
     _check_choice(p.uncertainty.scale, ("relative", "absolute"), f"{src}: uncertainty.scale")
+    _check_choice(p.tune.weights, TUNE_WEIGHTS, f"{src}: tune.weights")
     if not 0 < p.uncertainty.coverage < 1:
         raise ConfigError(f"{src}: uncertainty.coverage must be in (0, 1)")
     for name in p.variants:

@@ -230,6 +230,9 @@ class TrainConfig:
 ARCHS = ("eva_fusion", "inversionnet", "depth_trend", "column")
 FUSIONS = ("mean", "single", "dual")
 FLIP_MODES = ("consistent", "receivers")
+# the weightings of an ensemble fold (ensemble.tuning.STRATEGIES), or auto: the one whose
+# split-half held-out MAPE is lowest (tune.weights)
+TUNE_WEIGHTS = ("auto", "best_single", "equal", "hand", "tuned")
 POOL_QUERIES = ("shared", "per_token")
 HEAD_RESIZES = ("area", "linear")
 LAYOUTS = ("fold", "time_receiver")
@@ -354,6 +357,7 @@ class TuneConfig:
     seed: int = 42
     study_prefix: str = "speedstructure-weights"
     split_seed: int = 0
+    weights: str = "auto"  # a fold's weighting: auto (its lowest held-out MAPE) or one of them
 
 
 @dataclass(frozen=True)

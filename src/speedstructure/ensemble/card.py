@@ -97,7 +97,8 @@ def _cv_section(spec: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Cross-validation",
         "",
-        f"- CV MAPE (held-out, tuned weights, split-half): {_fmt(float(spec['cv_mape']))}",
+        "- CV MAPE (held-out, split-half, each fold's chosen weighting): "
+        f"{_fmt(float(spec['cv_mape']))}",
     ]
     folds = spec["folds"]
     strategies = [s for s in folds[0].get("heldout", {}) if all(s in f["heldout"] for f in folds)]
@@ -106,9 +107,10 @@ def _cv_section(spec: Mapping[str, Any]) -> list[str]:
         lines.append(f"- held-out MAPE, {s.replace('_', ' ')} weights: {_fmt(mean)}")
     for f in folds:
         if "val_mape" in f:
+            weighting = str(f.get("strategy", "tuned")).replace("_", " ")
             lines.append(
-                f"- fold {f['fold']}: whole-fold validation MAPE {_fmt(float(f['val_mape']))} "
-                f"({f.get('n_val', '?')} samples, the weights tuned on them)"
+                f"- fold {f['fold']}: {weighting} weights; whole-fold validation MAPE "
+                f"{_fmt(float(f['val_mape']))} ({f.get('n_val', '?')} samples)"
             )
     return lines
 

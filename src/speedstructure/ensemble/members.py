@@ -8,7 +8,8 @@ An ensemble is described by the file the ``tune`` stage writes (``paths.ensemble
 
 Its prediction for a sample is, per fold, the weighted mean of the fold's
 members (each with the physically consistent flip TTA), then the mean over the
-folds: the 1st-place recipe with tuned instead of hand-set weights.
+folds: the 1st-place recipe, with each fold's weights chosen by the ``tune`` stage (tuned,
+equal, hand-set or its best member alone: the lowest split-half held-out MAPE).
 
 A library (no command): :func:`read_spec`, :class:`Ensemble`, :func:`load_member`,
 :func:`member_key`, :func:`iter_batches` and the registry alias :data:`CHAMPION`

@@ -14,11 +14,15 @@ Because tuning on the validation set overfits it, :func:`split_half_report`
 judges a fold by splitting its samples into halves A and B: weights are tuned
 on A and scored on B and vice versa.  The held-out MAPE of four strategies is
 reported: the best single member (chosen on the tuning half), equal weights,
-the seed's hand-set weights and the tuned weights.
+the seed's hand-set weights and the tuned weights.  The fold then uses the weighting
+``tune.weights`` names; ``auto`` (the default) takes the one whose held-out MAPE is
+lowest (:func:`choose_weighting`), so tuned weights that the split-half shows to overfit
+give way to equal weights, and the fold's cross-validated figure is that weighting's
+held-out MAPE.
 
 Names: :class:`Scorer`, :func:`weighted_mape`, :func:`dirichlet_weights`,
 :func:`fit_weights`, :func:`normalise_hand`, :func:`split_half_report`,
-:class:`TuneError`, :data:`STRATEGIES`.
+:func:`choose_weighting`, :class:`TuneError`, :data:`STRATEGIES`.
 
 """
 
@@ -288,6 +292,33 @@ def split_half_report(
     }
 
 
+def choose_weighting(heldout: Mapping[str, float], setting: str) -> str:
+    """The weighting a fold uses: ``setting`` (``tune.weights``) or, with ``auto``, the
+    strategy of ``heldout`` (split-half MAPE by strategy) with the lowest MAPE; ties go to
+    the first in :data:`STRATEGIES` (with one member every strategy ties)."""
+    if setting != "auto":
+        if setting not in heldout:
+            raise TuneError(
+                f"tune.weights: {setting}: not available for this fold "
+                f"(ensemble.hand_weights name none of its members)"
+            )
+        return setting
+    return min(heldout, key=lambda k: (heldout[k], STRATEGIES.index(k)))
+
+
+def strategy_weights(strategy: str, scorer: Scorer, tuned: np.ndarray, hand) -> np.ndarray:
+    """A fold's whole-fold weights (M,) under ``strategy``: its best member alone, equal,
+    the normalised hand weights or the ``tuned`` ones."""
+    m = scorer.n_members
+    if strategy == "best_single":
+        return np.eye(m)[int(np.argmin(scorer.member_mapes()))]
+    if strategy == "equal":
+        return np.full(m, 1.0 / m)
+    if strategy == "hand":
+        return np.asarray(hand, dtype=np.float64)
+    return np.asarray(tuned, dtype=np.float64)
+
+
 def _half(scorer, names, hand, strategies, label, tune_idx, held_idx, n_trials, seed) -> dict:
     """One direction of the split-half report: choose on ``tune_idx``, score on ``held_idx``."""
     m = scorer.n_members
@@ -349,7 +380,7 @@ def tune_fold(params: Params, cfg: TuneConfig, fold: int, members: list[tuple[st
         seed=cfg.seed,
         split_seed=cfg.split_seed,
     )
-    weights, study = fit_weights(
+    tuned, study = fit_weights(
         scorer,
         n_trials=cfg.n_trials,
         seed=cfg.seed,
@@ -358,14 +389,18 @@ def tune_fold(params: Params, cfg: TuneConfig, fold: int, members: list[tuple[st
         names=names,
         restart_stale=True,
     )
+    strategy = choose_weighting(report["heldout"], cfg.weights)
+    weights = strategy_weights(strategy, scorer, tuned, normalise_hand(hand, names))
     member_mape = scorer.member_mapes()
     entry = {
         "fold": fold,
+        "strategy": strategy,
         "members": [
             {"variant": v, "checkpoint": c, "weight": float(w), "val_mape": float(mm)}
             for v, c, w, mm in zip(names, checkpoints, weights, member_mape, strict=True)
         ],
         "val_mape": scorer(weights),
+        "tuned_weights": dict(zip(names, map(float, tuned), strict=True)),
         "heldout": report["heldout"],
         "n_val": scorer.n_samples,
         "split_half": [_half_summary(h) for h in report["halves"]],
@@ -383,12 +418,14 @@ def _half_summary(half: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarise(params: Params, cfg: TuneConfig, fold_entries: list[dict]) -> tuple[dict, dict]:
-    """The ensemble file's content and the stage's metrics."""
-    cv_mape = float(np.mean([f["heldout"]["tuned"] for f in fold_entries]))
+    """The ensemble file's content and the stage's metrics; ``cv_mape`` is the mean over
+    folds of the held-out MAPE of each fold's chosen weighting."""
+    cv_mape = float(np.mean([f["heldout"][f["strategy"]] for f in fold_entries]))
     ensemble = {
         "format": SPEC_FORMAT,
         "folds": fold_entries,
         "cv_mape": cv_mape,
+        "weights": cfg.weights,
         "variants": list(params.ensemble.variants),
     }
     strategies = [s for s in STRATEGIES if all(s in f["heldout"] for f in fold_entries)]
@@ -396,7 +433,12 @@ def summarise(params: Params, cfg: TuneConfig, fold_entries: list[dict]) -> tupl
         "cv_mape": cv_mape,
         "heldout": {s: float(np.mean([f["heldout"][s] for f in fold_entries])) for s in strategies},
         "folds": {
-            f"fold{f['fold']}": {**f["heldout"], "val_mape": f["val_mape"], "n_val": f["n_val"]}
+            f"fold{f['fold']}": {
+                **f["heldout"],
+                "strategy": f["strategy"],
+                "val_mape": f["val_mape"],
+                "n_val": f["n_val"],
+            }
             for f in fold_entries
         },
         "n_trials": cfg.n_trials,

@@ -368,7 +368,7 @@ def _mape_table(metrics: dict[str, Any], title: str) -> list[str]:
     rows = [
         ("depth-trend baseline", metrics["baseline_mape"]),
         (f"best single model ({metrics['best_single']['run']})", metrics["best_single_mape"]),
-        ("ensemble (tuned weights, flip TTA)", metrics["ensemble_mape"]),
+        ("ensemble (weights from tune, flip TTA)", metrics["ensemble_mape"]),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [title, f"  {'model':<{width}}  MAPE", f"  {'-' * width}  -------"]

@@ -7,7 +7,9 @@ run) and the fold's validation targets (from the challenge zips) give the
 objective.  Each fold gets a split-half report (held-out MAPE of best single,
 equal, hand and tuned weights) and weights tuned on the whole fold, stored as an
 Optuna study in ``paths.optuna_db`` (a rerun resumes it), or in the database
-``SPEEDSTRUCTURE_OPTUNA_STORAGE`` names (``speedstructure server`` prints it).  Subcommand::
+``SPEEDSTRUCTURE_OPTUNA_STORAGE`` names (``speedstructure server`` prints it).  The fold
+keeps the weighting ``tune.weights`` names (``auto``: the lowest held-out MAPE of the
+four).  Subcommand::
 
     speedstructure tune [--n-trials N] [--mlflow/--no-mlflow]
 
@@ -125,6 +127,7 @@ def _run_params(params: Params, cfg: TuneConfig) -> dict[str, Any]:
         "storage": hide_password(optuna_storage_setting(params)),
         "study_prefix": cfg.study_prefix,
         "split_seed": cfg.split_seed,
+        "weights": cfg.weights,
     }
 
 
@@ -173,6 +176,7 @@ def _log_fold(fold: dict, history: list) -> None:
     mlflow.log_metrics({f"weight_{m['variant']}": m["weight"] for m in fold["members"]})
     mlflow.log_metrics({f"heldout_{s}": v for s, v in fold["heldout"].items()})
     mlflow.log_metrics({"val_mape": fold["val_mape"], "n_val": fold["n_val"]})
+    mlflow.set_tag("weights", fold["strategy"])
 
 
 # --------------------------------------------------------------------------- CLI
@@ -192,7 +196,10 @@ def _cmd(args: argparse.Namespace) -> int:
     for f in ens["folds"]:
         weights = ", ".join(f"{m['variant']}={m['weight']:.3f}" for m in f["members"])
         held = ", ".join(f"{s} {v:.5f}" for s, v in f["heldout"].items())
-        print(f"fold {f['fold']} ({f['n_val']} val): {weights}; held-out MAPE: {held}")
+        print(
+            f"fold {f['fold']} ({f['n_val']} val): {f['strategy']} weights {weights}; "
+            f"held-out MAPE: {held}"
+        )
     wrote = ", ".join(relative_path(res["files"][k], params.root) for k in ("ensemble", "metrics"))
-    print(f"cv MAPE (held-out, tuned): {ens['cv_mape']:.5f}; wrote {wrote}")
+    print(f"cv MAPE (held-out, chosen weights): {ens['cv_mape']:.5f}; wrote {wrote}")
     return 0
