@@ -6,7 +6,7 @@ with a tensor signature, gathers ``(-1, 5, 10001, 31)`` float32 in and
 velocities ``(-1, 300, 1259)`` float32 out, and registered as a new version of
 ``mlflow.registered_model`` (``speedstructure-ensemble``).  Every version
 stays; the alias ``champion`` moves to the new version only if its
-cross-validated MAPE (the held-out tuned MAPE of the ``tune`` stage, tag
+cross-validated MAPE (the ``tune`` stage's held-out MAPE of the chosen weights, tag
 ``cv_mape``) is lower than the current champion's.
 
 The stage's MLflow run (opened before anything is read, so a failure leaves a FAILED
