@@ -306,12 +306,14 @@ def choose_weighting(heldout: Mapping[str, float], setting: str) -> str:
     return min(heldout, key=lambda k: (heldout[k], STRATEGIES.index(k)))
 
 
-def strategy_weights(strategy: str, scorer: Scorer, tuned: np.ndarray, hand) -> np.ndarray:
-    """A fold's whole-fold weights (M,) under ``strategy``: its best member alone, equal,
-    the normalised hand weights or the ``tuned`` ones."""
+def strategy_weights(
+    strategy: str, scorer: Scorer, tuned: np.ndarray, hand, idx=None
+) -> np.ndarray:
+    """The weights (M,) of ``strategy``: the best member on the samples ``idx`` (all when
+    None) alone, equal, the normalised ``hand`` weights or the ``tuned`` ones."""
     m = scorer.n_members
     if strategy == "best_single":
-        return np.eye(m)[int(np.argmin(scorer.member_mapes()))]
+        return np.eye(m)[int(np.argmin(scorer.member_mapes(idx)))]
     if strategy == "equal":
         return np.full(m, 1.0 / m)
     if strategy == "hand":
@@ -321,18 +323,12 @@ def strategy_weights(strategy: str, scorer: Scorer, tuned: np.ndarray, hand) -> 
 
 def _half(scorer, names, hand, strategies, label, tune_idx, held_idx, n_trials, seed) -> dict:
     """One direction of the split-half report: choose on ``tune_idx``, score on ``held_idx``."""
-    m = scorer.n_members
     if np.intersect1d(tune_idx, held_idx).size or tune_idx.size + held_idx.size != scorer.n_samples:
         raise RuntimeError("split-half halves overlap or miss samples")  # never score on tuned ones
     tune_member = scorer.member_mapes(tune_idx)
     best = int(np.argmin(tune_member))
     tuned, _ = fit_weights(scorer, n_trials=n_trials, seed=seed, names=names, idx=tune_idx)
-    weights = {
-        "best_single": np.eye(m)[best],
-        "equal": np.full(m, 1.0 / m),
-        "hand": hand,
-        "tuned": tuned,
-    }
+    weights = {s: strategy_weights(s, scorer, tuned, hand, tune_idx) for s in strategies}
     return {
         "name": label,
         "tune_idx": tune_idx.tolist(),
