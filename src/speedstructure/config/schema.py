@@ -230,9 +230,7 @@ class TrainConfig:
 ARCHS = ("eva_fusion", "inversionnet", "depth_trend", "column")
 FUSIONS = ("mean", "single", "dual")
 FLIP_MODES = ("consistent", "receivers")
-# the weightings of an ensemble fold (ensemble.tuning.STRATEGIES), or auto: the one whose
-# split-half held-out MAPE is lowest (tune.weights)
-TUNE_WEIGHTS = ("auto", "best_single", "equal", "hand", "tuned")
+TUNE_WEIGHTS = ("auto", "best_single", "equal", "hand", "tuned")  # ensemble.tuning.STRATEGIES
 POOL_QUERIES = ("shared", "per_token")
 HEAD_RESIZES = ("area", "linear")
 LAYOUTS = ("fold", "time_receiver")
