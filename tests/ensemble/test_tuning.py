@@ -20,6 +20,7 @@ from speedstructure.ensemble.tuning import (
     choose_weighting,
     dirichlet_weights,
     fit_weights,
+    gain_over_equal,
     optuna_storage,
     split_half_report,
 )
@@ -157,6 +158,10 @@ def test_split_half_never_scores_on_tuned_samples():
     for s in rep["strategies"]:
         want = sum(h["heldout"][s] * len(h["heldout_idx"]) for h in rep["halves"]) / 7
         assert rep["heldout"][s] == pytest.approx(want)
+        assert rep["heldout_per_sample"][s].shape == (7,)
+        assert rep["heldout"][s] == pytest.approx(rep["heldout_per_sample"][s].mean())
+    hand = [_ref_mape(preds[:, [i]], truth[[i]], [2 / 3, 1 / 3, 0]) for i in range(7)]
+    np.testing.assert_allclose(rep["heldout_per_sample"]["hand"], hand, rtol=1e-6)
     # halves with opposite optima: member a is exact on half A only, c on half B only (b never);
     # weights tuned on one half must follow that half alone
     half_a = rep["halves"][0]["tune_idx"]  # the split depends on n and split_seed only
@@ -337,9 +342,12 @@ def test_run_tune_end_to_end(tmp_path, shared_data, tiny_params, monkeypatch):
         w = np.array([m["weight"] for m in f["members"]])
         assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
         assert set(f["heldout"]) == {"best_single", "equal", "hand", "tuned"}
-        # tune.weights auto: the weighting with the lowest held-out MAPE; with members this
-        # unequal, not equal weights: the less noisy member weighs more
-        assert f["strategy"] == min(f["heldout"], key=f["heldout"].get) != "equal"
+        # tune.weights auto: with members this unequal another weighting beats equal weights
+        # held out by more than a standard error; the less noisy member weighs more
+        assert f["strategy"] != "equal"
+        gain = f["gain_over_equal"][f["strategy"]]
+        assert gain["gain"] > gain["se"] > 0
+        assert gain["gain"] == pytest.approx(f["heldout"]["equal"] - f["heldout"][f["strategy"]])
         assert w[0] > w[1]
         assert set(f["tuned_weights"]) == {"tiny_a", "tiny_b"}
         # whole-fold MAPEs, recomputed from the files
@@ -462,15 +470,32 @@ def test_mlflow_logging(tmp_path, shared_data, tiny_params):
     assert {"tune/ensemble.json", "tune/tune_heldout.png"} <= arts
 
 
-def test_choose_weighting_takes_the_lowest_held_out_mape_or_the_one_named():
-    heldout = {"best_single": 0.060, "equal": 0.052, "hand": 0.055, "tuned": 0.053}
-    assert choose_weighting(heldout, "auto") == "equal"  # tuned weights that overfit give way
-    assert choose_weighting({**heldout, "tuned": 0.051}, "auto") == "tuned"
-    one = dict.fromkeys(("best_single", "equal", "tuned"), 0.05)  # one member: all tie
-    assert choose_weighting(one, "auto") == "best_single"
-    assert choose_weighting(heldout, "tuned") == "tuned"
+def test_auto_keeps_equal_weights_unless_another_weighting_is_lower_beyond_noise():
+    equal = 0.05 + 0.01 * np.random.default_rng(0).random(40)
+    sign = np.tile([1.0, -1.0], 20)  # differences of mean exactly the shift
+    per = {
+        "best_single": equal - 0.0005 + 0.01 * sign,  # lower on average, within its noise
+        "equal": equal,
+        "hand": equal + 0.003,  # worse on every sample
+        "tuned": equal - 0.0002 + 0.0001 * sign,  # a little lower on every other sample
+    }
+    heldout = {k: float(v.mean()) for k, v in per.items()}
+    gains = gain_over_equal(per)
+    assert gains["equal"] == {"gain": 0.0, "se": 0.0}
+    assert gains["best_single"]["gain"] == pytest.approx(0.0005)
+    assert gains["best_single"]["se"] == pytest.approx(0.01 / np.sqrt(40), rel=0.02)
+    assert heldout["best_single"] < heldout["tuned"] < heldout["equal"]
+    assert choose_weighting(heldout, "auto", gains) == "tuned"  # the only one beyond noise
+    clear = {**per, "best_single": equal - 0.001}
+    assert choose_weighting(heldout, "auto", gain_over_equal(clear)) == "best_single"
+    noise = {**per, "tuned": per["best_single"] + 0.0001}
+    assert choose_weighting(heldout, "auto", gain_over_equal(noise)) == "equal"
+    one = dict.fromkeys(("best_single", "equal", "tuned"), equal)  # one member: all tie
+    one_mape = {k: float(v.mean()) for k, v in one.items()}
+    assert choose_weighting(one_mape, "auto", gain_over_equal(one)) == "equal"
+    assert choose_weighting(heldout, "hand", gains) == "hand"  # named: used as it is
     with pytest.raises(TuneError, match="tune.weights: hand: not available"):
-        choose_weighting(one, "hand")
+        choose_weighting({"equal": 0.05}, "hand", gains)
 
 
 @pytest.mark.parametrize("setting", ["equal", "tuned", "best_single"])

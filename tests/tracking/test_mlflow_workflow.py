@@ -142,6 +142,7 @@ def _project(root: Path, tiny_params):
     spec = {
         "format": 1,
         "cv_mape": 0.05,
+        "weights": "auto",
         "folds": [
             {"fold": 0, "members": members, "val_mape": 0.049, "n_val": 3, "heldout": heldout}
         ],
@@ -184,6 +185,8 @@ def _check_the_cards(client, version_card: str):
         "| 0 | a | 0.2500 | 0.07000 |",
         "- CV MAPE (held-out, split-half, each fold's chosen weighting): 0.05000",
         "- held-out MAPE, best single weights: 0.06100",
+        "- weighting (tune.weights auto): equal weights unless another is lower held out by more "
+        "than one standard error of the per-sample difference",
         f"## Test\n\n{modelcard.PENDING}\n",
         'mlflow.pyfunc.load_model("models:/ens-wf/1", dst_path=tempfile.mkdtemp())',
         "speedstructure predict --model models:/ens-wf/1 ",

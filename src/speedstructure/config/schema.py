@@ -355,7 +355,7 @@ class TuneConfig:
     seed: int = 42
     study_prefix: str = "speedstructure-weights"
     split_seed: int = 0
-    weights: str = "auto"  # a fold's weighting: auto (its lowest held-out MAPE) or one of them
+    weights: str = "auto"  # a fold's weighting: auto (equal unless clearly beaten held out) or one
 
 
 @dataclass(frozen=True)

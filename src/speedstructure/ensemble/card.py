@@ -105,6 +105,11 @@ def _cv_section(spec: Mapping[str, Any]) -> list[str]:
     for s in strategies:
         mean = sum(float(f["heldout"][s]) for f in folds) / len(folds)
         lines.append(f"- held-out MAPE, {s.replace('_', ' ')} weights: {_fmt(mean)}")
+    if spec.get("weights") == "auto":
+        lines.append(
+            "- weighting (tune.weights auto): equal weights unless another is lower held out "
+            "by more than one standard error of the per-sample difference"
+        )
     for f in folds:
         if "val_mape" in f:
             weighting = str(f.get("strategy", "tuned")).replace("_", " ")

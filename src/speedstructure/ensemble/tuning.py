@@ -15,14 +15,15 @@ judges a fold by splitting its samples into halves A and B: weights are tuned
 on A and scored on B and vice versa.  The held-out MAPE of four strategies is
 reported: the best single member (chosen on the tuning half), equal weights,
 the seed's hand-set weights and the tuned weights.  The fold then uses the weighting
-``tune.weights`` names; ``auto`` (the default) takes the one whose held-out MAPE is
-lowest (:func:`choose_weighting`), so tuned weights that the split-half shows to overfit
-give way to equal weights, and the fold's cross-validated figure is that weighting's
-held-out MAPE.
+``tune.weights`` names; ``auto`` (the default) keeps equal weights unless another weighting
+beats them held out by more than one standard error of the per-sample difference
+(:func:`choose_weighting`): on a few dozen validation samples a smaller gap is noise, and
+equal weights, fitted to nothing, are the ones that noise cannot mislead.  The fold's
+cross-validated figure is the chosen weighting's held-out MAPE.
 
 Names: :class:`Scorer`, :func:`weighted_mape`, :func:`dirichlet_weights`,
 :func:`fit_weights`, :func:`normalise_hand`, :func:`split_half_report`,
-:func:`choose_weighting`, :class:`TuneError`, :data:`STRATEGIES`.
+:func:`gain_over_equal`, :func:`choose_weighting`, :class:`TuneError`, :data:`STRATEGIES`.
 
 """
 
@@ -279,11 +280,14 @@ def split_half_report(
         _half(scorer, names, hand, strategies, label, tune_idx, held_idx, n_trials, seed)
         for label, tune_idx, held_idx in (("A->B", half_a, half_b), ("B->A", half_b, half_a))
     ]
-    heldout = {
-        s: sum(h["heldout"][s] * len(h["heldout_idx"]) for h in halves) / n for s in strategies
-    }
+    per_sample = {s: np.empty(n) for s in strategies}  # each sample is held out once
+    for h in halves:
+        errors = h.pop("heldout_per_sample")
+        for s in strategies:
+            per_sample[s][h["heldout_idx"]] = errors[s]
     return {
-        "heldout": heldout,
+        "heldout": {s: float(per_sample[s].mean()) for s in strategies},
+        "heldout_per_sample": per_sample,
         "halves": halves,
         "strategies": strategies,
         "n_samples": n,
@@ -292,10 +296,24 @@ def split_half_report(
     }
 
 
-def choose_weighting(heldout: Mapping[str, float], setting: str) -> str:
-    """The weighting a fold uses: ``setting`` (``tune.weights``) or, with ``auto``, the
-    strategy of ``heldout`` (split-half MAPE by strategy) with the lowest MAPE; ties go to
-    the first in :data:`STRATEGIES` (with one member every strategy ties)."""
+def gain_over_equal(per_sample: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per strategy, how much lower its held-out MAPE is than equal weights' (``gain``, the
+    mean of the per-sample differences) and that mean's standard error (``se``)."""
+    equal = np.asarray(per_sample["equal"], dtype=np.float64)
+    out = {}
+    for s, errors in per_sample.items():
+        d = equal - np.asarray(errors, dtype=np.float64)
+        se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("inf")
+        out[s] = {"gain": float(d.mean()), "se": float(se)}
+    return out
+
+
+def choose_weighting(
+    heldout: Mapping[str, float], setting: str, gains: Mapping[str, Mapping[str, float]]
+) -> str:
+    """The weighting a fold uses: ``setting`` (``tune.weights``) or, with ``auto``, equal
+    weights unless a strategy's held-out MAPE is lower by more than one standard error
+    (``gains``: :func:`gain_over_equal`); of those that are, the lowest ``heldout`` MAPE."""
     if setting != "auto":
         if setting not in heldout:
             raise TuneError(
@@ -303,7 +321,8 @@ def choose_weighting(heldout: Mapping[str, float], setting: str) -> str:
                 f"(ensemble.hand_weights name none of its members)"
             )
         return setting
-    return min(heldout, key=lambda k: (heldout[k], STRATEGIES.index(k)))
+    clear = [s for s in heldout if gains[s]["gain"] > gains[s]["se"]]
+    return min(clear, key=lambda k: (heldout[k], STRATEGIES.index(k))) if clear else "equal"
 
 
 def strategy_weights(
@@ -340,6 +359,7 @@ def _half(scorer, names, hand, strategies, label, tune_idx, held_idx, n_trials, 
             **dict(zip(names, map(float, tune_member), strict=True)),
         },
         "heldout": {s: scorer(weights[s], held_idx) for s in strategies},
+        "heldout_per_sample": {s: scorer.per_sample(weights[s], held_idx) for s in strategies},
     }
 
 
@@ -385,7 +405,8 @@ def tune_fold(params: Params, cfg: TuneConfig, fold: int, members: list[tuple[st
         names=names,
         restart_stale=True,
     )
-    strategy = choose_weighting(report["heldout"], cfg.weights)
+    gains = gain_over_equal(report["heldout_per_sample"])
+    strategy = choose_weighting(report["heldout"], cfg.weights, gains)
     weights = strategy_weights(strategy, scorer, tuned, normalise_hand(hand, names))
     member_mape = scorer.member_mapes()
     entry = {
@@ -398,6 +419,7 @@ def tune_fold(params: Params, cfg: TuneConfig, fold: int, members: list[tuple[st
         "val_mape": scorer(weights),
         "tuned_weights": dict(zip(names, map(float, tuned), strict=True)),
         "heldout": report["heldout"],
+        "gain_over_equal": gains,
         "n_val": scorer.n_samples,
         "split_half": [_half_summary(h) for h in report["halves"]],
     }
