@@ -159,7 +159,7 @@ format: setup ## apply ruff format and safe fixes
 
 # everything, lint included (what CI runs: .ci/run)
 test: setup lint ## lint and every test (what CI runs)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # the development loop: lint and the fast tests (the slow end-to-end tests deselected)
 test-fast: setup lint ## lint and the fast tests

@@ -40,9 +40,14 @@ from support import (
     sample_id,
 )
 
+# The longest modules (the pipeline end to end, a Ray cluster), started first so that the
+# workers of ``pytest -n`` (``make test``, files kept whole by ``--dist loadfile``) end together
+LONGEST_FIRST = ("test_pipeline.py", "test_ray_cluster.py")
+
 
 def pytest_collection_modifyitems(config, items):
-    """Skip the tests marked ``gpu`` when torch sees no CUDA device."""
+    """The longest modules first; the tests marked ``gpu`` skipped when torch sees no CUDA."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: order kept
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return
