@@ -298,13 +298,13 @@ def split_half_report(
 
 def gain_over_equal(per_sample: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """Per strategy, how much lower its held-out MAPE is than equal weights' (``gain``, the
-    mean of the per-sample differences) and that mean's standard error (``se``)."""
+    mean of the per-sample differences) and that mean's standard error (``se``); at least two
+    samples each (:func:`split_half_report` holds out every sample of a fold of two or more)."""
     equal = np.asarray(per_sample["equal"], dtype=np.float64)
     out = {}
     for s, errors in per_sample.items():
         d = equal - np.asarray(errors, dtype=np.float64)
-        se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("inf")
-        out[s] = {"gain": float(d.mean()), "se": float(se)}
+        out[s] = {"gain": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(d.size))}
     return out
 
 
