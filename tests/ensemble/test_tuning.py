@@ -477,7 +477,7 @@ def test_auto_keeps_equal_weights_unless_another_weighting_is_lower_beyond_noise
         "best_single": equal - 0.0005 + 0.01 * sign,  # lower on average, within its noise
         "equal": equal,
         "hand": equal + 0.003,  # worse on every sample
-        "tuned": equal - 0.0002 + 0.0001 * sign,  # a little lower on every other sample
+        "tuned": equal - 0.0002 + 0.0001 * sign,  # a little lower on every sample
     }
     heldout = {k: float(v.mean()) for k, v in per.items()}
     gains = gain_over_equal(per)

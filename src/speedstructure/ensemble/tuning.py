@@ -348,6 +348,7 @@ def _half(scorer, names, hand, strategies, label, tune_idx, held_idx, n_trials, 
     best = int(np.argmin(tune_member))
     tuned, _ = fit_weights(scorer, n_trials=n_trials, seed=seed, names=names, idx=tune_idx)
     weights = {s: strategy_weights(s, scorer, tuned, hand, tune_idx) for s in strategies}
+    per_sample = {s: scorer.per_sample(weights[s], held_idx) for s in strategies}
     return {
         "name": label,
         "tune_idx": tune_idx.tolist(),
@@ -358,8 +359,8 @@ def _half(scorer, names, hand, strategies, label, tune_idx, held_idx, n_trials, 
             "tuned": scorer(tuned, tune_idx),
             **dict(zip(names, map(float, tune_member), strict=True)),
         },
-        "heldout": {s: scorer(weights[s], held_idx) for s in strategies},
-        "heldout_per_sample": {s: scorer.per_sample(weights[s], held_idx) for s in strategies},
+        "heldout": {s: float(e.mean()) for s, e in per_sample.items()},
+        "heldout_per_sample": per_sample,
     }
 
 
