@@ -12,12 +12,13 @@ from speedstructure.config.typed import ConfigError
 from speedstructure.data.flips import flip_inputs, flip_target
 from speedstructure.metrics import water_floor_depth
 from speedstructure.models.column import (
+    LEVEL_CENTRE,
     binning,
     depth_to_floor_relative,
     fill_floor,
     floor_relative_to_depth,
 )
-from speedstructure.physics.seafloor import FloorPicker, pick_floor
+from speedstructure.physics.seafloor import FloorPicker, pick_floor, seafloor_velocity
 from support import WATER, model_from, model_with_floor, random_gathers, random_velocity
 
 SMALL = {
@@ -92,6 +93,50 @@ def test_prepare_is_per_sample_and_carries_the_picked_floor(curved_floor):
     assert np.abs(picked - floor).mean() < 4.0
     mirrored = model.prepare(flip_inputs(x[:1], "consistent"))[0, -300:].numpy()
     assert np.abs(mirrored[::-1] - picked).max() < 2.0  # the flipped sample's floor, mirrored
+
+
+def test_the_velocity_read_under_the_floor_is_prepared_after_the_floor(curved_floor):
+    _, _, gathers = curved_floor
+    plain = model_from(SMALL, floor_picker=PICKER)
+    model = model_from({**SMALL, "seafloor_velocity": True}, floor_picker=PICKER)
+    assert model.prepared_numel == plain.prepared_numel + 1
+    assert not hasattr(plain, "level")  # a variant without the key: the network as before
+    x = torch.from_numpy(gathers.astype(np.float32))[None]
+    p = model.prepare(x)
+    torch.testing.assert_close(p[:, :-1], plain.prepare(x), rtol=0, atol=0)
+    read = seafloor_velocity(gathers, PICKER.sim, WATER)
+    assert float(p[0, -1]) == pytest.approx(read, rel=1e-6)
+
+
+def test_water_only_gathers_read_the_centre_velocity_with_a_warning(caplog):
+    from speedstructure.physics.seafloor import water_response
+
+    model = model_from({**SMALL, "seafloor_velocity": True}, floor_picker=PICKER)
+    direct, _ = water_response(PICKER.sim, WATER)
+    p = model.prepare(torch.from_numpy(direct.astype(np.float32))[None])
+    assert float(p[0, -1]) == pytest.approx(LEVEL_CENTRE)
+    assert "no sea-floor reflection to read a velocity from" in caplog.text
+
+
+def test_the_read_velocity_moves_every_knot_along_its_learned_path(curved_floor):
+    """The linear path starts at zero (the network as without it); with positive weights a
+    faster read velocity gives a faster column everywhere below the floor, water unchanged."""
+    floor, v, gathers = curved_floor
+    model = model_from({**SMALL, "seafloor_velocity": True}, floor_picker=PICKER)
+    model.fit_prior([v])
+    assert float(model.level.weight.abs().sum()) == 0.0
+    p = model.prepare(torch.from_numpy(gathers.astype(np.float32))[None])
+    model.mix[0].weight.data[:, -1] = 0.0  # the channel alone would move it too
+    with torch.no_grad():
+        slow, fast = p.clone(), p.clone()
+        slow[0, -1], fast[0, -1] = 2.0, 3.0
+        torch.testing.assert_close(model(slow, prepared=True), model(fast, prepared=True))
+        model.level.weight.fill_(0.5)
+        a, b = model(slow, prepared=True)[0].numpy(), model(fast, prepared=True)[0].numpy()
+    below = np.arange(1259)[None, :] >= np.ceil(p[0, -301:-1].numpy())[:, None]
+    assert (b[below] > a[below]).all()
+    np.testing.assert_array_equal(a[~below], b[~below])
+    assert (a[~below] == WATER).all()
 
 
 def test_an_untrained_network_predicts_its_prior_below_the_picked_floor(curved_floor):

@@ -249,9 +249,7 @@ class Variant:
     """Keys every model variant accepts (``variants.<name>``)."""
 
     arch: str
-    profile: str | None = (
-        None  # the profile whose runs use it (documentation; the profile switch sets runs)
-    )
+    profile: str | None = None  # whose runs use it (documentation; the profile switch sets runs)
     description: str = ""
     v_min: float = V_MIN
     v_max: float = V_MAX
@@ -319,6 +317,7 @@ class ColumnVariant(Variant):
     midpoint_bins: int = 30  # bins of source-receiver midpoints over the 300 m (10 m)
     offset_edges: tuple[float, ...] = (0.0, 50.0, 100.0, 175.0, 301.0)  # offset bands (m)
     gain: float = 1.0  # reflections multiplied by t ** gain (spherical spreading)
+    seafloor_velocity: bool = False  # the velocity read from the sea-floor reflection as input
 
 
 VARIANT_TYPES: dict[str, type[Variant]] = {

@@ -20,6 +20,12 @@ sediments follows; they are interpolated to 300 columns and 1259 cells below the
 from the gathers (:func:`~speedstructure.physics.seafloor.pick_floor`), water above.  The
 loss therefore never spends anything on the floor, and lateral variation is the default.
 The optional ``depth_trend`` prior is the training targets' mean in the same coordinate.
+
+With ``seafloor_velocity: true`` the network also reads the velocity under the floor from the
+sea-floor reflection's strength (:func:`~speedstructure.physics.seafloor.seafloor_velocity`,
+a measurement, not a fit to the training set): it enters the network over x as one more
+channel and shifts every knot's logit by a learned amount per knot, a linear path that
+carries the level beyond the velocities seen in training.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from speedstructure.models.base import NX, NZ, VelocityModel
 from speedstructure.models.inputs import N_RECEIVERS, N_SOURCES, N_TIME
 
 log = logging.getLogger(__name__)
+
+LEVEL_CENTRE, LEVEL_SCALE = 2.2, 0.5  # km/s: the read velocity enters as (v - centre) / scale
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -136,8 +144,9 @@ class ColumnNet(VelocityModel):
         for _ in widths[1:]:
             t = (t - 1) // 2 + 1
         feat, hidden = 4 * w * t, int(v.hidden)
+        self.reads_level = bool(v.seafloor_velocity)
         self.mix = nn.Sequential(
-            nn.Conv1d(2 * feat, hidden, 3, padding=1),
+            nn.Conv1d(2 * feat + int(self.reads_level), hidden, 3, padding=1),
             nn.GELU(),
             nn.Conv1d(hidden, hidden, 3, padding=1),
             nn.GELU(),
@@ -145,6 +154,9 @@ class ColumnNet(VelocityModel):
         self.head = nn.Conv1d(hidden, self.knots, 1)
         nn.init.zeros_(self.head.weight)  # start from the prior (or mid-range) exactly
         nn.init.zeros_(self.head.bias)
+        if self.reads_level:  # the read velocity's linear path to the knots, from zero
+            self.level = nn.Linear(1, self.knots, bias=False)
+            nn.init.zeros_(self.level.weight)
         self.register_buffer("floor_default", torch.zeros(()))  # the training floors' mean
         if self.prior == "depth_trend":
             self.prior_logit = torch.zeros(self.knots)  # the knots' prior, not depth cells
@@ -156,7 +168,8 @@ class ColumnNet(VelocityModel):
     @property
     def prepared_numel(self) -> int:
         """Numbers per sample in :meth:`prepare`'s output (the training engine's cache)."""
-        return 2 * (len(self.edges) - 1) * self.time_samples * self.bins + NX
+        image = 2 * (len(self.edges) - 1) * self.time_samples * self.bins
+        return image + NX + int(self.reads_level)
 
     def _picker(self):
         if self.floor_picker is None:
@@ -167,18 +180,14 @@ class ColumnNet(VelocityModel):
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 5, 10001, 31)`` gathers -> ``(B, prepared_numel)``: the binned image,
-        flattened, then the picked floor (m); per sample, so a sample's numbers do not depend
-        on its batch."""
+        flattened, the picked floor (m), then with ``seafloor_velocity`` the velocity read
+        under it (km/s); per sample, so a sample's numbers do not depend on its batch."""
         self._check_input(x)
         b = x.shape[0]
         if x.device.type == "meta":  # shapes and FLOPs only: no physics on the meta device
-            floors = torch.zeros(b, NX, device=x.device)
-            return torch.cat([self._binned(x).flatten(1), floors], 1)
-        from speedstructure.physics.seafloor import (
-            oriented_direct_wave,
-            pick_floor,
-            water_response,
-        )
+            physics = torch.zeros(b, NX + int(self.reads_level), device=x.device)
+            return torch.cat([self._binned(x).flatten(1), physics], 1)
+        from speedstructure.physics.seafloor import oriented_direct_wave, water_response
 
         picker = self._picker()
         direct, _ = water_response(picker.sim, picker.water_velocity)
@@ -187,11 +196,27 @@ class ColumnNet(VelocityModel):
             record = g.cpu().numpy()
             oriented = oriented_direct_wave(record.astype(np.float64), direct, picker.sim.record_dt)
             d = torch.as_tensor(oriented.copy(), dtype=torch.float32, device=x.device)
-            floor = pick_floor(record, picker.sim, picker.water_velocity, picker.method)
-            floor = fill_floor(floor, float(self.floor_default))
             image = self._binned(g[None] - d[None]).flatten(1)
-            rows.append(torch.cat([image, torch.as_tensor(floor, device=x.device)[None]], 1))
+            physics = torch.as_tensor(self._physics(record), device=x.device)[None]
+            rows.append(torch.cat([image, physics.to(image.dtype)], 1))
         return torch.cat(rows).float()
+
+    def _physics(self, record: np.ndarray) -> np.ndarray:
+        """What one sample's gathers say of the water floor: its depth per column (m), and
+        with ``seafloor_velocity`` the velocity under it (km/s); where nothing can be picked,
+        the training floors' mean and :data:`LEVEL_CENTRE`."""
+        from speedstructure.physics.seafloor import pick_floor, seafloor_velocity
+
+        picker = self._picker()
+        floor = pick_floor(record, picker.sim, picker.water_velocity, picker.method)
+        floor = fill_floor(floor, float(self.floor_default))
+        if not self.reads_level:
+            return floor
+        v = seafloor_velocity(record, picker.sim, picker.water_velocity, picker.method)
+        if not np.isfinite(v):
+            log.warning("no sea-floor reflection to read a velocity from: %.1f km/s", LEVEL_CENTRE)
+            v = LEVEL_CENTRE
+        return np.append(floor, v)
 
     def _binned(self, residual: torch.Tensor) -> torch.Tensor:
         """Reflections ``(B, 5, 10001, 31)`` -> the ``(B, 2 x bands, time, bins)`` image."""
@@ -247,12 +272,18 @@ class ColumnNet(VelocityModel):
         """Velocities of gathers ``x``, or of what :meth:`prepare` made of them."""
         p = x if prepared else self.prepare(x)
         b, n_bands = p.shape[0], len(self.edges) - 1
-        image = p[:, :-NX].reshape(b, 2 * n_bands, self.time_samples, self.bins)
-        floor = p[:, -NX:]
+        n_image = 2 * n_bands * self.time_samples * self.bins
+        image = p[:, :n_image].reshape(b, 2 * n_bands, self.time_samples, self.bins)
+        floor = p[:, n_image : n_image + NX]
         h = self.encoder(image)
         h = h.reshape(b, -1, self.bins)
-        h = torch.cat([h, h.mean(-1, keepdim=True).expand_as(h)], 1)
-        knots = self.head(self.mix(h))  # (B, knots, bins)
+        parts = [h, h.mean(-1, keepdim=True).expand_as(h)]
+        if self.reads_level:
+            level = (p[:, n_image + NX :] - LEVEL_CENTRE) / LEVEL_SCALE  # (B, 1)
+            parts.append(level[:, :, None].expand(b, 1, self.bins))
+        knots = self.head(self.mix(torch.cat(parts, 1)))  # (B, knots, bins)
+        if self.reads_level:
+            knots = knots + self.level(level)[:, :, None]
         knots = F.interpolate(knots, size=NX, mode="linear", align_corners=False)
         vt = self.to_velocity(knots.transpose(1, 2))  # (B, 300, knots)
         return floor_relative_to_depth(vt, floor, self._water())
