@@ -139,6 +139,30 @@ def test_the_read_velocity_moves_every_knot_along_its_learned_path(curved_floor)
     assert (a[~below] == WATER).all()
 
 
+def test_a_checkpoint_that_reads_the_velocity_loads_and_predicts_the_same(curved_floor, tmp_path):
+    """Saved as training saves it (the variant's record, the picker in ``meta``) and loaded
+    as the ensemble loads its members: the linear path comes back, and so does the prediction."""
+    from speedstructure.ensemble.members import load_member
+
+    floor, v, gathers = curved_floor
+    record = {**SMALL, "seafloor_velocity": True}
+    torch.manual_seed(3)
+    model = model_from(record, floor_picker=PICKER)
+    model.fit_prior([v])
+    with torch.no_grad():
+        model.level.weight.normal_()
+        model.head.weight.normal_(std=0.01)
+    path = tmp_path / "best.pt"
+    meta = {"floor_picker": PICKER.record()}
+    torch.save(
+        {"model": model.state_dict(), "variant": model.variant.model_dict(), "meta": meta}, path
+    )
+    loaded = load_member(path)
+    assert loaded.reads_level
+    x = torch.from_numpy(gathers.astype(np.float32))[None]
+    torch.testing.assert_close(loaded.predict(x), model.predict(x), rtol=0, atol=0)
+
+
 def test_an_untrained_network_predicts_its_prior_below_the_picked_floor(curved_floor):
     floor, v, gathers = curved_floor
     model = model_from(SMALL, floor_picker=PICKER)
