@@ -279,11 +279,11 @@ class ColumnNet(VelocityModel):
         h = h.reshape(b, -1, self.bins)
         parts = [h, h.mean(-1, keepdim=True).expand_as(h)]
         if self.reads_level:
-            level = (p[:, n_image + NX :] - LEVEL_CENTRE) / LEVEL_SCALE  # (B, 1)
-            parts.append(level[:, :, None].expand(b, 1, self.bins))
+            read = (p[:, n_image + NX :] - LEVEL_CENTRE) / LEVEL_SCALE  # (B, 1)
+            parts.append(read[:, :, None].expand(b, 1, self.bins))
         knots = self.head(self.mix(torch.cat(parts, 1)))  # (B, knots, bins)
         if self.reads_level:
-            knots = knots + self.level(level)[:, :, None]
+            knots = knots + self.level(read)[:, :, None]
         knots = F.interpolate(knots, size=NX, mode="linear", align_corners=False)
         vt = self.to_velocity(knots.transpose(1, 2))  # (B, 300, knots)
         return floor_relative_to_depth(vt, floor, self._water())

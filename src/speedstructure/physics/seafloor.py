@@ -249,8 +249,8 @@ def seafloor_velocity(
     (1 - R)``, with ``R`` clipped to [0, ``MAX_COEFFICIENT``].  It assumes constant density, as
     the acoustic simulation does: where density rises with velocity ``R`` is larger and so is
     ``v``.  On the embedded set it follows the mean velocity of the first 30 m under the floor
-    to a correlation of about 0.93 in distribution and 0.69 out of it (README, "Models and
-    training")."""
+    to a correlation of about 0.93 in distribution and 0.69 out of it
+    (docs/models-and-training.md)."""
     from speedstructure.physics.simulate import RECEIVER_DEPTH_M, SOURCE_DEPTH_M
 
     g = np.asarray(gathers, np.float64)
