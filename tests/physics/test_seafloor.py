@@ -16,6 +16,7 @@ from speedstructure.physics.seafloor import (
     FloorPicker,
     impose_floor,
     pick_floor,
+    read_seafloor,
     record_delay,
     seafloor_velocity,
     water_response,
@@ -146,6 +147,14 @@ def test_the_velocity_read_holds_under_a_curved_floor_and_the_mirror_image(curve
     assert read == pytest.approx(2.0, rel=0.05)
     mirrored = seafloor_velocity(flip_inputs(gathers, "consistent"), SimParams(), WATER)
     assert mirrored == pytest.approx(read, rel=0.01)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_pass_reads_the_floor_and_the_velocity_as_the_two_functions_do(curved_floor, method):
+    gathers = curved_floor[2]
+    floor, velocity = read_seafloor(gathers, SimParams(), WATER, method)
+    np.testing.assert_array_equal(floor, pick_floor(gathers, SimParams(), WATER, method))
+    assert velocity == seafloor_velocity(gathers, SimParams(), WATER, method)
 
 
 def test_a_water_only_record_has_no_velocity_to_read():

@@ -205,14 +205,13 @@ class ColumnNet(VelocityModel):
         """What one sample's gathers say of the water floor: its depth per column (m), and
         with ``seafloor_velocity`` the velocity under it (km/s); where nothing can be picked,
         the training floors' mean and :data:`LEVEL_CENTRE`."""
-        from speedstructure.physics.seafloor import pick_floor, seafloor_velocity
+        from speedstructure.physics.seafloor import read_seafloor
 
         picker = self._picker()
-        floor = pick_floor(record, picker.sim, picker.water_velocity, picker.method)
+        floor, v = read_seafloor(record, picker.sim, picker.water_velocity, picker.method)
         floor = fill_floor(floor, float(self.floor_default))
         if not self.reads_level:
             return floor
-        v = seafloor_velocity(record, picker.sim, picker.water_velocity, picker.method)
         if not np.isfinite(v):
             log.warning("no sea-floor reflection to read a velocity from: %.1f km/s", LEVEL_CENTRE)
             v = LEVEL_CENTRE

@@ -251,10 +251,23 @@ def seafloor_velocity(
     ``v``.  On the embedded set it follows the mean velocity of the first 30 m under the floor
     to a correlation of about 0.93 in distribution and 0.69 out of it
     (docs/models-and-training.md)."""
-    from speedstructure.physics.simulate import RECEIVER_DEPTH_M, SOURCE_DEPTH_M
+    g = np.asarray(gathers, np.float64)
+    return _velocity(g, *_reflection(g, sim, water_velocity, method), water_velocity)
 
+
+def read_seafloor(
+    gathers: np.ndarray, sim: SimParams, water_velocity: float, method: str = DEFAULT_METHOD
+) -> tuple[np.ndarray, float]:
+    """:func:`pick_floor`'s floor and :func:`seafloor_velocity`'s velocity, from one pass."""
     g = np.asarray(gathers, np.float64)
     times, peaks = _reflection(g, sim, water_velocity, method)
+    return _floor_from_times(times, water_velocity), _velocity(g, times, peaks, water_velocity)
+
+
+def _velocity(g: np.ndarray, times: np.ndarray, peaks: np.ndarray, water_velocity: float) -> float:
+    """:func:`seafloor_velocity` from the gathers and their reflections' times and peaks."""
+    from speedstructure.physics.simulate import RECEIVER_DEPTH_M, SOURCE_DEPTH_M
+
     _, offset, _ = trace_geometry()
     near = (offset <= VELOCITY_OFFSET_M) & np.isfinite(times)
     if not near.any():
