@@ -166,7 +166,7 @@ def test_paths_resolve_against_the_root(tmp_path):
         ({"train__progress": "yes"}, r"train\.progress must be true or false"),
         ({"train__lrr": 1.0}, r"train: unknown key\(s\) lrr"),
         ({"folds__k_groups": None}, r"folds\.k_groups must be an integer"),
-        ({"train__amp": "fp8"}, r"train\.amp must be one of none, bf16, fp16"),
+        ({"train__amp": "fp8"}, r"train\.amp must be one of none, auto, bf16, fp16"),
         ({"synth__water_depth": [1, 2, 3]}, r"synth\.water_depth must be a list of 2 values"),
         (
             {"runs__x": {"variant": "nope", "fold": 0}},

@@ -122,6 +122,24 @@ def test_bf16_on_a_cpu_without_it_is_one_warning_naming_the_cost(monkeypatch, ca
     assert "train.amp bf16" in lines[0] and "AVX2" in lines[0] and "20-40x slower" in lines[0]
 
 
+def test_amp_auto_is_bf16_only_where_it_is_native(monkeypatch, caplog):
+    """``amp: auto`` autocasts to bf16 on CUDA and on a CPU with native bf16, and keeps
+    float32 (no autocast, no warning) on a CPU that would emulate it."""
+    monkeypatch.setattr(runtime, "_warned", set())
+    monkeypatch.setattr(runtime, "cpu_capability", lambda: "AVX2")
+    with caplog.at_level(logging.WARNING, logger="speedstructure.engine"):
+        assert runtime.amp_dtype("auto", CPU) is None
+    assert caplog.records == []
+    assert runtime.precision_record("auto", "auto", CPU)["amp_dtype"] == "float32"
+    monkeypatch.setattr(runtime, "cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert runtime.amp_dtype("auto", CPU) == torch.bfloat16
+    assert runtime.precision_record("auto", "auto", CPU)["amp_dtype"] == "bfloat16"
+    assert runtime.amp_dtype("auto", CUDA) == torch.bfloat16
+    with pytest.raises(UserError, match="train.amp must be one of none, auto, bf16, fp16"):
+        runtime.amp_dtype("fp8", CPU)
+
+
 def test_the_run_records_its_precision(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_capability", lambda: "AVX2")
     rec = runtime.precision_record("none", "auto", CPU)

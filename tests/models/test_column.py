@@ -203,3 +203,24 @@ def test_the_loss_trains_the_column_network_towards_a_lateral_change(curved_floo
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
+
+
+def test_under_bf16_autocast_the_velocities_and_depths_stay_float32(curved_floor):
+    """``amp: auto`` trains the column network in bf16 on CPUs with native bf16: the encoder
+    runs in bf16 but the columns are placed in float32 (bf16 holds depths above 256 m only to
+    2-8 m), so the water floor lands exactly where it does without autocast."""
+    floor, v, gathers = curved_floor
+    torch.manual_seed(0)
+    model = model_from({**SMALL, "seafloor_velocity": True}, floor_picker=PICKER)
+    model.fit_prior([v])
+    torch.nn.init.normal_(model.head.weight, std=0.01)
+    p = model.prepare(torch.from_numpy(gathers.astype(np.float32))[None])
+    with torch.no_grad():
+        plain = model(p, prepared=True)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(p, prepared=True)[0]
+    assert mixed.dtype == torch.float32
+    np.testing.assert_array_equal(
+        water_floor_depth(mixed.numpy(), WATER), water_floor_depth(plain.numpy(), WATER)
+    )
+    torch.testing.assert_close(mixed, plain, rtol=0.02, atol=0.0)

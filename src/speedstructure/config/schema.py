@@ -239,7 +239,7 @@ HEADS = ("rows", "grid")
 FLOORS = ("learned", "picked", "relative")  # the water floor: see Variant.floor
 NORMS = ("batch", "group", "none")
 PRIORS = ("none", "depth_trend")
-AMPS = ("none", "bf16", "fp16")
+AMPS = ("none", "auto", "bf16", "fp16")
 MUON_PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 

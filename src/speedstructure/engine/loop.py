@@ -10,9 +10,9 @@ set, writing into an output folder (see :mod:`speedstructure.engine.checkpoint`)
 * :class:`~speedstructure.engine.optim.MuonAdamW` with the cosine-then-constant schedule,
   stepped once per optimizer step;
 * gradient clipping, real gradient accumulation (``accum_steps`` micro-batches per
-  step; a last, partial group at the epoch end), mixed precision (``amp: none | bf16 |
-  fp16``, fp16 with a ``GradScaler``), EMA of the weights (timm ``ModelEmaV3``); the EMA
-  model is what is validated and saved;
+  step; a last, partial group at the epoch end), mixed precision (``amp: none | auto |
+  bf16 | fp16``: auto is bf16 where bf16 is native, fp16 with a ``GradScaler``), EMA of
+  the weights (timm ``ModelEmaV3``); the EMA model is what is validated and saved;
 * the physically consistent horizontal flip as augmentation;
 * with ``cache_inputs`` the model-ready images of the training set computed once, before
   the first epoch (:class:`~speedstructure.engine.data.PreparedInputs`): the same

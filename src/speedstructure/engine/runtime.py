@@ -2,8 +2,9 @@
 
 * :func:`pick_device`: ``auto`` (CUDA when available) | ``cpu`` | ``cuda``; under
   ``torchrun`` each rank takes ``cuda:<LOCAL_RANK>``.
-* :func:`amp_dtype` / :func:`autocast`: ``amp: none | bf16 | fp16`` (fp16 needs CUDA; bf16
-  on a CPU without native bf16 runs, with a one-line warning naming its cost).
+* :func:`amp_dtype` / :func:`autocast`: ``amp: none | auto | bf16 | fp16`` (``auto``: bf16
+  where it is native, float32 elsewhere; fp16 needs CUDA; bf16 on a CPU without native bf16
+  runs, with a one-line warning naming its cost).
 * The precision rule, one place: :func:`native_bf16` (CUDA, or a CPU whose torch may use
   AVX-512 BF16 or AMX) and :func:`muon_dtype` (``train.muon_precision: auto``: bfloat16 on
   CUDA, as the seed ran, float32 on every CPU).
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from speedstructure.config.schema import MUON_PRECISIONS
+from speedstructure.config.schema import AMPS, MUON_PRECISIONS
 from speedstructure.errors import UserError
 
 log = logging.getLogger("speedstructure.engine")  # the engine's diagnostics
@@ -120,11 +121,15 @@ def warn_emulated_bf16(what: str) -> None:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``amp`` (``none`` -> None); fp16 needs CUDA; bf16 on a CPU
-    without native bf16 is warned about (:func:`warn_emulated_bf16`)."""
+    """The autocast dtype of ``amp`` (``none`` -> None); ``auto`` is bf16 where bf16 is
+    native (:func:`native_bf16`: CUDA, AVX-512 BF16 or AMX) and None (float32) elsewhere;
+    fp16 needs CUDA; bf16 on a CPU without native bf16 is warned about
+    (:func:`warn_emulated_bf16`)."""
     amp = str(amp or "none").lower()
-    if amp not in ("none", "bf16", "fp16"):
-        raise UserError(f"train.amp must be none, bf16 or fp16, got '{amp}'")
+    if amp not in AMPS:
+        raise UserError(f"train.amp must be one of {', '.join(AMPS)}, got '{amp}'")
+    if amp == "auto":
+        amp = "bf16" if native_bf16(device) else "none"
     if amp == "fp16" and device.type != "cuda":
         raise UserError("train.amp fp16 needs CUDA (use bf16 or none on CPU)")
     if amp == "bf16" and not native_bf16(device):

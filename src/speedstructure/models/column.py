@@ -283,7 +283,8 @@ class ColumnNet(VelocityModel):
         knots = self.head(self.mix(torch.cat(parts, 1)))  # (B, knots, bins)
         if self.reads_level:
             knots = knots + self.level(read)[:, :, None]
-        knots = F.interpolate(knots, size=NX, mode="linear", align_corners=False)
+        # velocities and depths in float32 under any autocast (bf16 would snap depths to 2-8 m)
+        knots = F.interpolate(knots.float(), size=NX, mode="linear", align_corners=False)
         vt = self.to_velocity(knots.transpose(1, 2))  # (B, 300, knots)
         return floor_relative_to_depth(vt, floor, self._water())
 

@@ -144,14 +144,14 @@ def _timed(fn, repeats: int, warmup: int = 2) -> float:
 
 
 def measure_variant(params: Params, name: str, steps: int = 2) -> Rates:
-    """A few training steps (forward, MAPE, backward, the engine's optimizer) and inference
-    passes of ``name`` on random inputs at its batch sizes, on the CPU or the GPU training
-    would use."""
+    """A few training steps (forward in the variant's resolved ``amp``, MAPE, backward, the
+    engine's optimizer) and inference passes of ``name`` on random inputs at its batch sizes,
+    on the CPU or the GPU training would use."""
     import torch
 
     from speedstructure.config.schema import V_MAX, V_MIN
     from speedstructure.engine.optim import build_optimizer
-    from speedstructure.engine.runtime import pick_device
+    from speedstructure.engine.runtime import amp_dtype, autocast, pick_device
     from speedstructure.metrics import mape
     from speedstructure.models.build import build_model
     from speedstructure.physics.seafloor import FloorPicker
@@ -166,8 +166,12 @@ def measure_variant(params: Params, name: str, steps: int = 2) -> Rates:
     x = torch.randn(max(b, vb), 5, 10001, 31, device=dev) * 0.0155
     y = V_MIN + (V_MAX - V_MIN) * torch.rand(b, 300, 1259, device=dev)
 
+    amp = amp_dtype(cfg.amp, dev)
+
     def step():
-        mape(model(x[:b]), y).backward()
+        with autocast(dev, amp):
+            pred = model(x[:b])
+        mape(pred, y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(dev)
