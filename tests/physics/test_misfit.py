@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -92,3 +93,32 @@ def test_qc_stage_ranks_a_perturbed_prediction_worse(tmp_path, tiny_params):
     metrics = json.loads((tmp_path / params.paths.qc_metrics).read_text())
     assert "seconds_per_sample" not in metrics and "worst" not in metrics
     assert metrics["spearman_misfit_mape"] == pytest.approx(1.0)
+
+
+def test_qc_processes_give_the_same_rows_in_the_same_order(tmp_path, tiny_params):
+    """``qc.workers: 2`` simulates in two spawned processes: the same misfits, correlations
+    and compared shots as one process, in the submission's order."""
+    from speedstructure.data.samples import ZipWriter
+    from speedstructure.stages.qc import check_samples
+
+    truth = np.pad(layered_model(nz=400), ((0, 0), (0, 859)), mode="edge")
+    gathers = Simulator(SimParams())(truth)
+    ids = ["QC00000000000000C1", "QC00000000000000A1", "QC00000000000000B1"]
+    data = tmp_path / "data"
+    data.mkdir()
+    with ZipWriter(data / "test.zip") as zw:
+        for sid in ids:
+            zw.add(sid, gathers, None)
+    sub = {ids[0]: perturbed(truth, 1.1), ids[1]: truth, ids[2]: perturbed(truth, 1.03)}
+    params = tiny_params(tmp_path)
+    results = {}
+    for workers in (1, 2):
+        p = dataclasses.replace(params, qc=dataclasses.replace(params.qc, workers=workers))
+        results[workers] = check_samples(p, ids, sub, progress=False)
+    (rows1, shots1), (rows2, shots2) = results[1], results[2]
+    assert [r["sample_id"] for r in rows2] == ids
+    for a, b in zip(rows1, rows2, strict=True):
+        assert (a["misfit"], a["trace_correlation"]) == (b["misfit"], b["trace_correlation"])
+    assert rows2[0]["misfit"] > rows2[2]["misfit"] > rows2[1]["misfit"]
+    for sid in ids:
+        np.testing.assert_array_equal(shots1[sid][1], shots2[sid][1])

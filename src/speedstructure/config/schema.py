@@ -391,7 +391,7 @@ class UncertaintyConfig:
 @dataclass(frozen=True)
 class QcConfig:
     """The physics check (``qc:``, :mod:`speedstructure.physics`): the mute after the direct
-    arrival and its taper (s), the low-pass (Hz), the AGC window (s), figure rows."""
+    arrival and its taper (s), the low-pass (Hz), the AGC window (s), figure rows, processes."""
 
     mute_after: float = 0.1
     taper: float = 0.05
@@ -400,6 +400,7 @@ class QcConfig:
     agc_window: float = 0.2
     worst_samples: int = 3
     threads: int | None = 1
+    workers: int | None = None  # simulation processes; None: usable cores / training processes
 
 
 @dataclass(frozen=True)

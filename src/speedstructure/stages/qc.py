@@ -20,7 +20,10 @@ also reports the Spearman rank correlation between the misfit and the true MAPE.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,30 +44,91 @@ DESCRIPTION = (
 )
 
 
-def check_samples(params: Params, ids: list[str], sub, progress: bool = True):
-    """``(rows, shots)``: one row per sample (misfit, trace correlation, seconds) and the
-    compared (preprocessed) observed and simulated gathers of shot :data:`SHOT`."""
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class Checker:
+    """What one qc process needs to check a sample: the simulator's settings, the water
+    velocity, the preprocessing settings, the test zip and its torch threads."""
+
+    sim: Any  # synth.sim (SimParams)
+    water_velocity: float
+    settings: dict[str, Any]
+    zip_path: str
+    threads: int
+
+
+_STATE: dict[str, Any] = {}  # per process: the simulator, the preprocessing, the open zip
+
+
+def _start(checker: Checker) -> None:
+    """Build this process's simulator and preprocessing and open the test zip (once)."""
+    import torch
 
     from speedstructure.data.samples import ZipSamples
-    from speedstructure.physics.misfit import Preprocess, misfit, observed_at_sim_rate
-    from speedstructure.physics.misfit import simulate_at_sim_rate as simulate
-    from speedstructure.physics.misfit import trace_correlation as correlation
+    from speedstructure.physics.misfit import Preprocess
     from speedstructure.physics.simulate import Simulator
 
-    sim = Simulator(params.synth.sim)
-    water = params.synth.water_velocity
-    prep = Preprocess.for_simulator(sim, water_velocity=water, **preprocess_settings(params))
-    rows, shots = [], {}
-    with ZipSamples(params.zip_path("test")) as z:
-        for sid in tqdm(ids, desc="qc", unit="sample", disable=not progress):
-            t0 = time.perf_counter()
-            o = prep(observed_at_sim_rate(z.read_gathers(sid), sim))
-            s = prep(simulate(sub[sid].astype(np.float32), sim))
-            res = {"misfit": misfit(o, s), "trace_correlation": correlation(o, s)}
-            rows.append({"sample_id": sid, **res, "seconds": time.perf_counter() - t0})
-            shots[sid] = (o[SHOT].astype(np.float32), s[SHOT].astype(np.float32))
-    return rows, shots
+    torch.set_num_threads(checker.threads)
+    sim = Simulator(checker.sim)
+    water = checker.water_velocity
+    _STATE["sim"] = sim
+    _STATE["prep"] = Preprocess.for_simulator(sim, water_velocity=water, **checker.settings)
+    _STATE["zip"] = ZipSamples(checker.zip_path)
+
+
+def _check(job: tuple[str, np.ndarray]) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """One sample's row (misfit, trace correlation, seconds) and its compared shot."""
+    from speedstructure.physics.misfit import misfit, observed_at_sim_rate
+    from speedstructure.physics.misfit import simulate_at_sim_rate as simulate
+    from speedstructure.physics.misfit import trace_correlation as correlation
+
+    sid, model = job
+    sim, prep = _STATE["sim"], _STATE["prep"]
+    t0 = time.perf_counter()
+    o = prep(observed_at_sim_rate(_STATE["zip"].read_gathers(sid), sim))
+    s = prep(simulate(model, sim))
+    res = {"misfit": misfit(o, s), "trace_correlation": correlation(o, s)}
+    row = {"sample_id": sid, **res, "seconds": time.perf_counter() - t0}
+    return row, (o[SHOT].astype(np.float32), s[SHOT].astype(np.float32))
+
+
+def _stop() -> None:
+    if "zip" in _STATE:
+        _STATE.pop("zip").close()
+    _STATE.clear()
+
+
+def check_samples(params: Params, ids: list[str], sub, progress: bool = True, threads: int = 1):
+    """``(rows, shots)``: one row per sample, in ``ids``'s order (misfit, trace correlation,
+    seconds) and the compared (preprocessed) observed and simulated gathers of shot
+    :data:`SHOT`; the samples are simulated in ``qc.workers`` processes (``threads`` torch
+    threads each; one process: here)."""
+    from tqdm import tqdm
+
+    from speedstructure.engine.runtime import resolve_threads
+
+    checker = Checker(
+        params.synth.sim,
+        float(params.synth.water_velocity),
+        preprocess_settings(params),
+        str(params.zip_path("test")),
+        threads,
+    )
+    workers = max(1, min(len(ids), resolve_threads(params.qc.workers, "qc.workers")))
+    jobs = ((sid, sub[sid].astype(np.float32)) for sid in ids)
+    bar = {"total": len(ids), "desc": "qc", "unit": "sample", "disable": not progress}
+    if workers == 1:
+        _start(checker)
+        try:
+            done = [_check(job) for job in tqdm(jobs, **bar)]
+        finally:
+            _stop()
+    else:  # spawned: deepwave's OpenMP runtime does not survive a fork of a threaded parent
+        ctx = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(workers, ctx, initializer=_start, initargs=(checker,))
+        with pool:
+            done = list(tqdm(pool.map(_check, jobs), **bar))
+    rows = [row for row, _ in done]
+    return rows, {row["sample_id"]: shot for row, shot in done}
 
 
 def true_mape(params: Params, ids: list[str], sub) -> np.ndarray | None:
@@ -86,16 +150,17 @@ def run_qc(
     params: Params, *, track: bool = True, progress: bool = True, samples: int | None = None
 ) -> dict[str, Any]:
     """The stage (see the module doc); returns the summary."""
-    from speedstructure.engine.runtime import set_threads
+    from speedstructure.engine.runtime import resolve_threads, set_threads
 
     tags = {"stage": "qc", "dvc_stage": "qc"}
     with stage_run(track, "qc", params, tags=tags):  # opened first: crashes FAIL it
         threads = set_threads(params.qc.threads, "qc.threads")
         if track:
-            log_params({"qc": preprocess_settings(params), "threads": threads})
+            workers = resolve_threads(params.qc.workers, "qc.workers")
+            log_params({"qc": preprocess_settings(params), "threads": threads, "workers": workers})
         ids, sub = load_submission(params.path("submission"), samples)
         with sub:
-            rows, shots = check_samples(params, ids, sub, progress)
+            rows, shots = check_samples(params, ids, sub, progress, threads)
             mape = true_mape(params, ids, sub)
         summary = summarise(rows, mape, params.qc.worst_samples)
         dt = float(params.synth.sim.dt)

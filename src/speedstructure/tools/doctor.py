@@ -228,8 +228,10 @@ def project_pipeline(params: Params, rates: dict[str, Rates], sim_s: float) -> P
     """The pipeline's time from the measured rates: every run's epochs in full (early stopping
     only shortens it), validation each epoch and the flip-TTA validation predictions at the
     end; the test and out-of-distribution sets predicted with flip TTA by the ensemble
-    (predict) and again run by run (evaluate); one simulation per test sample (qc); data
-    generation when the zips are missing."""
+    (predict) and again run by run (evaluate); one simulation per test sample, in
+    ``qc.workers`` processes (qc); data generation when the zips are missing."""
+    from speedstructure.engine.runtime import resolve_threads
+
     s = params.synth
     n_fold = s.n_train / params.folds.n_folds
     n_train = s.n_train - n_fold + s.n_extended_1 + s.n_extended_2
@@ -246,7 +248,9 @@ def project_pipeline(params: Params, rates: dict[str, Rates], sim_s: float) -> P
     prediction = 2 * len(members) * (s.n_test + tests) / infer
     have_zips = all(params.zip_path(z).is_file() for z in params.data.zips)
     data = 0.0 if have_zips else profile_samples(params) * sim_s / max(1, s.workers)
-    return Projection(data, training, prediction, s.n_test * sim_s, STAGE_OVERHEAD_S)
+    qc_workers = resolve_threads(params.qc.workers, "qc.workers")
+    qc = s.n_test * sim_s / max(1, min(qc_workers, s.n_test))
+    return Projection(data, training, prediction, qc, STAGE_OVERHEAD_S)
 
 
 def trained_variants(params: Params) -> list[str]:
