@@ -36,10 +36,10 @@ class CountingSimulator:
         return rng.normal(0.0, 1e-3, (5, 10001, 31)).astype(np.float32)
 
 
-def test_the_fine_settings_keep_everything_but_the_grid_and_step():
+def test_the_fine_settings_keep_everything_but_the_grid_step_and_absorbing_cells():
     fine = bs.fine_settings(SimParams())
-    assert (fine.dx, fine.dt) == (1.0, 0.0001)
-    assert dataclasses.replace(fine, dx=5.0, dt=0.0005) == SimParams()
+    assert (fine.dx, fine.dt, fine.pml_width) == (1.0, 0.0001, bs.FINE_PML_WIDTH)
+    assert dataclasses.replace(fine, dx=5.0, dt=0.0005, pml_width=20) == SimParams()
 
 
 def test_the_set_is_written_once_and_reused_while_its_digest_matches(project, tmp_path):

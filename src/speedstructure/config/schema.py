@@ -131,7 +131,7 @@ class SimParams:
     dx: float = 5.0
     dt: float = 0.0005
     accuracy: int = 4
-    pml_width: int = 40
+    pml_width: int = 20
     freq: float = 15.0
     record_dt: float = 0.0001
     n_time: int = 10001
