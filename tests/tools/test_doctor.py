@@ -8,6 +8,7 @@ import pytest
 
 from speedstructure.cli import main
 from speedstructure.config.load import load_params
+from speedstructure.engine.runtime import resolve_threads
 from speedstructure.tools import machine
 from speedstructure.tools.doctor import (
     RUN_OVERHEAD_S,
@@ -76,9 +77,13 @@ def test_the_projection_adds_up_the_measured_rates(fresh_project):
     epochs = params.train_for("tiny_dual42").epochs
     per_run = epochs * (n_train / 10.0 + n_val / 40.0) + 2 * n_val / 40.0 + RUN_OVERHEAD_S
     assert proj.training == pytest.approx(len(runs) * per_run)
+    # an input cache adds one preparation of every training sample and its mirror per run
+    cached = project_pipeline(params, {"tiny_dual42": Rates(10.0, 40.0, prepare=20.0)}, 2.0)
+    assert cached.training == pytest.approx(len(runs) * (per_run + 2 * n_train / 20.0))
     samples = s.n_train + s.n_extended_1 + s.n_extended_2 + s.n_test + s.ood.n_test
     assert proj.data == pytest.approx(samples * 2.0 / s.workers)  # no zips yet
-    assert proj.qc == pytest.approx(s.n_test * 2.0)
+    workers = min(resolve_threads(params.qc.workers, "qc.workers"), s.n_test)
+    assert proj.qc == pytest.approx(s.n_test * 2.0 / workers)  # in qc.workers processes
     assert proj.total == pytest.approx(
         proj.data + proj.training + proj.prediction + proj.qc + STAGE_OVERHEAD_S
     )
@@ -93,3 +98,4 @@ def test_every_trained_variant_of_the_default_profile_is_measured(fresh_project)
     assert "column" in trained_variants(params)
     rates = measure_variant(params, "column", steps=1)
     assert rates.train > 0 and rates.infer > 0
+    assert params.train_for("column").cache_inputs and rates.prepare > 0

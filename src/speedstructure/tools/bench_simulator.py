@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 FINE_DX = 1.0  # m: the organisers' grid
 FINE_DT = 0.0001  # s: the organisers' step
-FINE_PML_WIDTH = 40  # absorbing cells of the fine set (40 m at 1 m; the set measured since it was made)
+FINE_PML_WIDTH = 40  # absorbing cells of the fine set (40 m at 1 m, as the set was first made)
 SET_ZIP = "test.zip"  # the fine gathers, challenge layout (no targets)
 SET_LABELS = "test_labels.npz"  # their velocity models, keyed by sample id
 SET_META = "meta.json"  # the digest, the settings, the ids, the time per sample
