@@ -63,20 +63,27 @@ def test_the_mute_removes_the_direct_arrival(small_case):
     assert (mute[..., -1] == 1).all()
 
 
-def test_qc_stage_ranks_a_perturbed_prediction_worse(tmp_path, tiny_params):
-    """End to end on the challenge acquisition: three predictions of one model."""
+def _test_zip_of_one_model(data, ids: list[str]) -> np.ndarray:
+    """``data/test.zip`` holding the gathers of one layered model (the challenge's
+    acquisition) under every id; returns the model."""
     from speedstructure.data.samples import ZipWriter
-    from speedstructure.stages.qc import run_qc
 
-    sim = Simulator(SimParams())
     truth = np.pad(layered_model(nz=400), ((0, 0), (0, 859)), mode="edge")
-    gathers = sim(truth)
-    ids = ["QC00000000000000A0", "QC00000000000000B0", "QC00000000000000C0"]
-    data = tmp_path / "data"
+    gathers = Simulator(SimParams())(truth)
     data.mkdir()
     with ZipWriter(data / "test.zip") as zw:
         for sid in ids:
             zw.add(sid, gathers, None)
+    return truth
+
+
+def test_qc_stage_ranks_a_perturbed_prediction_worse(tmp_path, tiny_params):
+    """End to end on the challenge acquisition: three predictions of one model."""
+    from speedstructure.stages.qc import run_qc
+
+    ids = ["QC00000000000000A0", "QC00000000000000B0", "QC00000000000000C0"]
+    data = tmp_path / "data"
+    truth = _test_zip_of_one_model(data, ids)
     preds = {ids[0]: truth, ids[1]: perturbed(truth, 1.03), ids[2]: perturbed(truth, 1.1)}
     (tmp_path / "submission").mkdir()
     np.savez(tmp_path / "submission" / "submission.npz", **preds)
@@ -98,17 +105,10 @@ def test_qc_stage_ranks_a_perturbed_prediction_worse(tmp_path, tiny_params):
 def test_qc_processes_give_the_same_rows_in_the_same_order(tmp_path, tiny_params):
     """``qc.workers: 2`` simulates in two spawned processes: the same misfits, correlations
     and compared shots as one process, in the submission's order."""
-    from speedstructure.data.samples import ZipWriter
     from speedstructure.stages.qc import check_samples
 
-    truth = np.pad(layered_model(nz=400), ((0, 0), (0, 859)), mode="edge")
-    gathers = Simulator(SimParams())(truth)
     ids = ["QC00000000000000C1", "QC00000000000000A1", "QC00000000000000B1"]
-    data = tmp_path / "data"
-    data.mkdir()
-    with ZipWriter(data / "test.zip") as zw:
-        for sid in ids:
-            zw.add(sid, gathers, None)
+    truth = _test_zip_of_one_model(tmp_path / "data", ids)
     sub = {ids[0]: perturbed(truth, 1.1), ids[1]: truth, ids[2]: perturbed(truth, 1.03)}
     params = tiny_params(tmp_path)
     results = {}
