@@ -7,7 +7,9 @@ input gathers of the test zip (:mod:`speedstructure.physics`): after the direct 
 (muted: it is the same for every model), low-passed, gain-controlled, the normalised L2
 misfit and the mean per-trace correlation.  No labels are needed: on real data the table
 ranks the predictions to distrust first.  With test targets (the synthetic set) the stage
-also reports the Spearman rank correlation between the misfit and the true MAPE.
+also reports the Spearman rank correlation between the misfit and the true MAPE.  The
+samples are simulated side by side in ``qc.workers`` spawned processes of ``qc.threads``
+torch threads each (the rows stay in the submission's order).
 
 ``speedstructure qc [--samples N] [--mlflow/--no-mlflow] [--quiet]`` writes::
 
@@ -31,7 +33,7 @@ import numpy as np
 
 from speedstructure import cli
 from speedstructure.config.load import load_params
-from speedstructure.config.schema import Params
+from speedstructure.config.schema import Params, SimParams
 from speedstructure.data.submission_check import load_submission
 from speedstructure.fsutil import atomic_write_json
 from speedstructure.physics.misfit import preprocess_settings
@@ -49,7 +51,7 @@ class Checker:
     """What one qc process needs to check a sample: the simulator's settings, the water
     velocity, the preprocessing settings, the test zip and its torch threads."""
 
-    sim: Any  # synth.sim (SimParams)
+    sim: SimParams  # synth.sim
     water_velocity: float
     settings: dict[str, Any]
     zip_path: str
