@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -103,18 +102,15 @@ def test_qc_stage_ranks_a_perturbed_prediction_worse(tmp_path, tiny_params):
 
 
 def test_qc_processes_give_the_same_rows_in_the_same_order(tmp_path, tiny_params):
-    """``qc.workers: 2`` simulates in two spawned processes: the same misfits, correlations
-    and compared shots as one process, in the submission's order."""
+    """Two spawned processes (``qc.workers: 2``) give the same misfits, correlations and
+    compared shots as one process, in the submission's order."""
     from speedstructure.stages.qc import check_samples
 
     ids = ["QC00000000000000C1", "QC00000000000000A1", "QC00000000000000B1"]
     truth = _test_zip_of_one_model(tmp_path / "data", ids)
     sub = {ids[0]: perturbed(truth, 1.1), ids[1]: truth, ids[2]: perturbed(truth, 1.03)}
     params = tiny_params(tmp_path)
-    results = {}
-    for workers in (1, 2):
-        p = dataclasses.replace(params, qc=dataclasses.replace(params.qc, workers=workers))
-        results[workers] = check_samples(p, ids, sub, progress=False)
+    results = {w: check_samples(params, ids, sub, progress=False, workers=w) for w in (1, 2)}
     (rows1, shots1), (rows2, shots2) = results[1], results[2]
     assert [r["sample_id"] for r in rows2] == ids
     for a, b in zip(rows1, rows2, strict=True):

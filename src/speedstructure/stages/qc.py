@@ -99,14 +99,14 @@ def _stop() -> None:
     _STATE.clear()
 
 
-def check_samples(params: Params, ids: list[str], sub, progress: bool = True, threads: int = 1):
+def check_samples(
+    params: Params, ids: list[str], sub, progress: bool = True, threads: int = 1, workers: int = 1
+):
     """``(rows, shots)``: one row per sample, in ``ids``'s order (misfit, trace correlation,
     seconds) and the compared (preprocessed) observed and simulated gathers of shot
-    :data:`SHOT`; the samples are simulated in ``qc.workers`` processes (``threads`` torch
-    threads each; one process: here)."""
+    :data:`SHOT`; the samples are simulated in ``workers`` spawned processes of ``threads``
+    torch threads each (one: in this process)."""
     from tqdm import tqdm
-
-    from speedstructure.engine.runtime import resolve_threads
 
     checker = Checker(
         params.synth.sim,
@@ -115,7 +115,7 @@ def check_samples(params: Params, ids: list[str], sub, progress: bool = True, th
         str(params.zip_path("test")),
         threads,
     )
-    workers = max(1, min(len(ids), resolve_threads(params.qc.workers, "qc.workers")))
+    workers = max(1, min(len(ids), int(workers)))
     jobs = ((sid, sub[sid].astype(np.float32)) for sid in ids)
     bar = {"total": len(ids), "desc": "qc", "unit": "sample", "disable": not progress}
     if workers == 1:
@@ -157,12 +157,12 @@ def run_qc(
     tags = {"stage": "qc", "dvc_stage": "qc"}
     with stage_run(track, "qc", params, tags=tags):  # opened first: crashes FAIL it
         threads = set_threads(params.qc.threads, "qc.threads")
+        workers = resolve_threads(params.qc.workers, "qc.workers")
         if track:
-            workers = resolve_threads(params.qc.workers, "qc.workers")
             log_params({"qc": preprocess_settings(params), "threads": threads, "workers": workers})
         ids, sub = load_submission(params.path("submission"), samples)
         with sub:
-            rows, shots = check_samples(params, ids, sub, progress, threads)
+            rows, shots = check_samples(params, ids, sub, progress, threads, workers)
             mape = true_mape(params, ids, sub)
         summary = summarise(rows, mape, params.qc.worst_samples)
         dt = float(params.synth.sim.dt)
