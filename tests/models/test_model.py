@@ -15,7 +15,7 @@ from speedstructure.config.schema import V_MAX, V_MIN, DepthTrendVariant, EvaFus
 from speedstructure.config.typed import ConfigError
 from speedstructure.data.flips import flip_inputs, flip_target
 from speedstructure.errors import UserError
-from speedstructure.models.base import muon_param_names
+from speedstructure.models.base import _median, muon_param_names
 from speedstructure.models.baselines import DepthTrend
 from speedstructure.models.build import build_model, count_parameters, forward_flops, model_summary
 from speedstructure.models.eva_fusion import EvaFusionNet
@@ -501,3 +501,12 @@ def test_model_summary_cli(capsys, tmp_path):
     assert json.loads(out.read_text())["arch"] == "inversionnet"
     assert cli.main(["model-summary", "no_such_variant", "--params", str(PARAMS)]) == 2
     assert "no_such_variant" in capsys.readouterr().err
+
+
+def test_the_median_of_two_is_their_mean_bit_for_bit_and_of_more_the_middle():
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.rand(3, 300, 1259, generator=g) * 3 + 1.5 for _ in range(3))
+    sorted_two = torch.sort(torch.stack([a, b]), dim=0).values
+    assert torch.equal(_median([a, b]), 0.5 * (sorted_two[0] + sorted_two[1]))
+    assert torch.equal(_median([a, b, c]), torch.median(torch.stack([a, b, c]), dim=0).values)
+    assert _median([a]) is a

@@ -39,6 +39,8 @@ def _median(preds: list[torch.Tensor]) -> torch.Tensor:
     """Element-wise median; for an even count the mean of the two middle values."""
     if len(preds) == 1:
         return preds[0]
+    if len(preds) == 2:  # flip TTA: the mean, the same numbers as sorting (a + b == b + a)
+        return 0.5 * (preds[0] + preds[1])
     s = torch.sort(torch.stack(preds), dim=0).values
     n = s.shape[0]
     if n % 2:
