@@ -13,6 +13,7 @@ from speedstructure.data.flips import flip_inputs, flip_target
 from speedstructure.metrics import water_floor_depth
 from speedstructure.models.column import (
     LEVEL_CENTRE,
+    LEVEL_FEATURES,
     binning,
     depth_to_floor_relative,
     fill_floor,
@@ -141,14 +142,16 @@ def test_the_read_velocity_moves_every_knot_along_its_learned_path(curved_floor)
 
 def test_a_checkpoint_that_reads_the_velocity_loads_and_predicts_the_same(curved_floor, tmp_path):
     """Saved as training saves it (the variant's record, the picker in ``meta``) and loaded
-    as the ensemble loads its members: the linear path comes back, and so does the prediction."""
+    as the ensemble loads its members: the linear path and the level read's map come back, and
+    so does the prediction."""
     from speedstructure.ensemble.members import load_member
 
     floor, v, gathers = curved_floor
-    record = {**SMALL, "seafloor_velocity": True}
+    record = {**SMALL, "seafloor_velocity": True, "level_read": True}
     torch.manual_seed(3)
     model = model_from(record, floor_picker=PICKER)
     model.fit_prior([v])
+    model.fit_level_reader(_levels_of(curved_floor))
     with torch.no_grad():
         model.level.weight.normal_()
         model.head.weight.normal_(std=0.01)
@@ -158,7 +161,7 @@ def test_a_checkpoint_that_reads_the_velocity_loads_and_predicts_the_same(curved
         {"model": model.state_dict(), "variant": model.variant.model_dict(), "meta": meta}, path
     )
     loaded = load_member(path)
-    assert loaded.reads_level
+    assert loaded.reads_level and loaded.reads_trend and bool(loaded.level_fitted)
     x = torch.from_numpy(gathers.astype(np.float32))[None]
     torch.testing.assert_close(loaded.predict(x), model.predict(x), rtol=0, atol=0)
 
@@ -224,3 +227,79 @@ def test_under_bf16_autocast_the_velocities_and_depths_stay_float32(curved_floor
         water_floor_depth(mixed.numpy(), WATER), water_floor_depth(plain.numpy(), WATER)
     )
     torch.testing.assert_close(mixed, plain, rtol=0.02, atol=0.0)
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Gathers and targets in memory, as the training engine's datasets give them."""
+
+    def __init__(self, gathers: list[np.ndarray], targets: list[np.ndarray]):
+        self.gathers, self.targets = gathers, targets
+
+    def __len__(self) -> int:
+        return len(self.gathers)
+
+    def target(self, i: int) -> np.ndarray:
+        return self.targets[i]
+
+    def __getitem__(self, i: int):
+        x = torch.from_numpy(self.gathers[i].astype(np.float32))
+        return x, torch.from_numpy(self.targets[i]), i
+
+
+def _levels_of(curved_floor) -> _Samples:
+    """Four samples whose reflections are 0.5-2x the curved floor's and whose sediments are
+    correspondingly faster: a level the read can follow."""
+    from speedstructure.physics.seafloor import oriented_direct_wave, water_response
+
+    floor, v, gathers = curved_floor
+    g = gathers.astype(np.float64)
+    direct = oriented_direct_wave(g, water_response(PICKER.sim, WATER)[0], PICKER.sim.record_dt)
+    scales = (0.5, 1.0, 1.5, 2.0)
+    below = np.arange(1259)[None, :] >= floor[:, None]
+    targets = [np.where(below, v * (0.9 + 0.1 * c), v).astype(np.float32) for c in scales]
+    return _Samples([direct + c * (g - direct) for c in scales], targets)
+
+
+def _level(pred: np.ndarray, floor: np.ndarray) -> float:
+    return float(pred[np.arange(1259)[None, :] >= floor[:, None]].mean())
+
+
+def test_the_level_read_is_fitted_on_the_training_set_and_blended_in_at_eval(curved_floor):
+    """``level_read``: the ridge map is fitted on the training set (the same from the raw
+    samples as from the engine's prepared cache); training mode predicts as without it; in
+    eval mode the level below the picked floor moves to ``level_blend`` of the read."""
+    from speedstructure.engine.data import PreparedInputs
+
+    samples = _levels_of(curved_floor)
+    torch.manual_seed(0)
+    plain = model_from({**SMALL, "seafloor_velocity": True}, floor_picker=PICKER)
+    record = {**SMALL, "seafloor_velocity": True, "level_read": True, "level_blend": 1.0}
+    model = model_from(record, floor_picker=PICKER)
+    assert model.prepared_numel == plain.prepared_numel + LEVEL_FEATURES
+    for m in (plain, model):
+        m.load_state_dict(plain.state_dict(), strict=False)
+        m.fit_prior(samples.targets)
+    model.fit_level_reader(samples)
+    cached = model_from(record, floor_picker=PICKER)
+    cached.fit_prior(samples.targets)
+    cached.fit_level_reader(PreparedInputs(samples, cached.prepare))
+    for key in ("level_mean", "level_scale", "level_coef", "level_intercept"):
+        torch.testing.assert_close(getattr(cached, key), getattr(model, key), rtol=1e-6, atol=1e-9)
+
+    x = samples[3][0][None]
+    p = model.prepare(x)
+    floor = p[0, model._n_image : model._n_image + 300].numpy()
+    model.train(), plain.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(p, prepared=True), plain(plain.prepare(x), prepared=True))
+    model.eval()
+    with torch.no_grad():
+        read = _level(model(p, prepared=True)[0].numpy(), floor)
+    truth = _level(samples.targets[3], floor)
+    assert read == pytest.approx(truth, rel=0.03)  # the read follows the four levels
+    assert abs(_level(plain.predict(x, tta=False)[0].numpy(), floor) - truth) > 0.1
+
+
+def test_a_level_blend_outside_zero_to_one_is_refused():
+    with pytest.raises(ConfigError, match="level_blend"):
+        model_from({**SMALL, "level_read": True, "level_blend": 1.5}, floor_picker=PICKER)

@@ -1,14 +1,12 @@
 """The one typed configuration: ``params.yaml``'s sections as frozen dataclasses.
 
-``params.yaml`` is the single source of configuration.
-:func:`~speedstructure.config.load.load_params`
-reads it once per command and returns a :class:`Params`: one frozen dataclass
-per section (``paths``, ``data``, ``folds``, ``mlflow``, ``synth``, ``train``,
-``variants``, ``runs``, ``ensemble``, ``tune``, ``predict``, ``evaluate``, ...),
-validated on load with errors that name the key (``params.yaml: train.lr must
-be a number, got 'x'``).  The defaults below are the default profile's values
-(a test proves they agree with ``params.yaml`` for both profiles), so a key
-left out of ``params.yaml`` means what the shipped file says.
+``params.yaml`` is the single source of configuration. :func:`~speedstructure.config.load.
+load_params` reads it once per command and returns a :class:`Params`: one frozen dataclass per
+section (``paths``, ``data``, ``folds``, ``mlflow``, ``synth``, ``train``, ``variants``,
+``runs``, ``ensemble``, ``tune``, ``predict``, ``evaluate``, ...), validated on load with
+errors that name the key (``params.yaml: train.lr must be a number, got 'x'``).  The defaults
+below are the default profile's values (a test proves they agree with ``params.yaml`` for both
+profiles), so a key left out of ``params.yaml`` means what the shipped file says.
 
 Every file the pipeline reads or writes is spelled once, in ``paths``; the
 code resolves it with :meth:`Params.path` and ``dvc.yaml`` reads it through
@@ -16,9 +14,9 @@ templating (``${paths.folds_table}``).  Paths are resolved against the project r
 so commands work from any working directory inside the checkout and inside the
 temporary copies that ``dvc exp run --queue`` makes.
 
-A model variant is one of :class:`EvaFusionVariant`, :class:`InversionNetVariant`
-or :class:`DepthTrendVariant` (key ``arch``); its ``train`` mapping overrides
-keys of the ``train`` section for that variant (:meth:`Params.train_for`).
+A model variant is an :class:`EvaFusionVariant`, :class:`InversionNetVariant`,
+:class:`DepthTrendVariant` or :class:`ColumnVariant` (key ``arch``); its ``train`` mapping
+overrides keys of the ``train`` section for that variant (:meth:`Params.train_for`).
 """
 
 from __future__ import annotations
@@ -318,6 +316,8 @@ class ColumnVariant(Variant):
     offset_edges: tuple[float, ...] = (0.0, 50.0, 100.0, 175.0, 301.0)  # offset bands (m)
     gain: float = 1.0  # reflections multiplied by t ** gain (spherical spreading)
     seafloor_velocity: bool = False  # the velocity read from the sea-floor reflection as input
+    level_read: bool = False  # the level read from the reflections (ridge), blended in at eval
+    level_blend: float = 0.75  # its share of the level below the floor (the rest: the network's)
 
 
 VARIANT_TYPES: dict[str, type[Variant]] = {

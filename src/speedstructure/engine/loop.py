@@ -192,6 +192,8 @@ class Trainer:
             train_ds, model, bool(cfg.cache_inputs), progress=run.progress
         )
         self.prepared = isinstance(self.train_set, PreparedInputs)
+        if callable(getattr(model, "fit_level_reader", None)):  # before the EMA copies it
+            model.fit_level_reader(self.train_set)
         self.loader = make_loader(
             self.train_set,
             cfg.batch_size,

@@ -26,6 +26,14 @@ sea-floor reflection's strength (:func:`~speedstructure.physics.seafloor.seafloo
 a measurement, not a fit to the training set): it enters the network over x as one more
 channel and shifts every knot's logit by a learned amount per knot, a linear path that
 carries the level beyond the velocities seen in training.
+
+With ``level_read: true`` it reads the velocity level as well: the near-offset reflections
+integrated from the floor down (:func:`~speedstructure.physics.level.level_features`), the
+velocity under the floor and the floor's depth, mapped to the mean velocity below the floor
+by a ridge regression fitted on the training set before the network trains
+(:meth:`ColumnNet.fit_level_reader`).  In eval mode (validation, prediction) every column
+below the floor is scaled so that the model's mean below the floor becomes ``level_blend``
+of the read level and the rest its own; training fits the network alone.
 """
 
 from __future__ import annotations
@@ -44,10 +52,12 @@ from speedstructure.config.typed import ConfigError
 from speedstructure.errors import UserError
 from speedstructure.models.base import NX, NZ, VelocityModel
 from speedstructure.models.inputs import N_RECEIVERS, N_SOURCES, N_TIME
+from speedstructure.physics.level import WINDOWS
 
 log = logging.getLogger(__name__)
 
 LEVEL_CENTRE, LEVEL_SCALE = 2.2, 0.5  # km/s: the read velocity enters as (v - centre) / scale
+LEVEL_FEATURES = WINDOWS + 2  # level_read: the reflections' integral, the velocity, the floor
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -132,6 +142,8 @@ class ColumnNet(VelocityModel):
             raise ConfigError("column: offset_edges must rise (>= 2 edges) and knots >= 2")
         if not 2 <= self.bins <= NX or not 32 <= self.time_samples <= N_TIME:
             raise ConfigError(f"column: midpoint_bins in [2, {NX}], time_samples in [32, {N_TIME}]")
+        if not 0.0 <= float(v.level_blend) <= 1.0:
+            raise ConfigError(f"column: level_blend must lie in [0, 1], got {v.level_blend}")
         w, n_bands = int(v.width), len(self.edges) - 1
         widths = [2 * n_bands, w, w, 2 * w, 2 * w, 4 * w]
         self.encoder = nn.Sequential(
@@ -157,6 +169,12 @@ class ColumnNet(VelocityModel):
         if self.reads_level:  # the read velocity's linear path to the knots, from zero
             self.level = nn.Linear(1, self.knots, bias=False)
             nn.init.zeros_(self.level.weight)
+        self.reads_trend, self.level_blend = bool(v.level_read), float(v.level_blend)
+        if self.reads_trend:  # the ridge map of the level read (fit_level_reader)
+            for name in ("level_mean", "level_scale", "level_coef"):
+                self.register_buffer(name, torch.zeros(LEVEL_FEATURES, dtype=torch.float64))
+            self.register_buffer("level_intercept", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("level_fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("floor_default", torch.zeros(()))  # the training floors' mean
         if self.prior == "depth_trend":
             self.prior_logit = torch.zeros(self.knots)  # the knots' prior, not depth cells
@@ -168,8 +186,7 @@ class ColumnNet(VelocityModel):
     @property
     def prepared_numel(self) -> int:
         """Numbers per sample in :meth:`prepare`'s output (the training engine's cache)."""
-        image = 2 * (len(self.edges) - 1) * self.time_samples * self.bins
-        return image + NX + int(self.reads_level)
+        return self._n_image + NX + int(self.reads_level) + LEVEL_FEATURES * self.reads_trend
 
     def _picker(self):
         if self.floor_picker is None:
@@ -181,11 +198,12 @@ class ColumnNet(VelocityModel):
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 5, 10001, 31)`` gathers -> ``(B, prepared_numel)``: the binned image,
         flattened, the picked floor (m), then with ``seafloor_velocity`` the velocity read
-        under it (km/s); per sample, so a sample's numbers do not depend on its batch."""
+        under it (km/s), then with ``level_read`` the level read's features; per sample, so a
+        sample's numbers do not depend on its batch."""
         self._check_input(x)
         b = x.shape[0]
         if x.device.type == "meta":  # shapes and FLOPs only: no physics on the meta device
-            physics = torch.zeros(b, NX + int(self.reads_level), device=x.device)
+            physics = torch.zeros(b, self.prepared_numel - self._n_image, device=x.device)
             return torch.cat([self._binned(x).flatten(1), physics], 1)
         from speedstructure.physics.seafloor import oriented_direct_wave, water_response
 
@@ -193,29 +211,77 @@ class ColumnNet(VelocityModel):
         direct, _ = water_response(picker.sim, picker.water_velocity)
         rows = []
         for g in x.float():
-            record = g.cpu().numpy()
-            oriented = oriented_direct_wave(record.astype(np.float64), direct, picker.sim.record_dt)
+            record = g.cpu().numpy().astype(np.float64)
+            oriented = oriented_direct_wave(record, direct, picker.sim.record_dt)
             d = torch.as_tensor(oriented.copy(), dtype=torch.float32, device=x.device)
             image = self._binned(g[None] - d[None]).flatten(1)
-            physics = torch.as_tensor(self._physics(record), device=x.device)[None]
+            physics = torch.as_tensor(self._physics(record, oriented), device=x.device)[None]
             rows.append(torch.cat([image, physics.to(image.dtype)], 1))
         return torch.cat(rows).float()
 
-    def _physics(self, record: np.ndarray) -> np.ndarray:
-        """What one sample's gathers say of the water floor: its depth per column (m), and
-        with ``seafloor_velocity`` the velocity under it (km/s); where nothing can be picked,
-        the training floors' mean and :data:`LEVEL_CENTRE`."""
-        from speedstructure.physics.seafloor import read_seafloor
+    def _physics(self, record: np.ndarray, direct: np.ndarray) -> np.ndarray:
+        """What one sample's gathers (float64) say of the water floor: its depth per column
+        (m), with ``seafloor_velocity`` the velocity under it (km/s), with ``level_read`` the
+        level read's features (the reflections' integral, that velocity, the mean floor in
+        km); where nothing can be picked, the training floors' mean and :data:`LEVEL_CENTRE`.
+        ``direct``: the water-only wavefield in the gathers' orientation."""
+        from speedstructure.physics.level import level_features
+        from speedstructure.physics.seafloor import read_seafloor_picks
 
-        picker = self._picker()
-        floor, v = read_seafloor(record, picker.sim, picker.water_velocity, picker.method)
+        picker, water = self._picker(), self._picker().water_velocity
+        floor, v, times, delay = read_seafloor_picks(record, picker.sim, water, picker.method)
         floor = fill_floor(floor, float(self.floor_default))
-        if not self.reads_level:
-            return floor
-        if not np.isfinite(v):
+        if (self.reads_level or self.reads_trend) and not np.isfinite(v):
             log.warning("no sea-floor reflection to read a velocity from: %.1f km/s", LEVEL_CENTRE)
             v = LEVEL_CENTRE
-        return np.append(floor, v)
+        parts = [floor, [v] * self.reads_level]
+        if self.reads_trend:
+            integral = level_features(record, direct, delay, times, picker.sim, water)
+            parts.append(np.r_[integral, v, floor.mean() / 1000.0])
+        return np.concatenate(parts)
+
+    @property
+    def _n_image(self) -> int:
+        return 2 * (len(self.edges) - 1) * self.time_samples * self.bins
+
+    # -- the level read
+
+    @torch.no_grad()
+    def fit_level_reader(self, ds) -> None:
+        """With ``level_read``: fit the ridge map from the level read's features to the mean
+        velocity below the floor on the training set ``ds`` (samples ``(x, y, ...)``, or
+        :class:`~speedstructure.engine.data.PreparedInputs`, whose prepared rows it reuses)."""
+        from speedstructure.metrics import mean_below_floor, water_floor_depth
+        from speedstructure.physics.level import fit_ridge
+
+        if not self.reads_trend or bool(self.level_fitted):
+            return
+        images = getattr(ds, "images", None)
+        features, levels = [], []
+        for i in range(len(ds)):
+            row = images[i][0][None] if images is not None else self.prepare(ds[i][0][None])
+            features.append(row[0, -LEVEL_FEATURES:].double().cpu().numpy())
+            y = ds.target(i) if hasattr(ds, "target") else ds[i][1]
+            y = np.asarray(y, np.float64).reshape(1, NX, NZ)
+            levels.append(mean_below_floor(y, water_floor_depth(y, self._water()))[0])
+        if not features:
+            raise UserError("column: no training samples to fit the level read to")
+        fitted = fit_ridge(np.stack(features), np.asarray(levels))
+        for key in ("mean", "scale", "coef", "intercept"):
+            getattr(self, f"level_{key}").copy_(torch.as_tensor(fitted[key]))
+        self.level_fitted.fill_(True)
+        log.info("level read fitted on %d training samples", len(features))
+
+    def _read_level(self, p: torch.Tensor, out: torch.Tensor, floor: torch.Tensor):
+        """``out`` ``(B, 300, 1259)`` with every column below ``floor`` scaled so that its mean
+        there becomes ``level_blend`` of the level read from ``p`` and the rest its own."""
+        f = p[:, -LEVEL_FEATURES:].double()
+        read = ((f - self.level_mean) / self.level_scale) @ self.level_coef + self.level_intercept
+        below = torch.arange(NZ, device=out.device)[None, None, :] >= floor[:, :, None]
+        own = (out * below).sum((1, 2)) / below.sum((1, 2)).clamp_min(1)
+        target = (1.0 - self.level_blend) * own + self.level_blend * read.to(own.dtype)
+        scale = (target / own.clamp_min(1e-6))[:, None, None]
+        return torch.where(below, (out * scale).clamp(self.v_min, self.v_max), out)
 
     def _binned(self, residual: torch.Tensor) -> torch.Tensor:
         """Reflections ``(B, 5, 10001, 31)`` -> the ``(B, 2 x bands, time, bins)`` image."""
@@ -270,15 +336,14 @@ class ColumnNet(VelocityModel):
     def forward(self, x: torch.Tensor, prepared: bool = False) -> torch.Tensor:
         """Velocities of gathers ``x``, or of what :meth:`prepare` made of them."""
         p = x if prepared else self.prepare(x)
-        b, n_bands = p.shape[0], len(self.edges) - 1
-        n_image = 2 * n_bands * self.time_samples * self.bins
+        b, n_bands, n_image = p.shape[0], len(self.edges) - 1, self._n_image
         image = p[:, :n_image].reshape(b, 2 * n_bands, self.time_samples, self.bins)
         floor = p[:, n_image : n_image + NX]
         h = self.encoder(image)
         h = h.reshape(b, -1, self.bins)
         parts = [h, h.mean(-1, keepdim=True).expand_as(h)]
         if self.reads_level:
-            read = (p[:, n_image + NX :] - LEVEL_CENTRE) / LEVEL_SCALE  # (B, 1)
+            read = (p[:, n_image + NX : n_image + NX + 1] - LEVEL_CENTRE) / LEVEL_SCALE  # (B, 1)
             parts.append(read[:, :, None].expand(b, 1, self.bins))
         knots = self.head(self.mix(torch.cat(parts, 1)))  # (B, knots, bins)
         if self.reads_level:
@@ -286,7 +351,10 @@ class ColumnNet(VelocityModel):
         # velocities and depths in float32 under any autocast (bf16 would snap depths to 2-8 m)
         knots = F.interpolate(knots.float(), size=NX, mode="linear", align_corners=False)
         vt = self.to_velocity(knots.transpose(1, 2))  # (B, 300, knots)
-        return floor_relative_to_depth(vt, floor, self._water())
+        out = floor_relative_to_depth(vt, floor, self._water())
+        if self.reads_trend and not self.training and bool(self.level_fitted):
+            out = self._read_level(p.float(), out, floor.float())
+        return out
 
     def _water(self) -> float:
         return self.floor_picker.water_velocity if self.floor_picker is not None else self.v_min

@@ -206,9 +206,10 @@ def _muted(gathers: np.ndarray, delay: float, record_dt: float, water_velocity: 
 
 
 def _reflection(g: np.ndarray, sim: SimParams, water_velocity: float, method: str):
-    """``(times, peaks)`` per trace ``(5, 31)`` of gathers ``g`` (float64): the sea-floor
-    reflection's arrival time (s, the wavelet delay removed) and its peak value, NaN where
-    there is none; the direct wave is kept out as :func:`pick_floor` describes."""
+    """``(times, peaks, delay)``: per trace ``(5, 31)`` of gathers ``g`` (float64), the
+    sea-floor reflection's arrival time (s, the wavelet delay removed) and its peak value, NaN
+    where there is none, and that delay (s); the direct wave is kept out as
+    :func:`pick_floor` describes."""
     if method == "record":
         delay = record_delay(g, sim.record_dt, water_velocity)
         residual = _muted(g, delay, sim.record_dt, water_velocity)
@@ -220,7 +221,7 @@ def _reflection(g: np.ndarray, sim: SimParams, water_velocity: float, method: st
     else:
         raise ValueError(f"floor picking method {method!r}: expected one of {METHODS}")
     times, peaks = _lobes(residual, sim.record_dt, level)
-    return times - delay, peaks
+    return times - delay, peaks, delay
 
 
 def pick_floor(
@@ -233,7 +234,7 @@ def pick_floor(
     ``method`` (:data:`METHODS`): ``record`` mutes each trace until ``GUARD_S`` after its
     direct wave's peak, timed on the record (:func:`record_delay`); ``simulated`` subtracts
     the water-only wavefield simulated with ``sim`` (:func:`water_response`)."""
-    times, _ = _reflection(np.asarray(gathers, np.float64), sim, water_velocity, method)
+    times, _, _ = _reflection(np.asarray(gathers, np.float64), sim, water_velocity, method)
     return _floor_from_times(times, water_velocity)
 
 
@@ -252,16 +253,27 @@ def seafloor_velocity(
     to a correlation of about 0.93 in distribution and 0.69 out of it
     (docs/models-and-training.md)."""
     g = np.asarray(gathers, np.float64)
-    return _velocity(g, *_reflection(g, sim, water_velocity, method), water_velocity)
+    times, peaks, _ = _reflection(g, sim, water_velocity, method)
+    return _velocity(g, times, peaks, water_velocity)
 
 
 def read_seafloor(
     gathers: np.ndarray, sim: SimParams, water_velocity: float, method: str = DEFAULT_METHOD
 ) -> tuple[np.ndarray, float]:
     """:func:`pick_floor`'s floor and :func:`seafloor_velocity`'s velocity, from one pass."""
+    return read_seafloor_picks(gathers, sim, water_velocity, method)[:2]
+
+
+def read_seafloor_picks(
+    gathers: np.ndarray, sim: SimParams, water_velocity: float, method: str = DEFAULT_METHOD
+) -> tuple[np.ndarray, float, np.ndarray, float]:
+    """:func:`read_seafloor`'s floor and velocity, and the picks they rest on: the
+    reflection's time per trace ``(5, 31)`` (s, NaN where none) and the wavelet delay (s)
+    taken off them (the peaks lie ``delay`` later in the record)."""
     g = np.asarray(gathers, np.float64)
-    times, peaks = _reflection(g, sim, water_velocity, method)
-    return _floor_from_times(times, water_velocity), _velocity(g, times, peaks, water_velocity)
+    times, peaks, delay = _reflection(g, sim, water_velocity, method)
+    floor = _floor_from_times(times, water_velocity)
+    return floor, _velocity(g, times, peaks, water_velocity), times, delay
 
 
 def _velocity(g: np.ndarray, times: np.ndarray, peaks: np.ndarray, water_velocity: float) -> float:
