@@ -37,22 +37,23 @@ the README.
 variants' training path on this machine (:mod:`speedstructure.tools.bench_gpu`; it imports only
 torch, timm, numpy and pyyaml, and exits 1 when a check fails).
 
-``speedstructure bench simulator`` keeps a few test models simulated on the organisers' grid
-(1 m, 0.1 ms) and measures the floor picker and a trained model on them against the project's
-own gathers (:mod:`speedstructure.tools.bench_simulator`).
+``speedstructure bench simulator`` measures the floor picker and a trained model on test models
+simulated on the organisers' grid (1 m, 0.1 ms) against the project's own gathers
+(:mod:`speedstructure.tools.bench_simulator`); ``bench level`` how much of the velocity level
+ideal reflections carry (:mod:`speedstructure.tools.bench_level`).
 
 ``speedstructure bench parallel`` starts two tiny trainings at once and compares them with
 running them one after the other, with the automatic thread budget (``train.threads:
 null``) and with every process taking all cores (:mod:`speedstructure.tools.bench_parallel`).
 
-Results are printed as JSON; ``--json FILE`` writes them to FILE too (``-``: only to
-standard output).
+Results print as JSON (``learning``, ``simulator``, ``level``: a table); ``--json FILE`` too.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import statistics
@@ -412,25 +413,23 @@ def _cmd(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             repeats=args.repeats,
         )
-    if args.what == "learning":  # not part of `all`: it trains three models (up to an hour)
-        from speedstructure.tools.bench_learning import run_from_args
-
-        out["learning"] = run_from_args(params, args)
-    if args.what == "simulator":  # not part of `all`: it simulates on a 1 m grid (minutes)
-        from speedstructure.tools.bench_simulator import run_from_args
-
-        out["simulator"] = run_from_args(params, args)
+    if args.what in TABLES:  # not part of `all`: minutes to an hour; they print tables
+        module = importlib.import_module(f"speedstructure.tools.bench_{args.what}")
+        out[args.what] = module.run_from_args(params, args)
     if args.what == "gpu":  # never part of `all`: it is the GPU machine's check
         from speedstructure.tools.bench_gpu import run_bench_gpu
 
         out["gpu"] = run_bench_gpu(params, args.variant, args.steps)
-    if args.json != "-" and args.what not in ("simulator", "learning"):  # they print tables
+    if args.json != "-" and args.what not in TABLES:
         print(json.dumps(out, indent=2))
     write_json_output(args.json, out)
     return 0 if out.get("gpu", {}).get("ok", True) else 1
 
 
-BENCHES = ("data", "store", "model", "training", "gpu", "parallel", "simulator", "learning")
+# benches with a module of their own that prints a table: learning trains three models (up
+# to an hour), simulator simulates on a 1 m grid (minutes), level draws 3,000 models (a minute)
+TABLES = ("learning", "simulator", "level")
+BENCHES = ("data", "store", "model", "training", "gpu", "parallel", *TABLES)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -441,7 +440,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Benchmarks: data generation, store reads, model speed (`all`: the three); "
         "`learning`: a variant trained on 1x, 2x, 4x the samples (or epochs), scored; "
         "`simulator`: the floor picker and a trained model on test models simulated at 1 m / "
-        "0.1 ms against the project's gathers; "
+        "0.1 ms against the project's gathers; `level`: how much of the velocity level the "
+        "reflections carry (ideal traces, the level read's ridge map); "
         "`training`: training steps before/after the precision rule and the input cache; "
         "`gpu`: the competition variants' training path checked and timed (bf16, fp16, "
         "validation, TTA, save + resume) with random weights; `parallel`: two tiny trainings "
