@@ -29,9 +29,15 @@ if args[:2] == ["repro", "folds"]:
 assert args[:3] == ["--wait-for-lock", "repro", "--single-item"], args
 stage = args[3]
 t0 = time.time()
-time.sleep(1.0)
+open(os.path.join(record, stage + ".started"), "w").close()
+# a and b wait (up to a minute) for each other to start: only stages run at once both see it
+pair = [os.path.join(record, s + ".started") for s in ("train@a-f0", "train@b-f0")]
+while stage != "train@c-f0" and not all(map(os.path.exists, pair)) and time.time() < t0 + 60:
+    time.sleep(0.05)
+time.sleep(0.2)
 with open(os.path.join(record, stage + ".json"), "w") as fh:
     json.dump({{"gpu": os.environ["CUDA_VISIBLE_DEVICES"], "start": t0, "end": time.time(),
+               "met": all(map(os.path.exists, pair)),
                "path_has_venv": os.path.dirname(sys.executable) in os.environ["PATH"]}}, fh)
 print("ran", stage)
 sys.exit(1 if stage.startswith("train@b") else 0)
@@ -68,7 +74,8 @@ def test_pending_stages_run_concurrently_one_gpu_each(fake_dvc, tmp_path, tiny_p
     assert {runs["train@a-f0"]["gpu"], runs["train@b-f0"]["gpu"]} == {"0", "1"}
     assert all(r["path_has_venv"] for r in runs.values())
     a, b = runs["train@a-f0"], runs["train@b-f0"]
-    assert a["start"] < b["end"] and b["start"] < a["end"]  # the first two overlapped
+    assert a["met"] and b["met"]  # the first two ran at once (each saw the other start)
+    assert a["start"] < b["end"] and b["start"] < a["end"]
     c = runs["train@c-f0"]
     assert c["start"] >= min(a["end"], b["end"]) - 0.05  # the third waited for a free GPU
     assert results["train@b-f0"]["returncode"] == 1 and results["train@a-f0"]["returncode"] == 0
