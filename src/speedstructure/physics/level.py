@@ -53,24 +53,29 @@ def level_features(
     _, offset, _ = trace_geometry()
     dt = float(sim.record_dt)
     step = max(1, int(round(STEP_S / dt)))
-    n = int(round(SPAN_S / STEP_S)) // WINDOWS * WINDOWS
-    t = np.arange(gathers.shape[1]) * dt
+    n = int(round(SPAN_S / STEP_S)) * step
+    path = water_velocity * 1000.0 * np.maximum(np.arange(gathers.shape[1]) * dt - delay, dt)
     integrals = []
     for s in range(gathers.shape[0]):
         r = int(np.argmin(offset[s]))
         if not np.isfinite(times[s, r]):
             continue
         trace = gathers[s, :, r] - direct[s, :, r]
-        path = water_velocity * 1000.0 * np.maximum(t - delay, dt)
         direct_path = np.hypot(offset[s, r], SOURCE_DEPTH_M - RECEIVER_DEPTH_M)
         calibrated = trace / np.abs(direct[s, :, r]).max() * np.sqrt(path / direct_path)
         start = int(round((times[s, r] + delay) / dt))
-        seg = np.zeros(n * step)
-        m = max(0, min(len(seg), len(calibrated) - start))
+        seg = np.zeros(n)
+        m = max(0, min(n, len(calibrated) - start))
         seg[:m] = calibrated[start : start + m]
-        integral = np.cumsum(seg.reshape(n, step).mean(axis=1))
-        integrals.append(integral.reshape(WINDOWS, -1).mean(axis=1))
+        integrals.append(integral_windows(seg.reshape(-1, step).mean(axis=1)))
     return np.mean(integrals, axis=0) if integrals else np.zeros(WINDOWS)
+
+
+def integral_windows(trace: np.ndarray) -> np.ndarray:
+    """``(WINDOWS,)``: a trace from the sea-floor reflection's peak on, ``SPAN_S`` at
+    ``STEP_S``, summed up and averaged into :data:`WINDOWS` windows (the level read's features,
+    and ``bench level``'s)."""
+    return np.cumsum(trace).reshape(WINDOWS, -1).mean(axis=1)
 
 
 def fit_ridge(features: np.ndarray, levels: np.ndarray) -> dict[str, np.ndarray]:

@@ -43,7 +43,7 @@ def column_traces(v: np.ndarray, floor: int, wavelet: np.ndarray) -> tuple[np.nd
     """One velocity column ``(1259,)`` (km/s, 1 m cells) -> its features from the floor down:
     band-limited (``wavelet``) and whole reflectivity, each the level read's windows of the
     running integral followed by the velocity under the floor and the floor's depth (km)."""
-    from speedstructure.physics.level import SPAN_S, STEP_S, WINDOWS
+    from speedstructure.physics.level import SPAN_S, STEP_S, integral_windows
 
     v = np.asarray(v, np.float64)
     n = int(round(1.0 / STEP_S))
@@ -58,8 +58,7 @@ def column_traces(v: np.ndarray, floor: int, wavelet: np.ndarray) -> tuple[np.nd
         seg = np.zeros(span)
         m = max(0, min(span, n - start))
         seg[:m] = trace[start : start + m]
-        integral = np.cumsum(seg).reshape(WINDOWS, -1).mean(axis=1)
-        out.append(np.r_[integral, v[min(floor + 1, len(v) - 1)], floor / 1000.0])
+        out.append(np.r_[integral_windows(seg), v[min(floor + 1, len(v) - 1)], floor / 1000.0])
     return tuple(out)
 
 
