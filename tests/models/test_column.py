@@ -248,15 +248,20 @@ class _Samples(torch.utils.data.Dataset):
 
 def _levels_of(curved_floor) -> _Samples:
     """Four samples whose reflections are 0.5-2x the curved floor's and whose sediments are
-    correspondingly faster: a level the read can follow."""
+    correspondingly faster, below 600 m twice as much: levels the read can follow, band by
+    band."""
     from speedstructure.physics.seafloor import oriented_direct_wave, water_response
 
     floor, v, gathers = curved_floor
     g = gathers.astype(np.float64)
     direct = oriented_direct_wave(g, water_response(PICKER.sim, WATER)[0], PICKER.sim.record_dt)
     scales = (0.5, 1.0, 1.5, 2.0)
-    below = np.arange(1259)[None, :] >= floor[:, None]
-    targets = [np.where(below, v * (0.9 + 0.1 * c), v).astype(np.float32) for c in scales]
+    z = np.arange(1259)[None, :]
+    below, deep = z >= floor[:, None], z >= 600
+    targets = [
+        np.where(below, v * np.where(deep, 0.8 + 0.2 * c, 0.9 + 0.1 * c), v).astype(np.float32)
+        for c in scales
+    ]
     return _Samples([direct + c * (g - direct) for c in scales], targets)
 
 
@@ -265,9 +270,10 @@ def _level(pred: np.ndarray, floor: np.ndarray) -> float:
 
 
 def test_the_level_read_is_fitted_on_the_training_set_and_blended_in_at_eval(curved_floor):
-    """``level_read``: the ridge map is fitted on the training set (the same from the raw
-    samples as from the engine's prepared cache); training mode predicts as without it; in
-    eval mode the level below the picked floor moves to ``level_blend`` of the read."""
+    """``level_read``: the ridge maps are fitted on the training set (the same from the raw
+    samples as from the engine's prepared cache), one a depth band; training mode predicts as
+    without them; in eval mode each band's level below the picked floor moves to
+    ``level_blend`` of its read."""
     from speedstructure.engine.data import PreparedInputs
 
     samples = _levels_of(curved_floor)
@@ -294,12 +300,20 @@ def test_the_level_read_is_fitted_on_the_training_set_and_blended_in_at_eval(cur
         torch.testing.assert_close(model(p, prepared=True), plain(plain.prepare(x), prepared=True))
     model.eval()
     with torch.no_grad():
-        read = _level(model(p, prepared=True)[0].numpy(), floor)
-    truth = _level(samples.targets[3], floor)
-    assert read == pytest.approx(truth, rel=0.03)  # the read follows the four levels
-    assert abs(_level(plain.predict(x, tta=False)[0].numpy(), floor) - truth) > 0.1
+        read = model._band_levels(model(p, prepared=True)[0].numpy(), floor)
+    truth = model._band_levels(samples.targets[3], floor)
+    assert model.level_edges == (0.0, 300.0, 600.0, 900.0, 1259.0) and len(read) == 4
+    assert bool(model.level_band_fitted.all())
+    np.testing.assert_allclose(read, truth, rtol=0.03)  # each band follows its four levels
+    own = model._band_levels(plain.predict(x, tta=False)[0].numpy(), floor)
+    assert (np.abs(own - truth)[2:] > 0.2).all()  # the deep bands: far from them without
 
 
-def test_a_level_blend_outside_zero_to_one_is_refused():
+def test_a_level_blend_outside_zero_to_one_and_bands_that_do_not_rise_are_refused():
     with pytest.raises(ConfigError, match="level_blend"):
         model_from({**SMALL, "level_read": True, "level_blend": 1.5}, floor_picker=PICKER)
+    for bands in ([600, 300], [300, 300], [0, 600], [300, 1300]):
+        with pytest.raises(ConfigError, match="level_bands"):
+            model_from({**SMALL, "level_read": True, "level_bands": bands}, floor_picker=PICKER)
+    one = model_from({**SMALL, "level_read": True, "level_bands": []}, floor_picker=PICKER)
+    assert one.level_edges == (0.0, 1259.0) and one.level_coef.shape == (1, LEVEL_FEATURES)

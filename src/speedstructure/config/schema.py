@@ -318,6 +318,7 @@ class ColumnVariant(Variant):
     seafloor_velocity: bool = False  # the velocity read from the sea-floor reflection as input
     level_read: bool = False  # the level read from the reflections (ridge), blended in at eval
     level_blend: float = 0.75  # its share of the level below the floor (the rest: the network's)
+    level_bands: tuple[float, ...] = (300.0, 600.0, 900.0)  # inner edges (m) of its depth bands
 
 
 VARIANT_TYPES: dict[str, type[Variant]] = {

@@ -29,11 +29,12 @@ carries the level beyond the velocities seen in training.
 
 With ``level_read: true`` it reads the velocity level as well: the near-offset reflections
 integrated from the floor down (:func:`~speedstructure.physics.level.level_features`), the
-velocity under the floor and the floor's depth, mapped to the mean velocity below the floor
-by a ridge regression fitted on the training set before the network trains
-(:meth:`ColumnNet.fit_level_reader`).  In eval mode (validation, prediction) every column
-below the floor is scaled so that the model's mean below the floor becomes ``level_blend``
-of the read level and the rest its own; training fits the network alone.
+velocity under the floor and the floor's depth, mapped to the mean velocity below the floor in
+each depth band (``level_bands``: their inner edges in metres) by one ridge regression a band,
+fitted on the training set before the network trains (:meth:`ColumnNet.fit_level_reader`).
+In eval mode (validation, prediction) the cells below the floor in each band are scaled so
+that the model's mean there becomes ``level_blend`` of the read level and the rest its own;
+training fits the network alone.
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ class ColumnNet(VelocityModel):
             raise ConfigError(f"column: midpoint_bins in [2, {NX}], time_samples in [32, {N_TIME}]")
         if not 0.0 <= float(v.level_blend) <= 1.0:
             raise ConfigError(f"column: level_blend must lie in [0, 1], got {v.level_blend}")
+        self.level_edges = (0.0, *(float(e) for e in v.level_bands), float(NZ))
+        if list(self.level_edges) != sorted(set(self.level_edges)):
+            raise ConfigError(f"column: level_bands must rise inside (0, {NZ}): {v.level_bands}")
         w, n_bands = int(v.width), len(self.edges) - 1
         widths = [2 * n_bands, w, w, 2 * w, 2 * w, 4 * w]
         self.encoder = nn.Sequential(
@@ -170,10 +174,12 @@ class ColumnNet(VelocityModel):
             self.level = nn.Linear(1, self.knots, bias=False)
             nn.init.zeros_(self.level.weight)
         self.reads_trend, self.level_blend = bool(v.level_read), float(v.level_blend)
-        if self.reads_trend:  # the ridge map of the level read (fit_level_reader)
+        if self.reads_trend:  # the ridge maps of the level read, a band each (fit_level_reader)
+            k = len(self.level_edges) - 1
             for name in ("level_mean", "level_scale", "level_coef"):
-                self.register_buffer(name, torch.zeros(LEVEL_FEATURES, dtype=torch.float64))
-            self.register_buffer("level_intercept", torch.zeros((), dtype=torch.float64))
+                self.register_buffer(name, torch.zeros(k, LEVEL_FEATURES, dtype=torch.float64))
+            self.register_buffer("level_intercept", torch.zeros(k, dtype=torch.float64))
+            self.register_buffer("level_band_fitted", torch.zeros(k, dtype=torch.bool))
             self.register_buffer("level_fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("floor_default", torch.zeros(()))  # the training floors' mean
         if self.prior == "depth_trend":
@@ -248,10 +254,11 @@ class ColumnNet(VelocityModel):
 
     @torch.no_grad()
     def fit_level_reader(self, ds) -> None:
-        """With ``level_read``: fit the ridge map from the level read's features to the mean
-        velocity below the floor on the training set ``ds`` (samples ``(x, y, ...)``, or
-        :class:`~speedstructure.engine.data.PreparedInputs`, whose prepared rows it reuses)."""
-        from speedstructure.metrics import mean_below_floor, water_floor_depth
+        """With ``level_read``: fit the ridge maps from the level read's features to the mean
+        velocity below the floor in each depth band on the training set ``ds`` (samples ``(x,
+        y, ...)``, or :class:`~speedstructure.engine.data.PreparedInputs`, whose prepared rows
+        it reuses); a band with fewer than two samples reaching it is left uncorrected."""
+        from speedstructure.metrics import water_floor_depth
         from speedstructure.physics.level import fit_ridge
 
         if not self.reads_trend or bool(self.level_fitted):
@@ -262,26 +269,51 @@ class ColumnNet(VelocityModel):
             row = images[i][0][None] if images is not None else self.prepare(ds[i][0][None])
             features.append(row[0, -LEVEL_FEATURES:].double().cpu().numpy())
             y = ds.target(i) if hasattr(ds, "target") else ds[i][1]
-            y = np.asarray(y, np.float64).reshape(1, NX, NZ)
-            levels.append(mean_below_floor(y, water_floor_depth(y, self._water()))[0])
+            y = np.asarray(y, np.float64).reshape(NX, NZ)
+            levels.append(self._band_levels(y, water_floor_depth(y, self._water())))
         if not features:
             raise UserError("column: no training samples to fit the level read to")
-        fitted = fit_ridge(np.stack(features), np.asarray(levels))
-        for key in ("mean", "scale", "coef", "intercept"):
-            getattr(self, f"level_{key}").copy_(torch.as_tensor(fitted[key]))
+        x, levels = np.stack(features), np.stack(levels)
+        for k in range(levels.shape[1]):
+            ok = np.isfinite(levels[:, k])
+            if ok.sum() < 2:
+                continue
+            fitted = fit_ridge(x[ok], levels[ok, k])
+            for key in ("mean", "scale", "coef", "intercept"):
+                getattr(self, f"level_{key}")[k].copy_(torch.as_tensor(fitted[key]))
+            self.level_band_fitted[k] = True
         self.level_fitted.fill_(True)
         log.info("level read fitted on %d training samples", len(features))
 
+    def _band_levels(self, v: np.ndarray, floor: np.ndarray) -> np.ndarray:
+        """Per depth band, the mean of ``v`` ``(300, 1259)`` below ``floor`` (NaN: none)."""
+        z = np.arange(NZ)[None, :]
+        below = z >= floor[:, None]
+        out = []
+        for top, bottom in zip(self.level_edges[:-1], self.level_edges[1:], strict=True):
+            cells = below & (z >= top) & (z < bottom)
+            out.append(v[cells].mean() if cells.any() else np.nan)
+        return np.asarray(out)
+
     def _read_level(self, p: torch.Tensor, out: torch.Tensor, floor: torch.Tensor):
-        """``out`` ``(B, 300, 1259)`` with every column below ``floor`` scaled so that its mean
-        there becomes ``level_blend`` of the level read from ``p`` and the rest its own."""
-        f = p[:, -LEVEL_FEATURES:].double()
-        read = ((f - self.level_mean) / self.level_scale) @ self.level_coef + self.level_intercept
-        below = torch.arange(NZ, device=out.device)[None, None, :] >= floor[:, :, None]
-        own = (out * below).sum((1, 2)) / below.sum((1, 2)).clamp_min(1)
-        target = (1.0 - self.level_blend) * own + self.level_blend * read.to(own.dtype)
-        scale = (target / own.clamp_min(1e-6))[:, None, None]
-        return torch.where(below, (out * scale).clamp(self.v_min, self.v_max), out)
+        """``out`` ``(B, 300, 1259)`` with the cells below ``floor`` in each depth band scaled
+        so that their mean becomes ``level_blend`` of the level read from ``p`` there and the
+        rest their own."""
+        f = p[:, None, -LEVEL_FEATURES:].double()  # (B, 1, F)
+        z = (f - self.level_mean) / self.level_scale
+        read = (z * self.level_coef).sum(-1) + self.level_intercept  # (B, bands)
+        depth = torch.arange(NZ, device=out.device)[None, None, :]
+        below = depth >= floor[:, :, None]
+        edges = self.level_edges
+        for k, (top, bottom) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            cells = below & (depth >= top) & (depth < bottom)
+            n = cells.sum((1, 2))
+            own = (out * cells).sum((1, 2)) / n.clamp_min(1)
+            target = (1.0 - self.level_blend) * own + self.level_blend * read[:, k].to(own.dtype)
+            use = (n > 0) & self.level_band_fitted[k]
+            scale = torch.where(use, target / own.clamp_min(1e-6), torch.ones_like(own))
+            out = torch.where(cells, out * scale[:, None, None], out)
+        return torch.where(below, out.clamp(self.v_min, self.v_max), out)
 
     def _binned(self, residual: torch.Tensor) -> torch.Tensor:
         """Reflections ``(B, 5, 10001, 31)`` -> the ``(B, 2 x bands, time, bins)`` image."""
