@@ -234,7 +234,8 @@ class ColumnNet(VelocityModel):
         from speedstructure.physics.level import level_features
         from speedstructure.physics.seafloor import read_seafloor_picks
 
-        picker, water = self._picker(), self._picker().water_velocity
+        picker = self._picker()
+        water = picker.water_velocity
         floor, v, times, delay = read_seafloor_picks(record, picker.sim, water, picker.method)
         floor = fill_floor(floor, float(self.floor_default))
         if (self.reads_level or self.reads_trend) and not np.isfinite(v):

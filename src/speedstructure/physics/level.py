@@ -46,7 +46,7 @@ def level_features(
     ``direct``: the water-only wavefield in the gathers' orientation (subtracted here);
     ``delay``: its wavelet delay (s); ``times``: the sea-floor reflection's arrival times per
     trace ``(5, 31)`` in s without the delay, NaN where none
-    (:func:`~speedstructure.physics.seafloor.read_seafloor`'s picks)."""
+    (:func:`~speedstructure.physics.seafloor.read_seafloor_picks`)."""
     from speedstructure.physics.seafloor import trace_geometry
     from speedstructure.physics.simulate import RECEIVER_DEPTH_M, SOURCE_DEPTH_M
 
@@ -94,3 +94,9 @@ def fit_ridge(features: np.ndarray, levels: np.ndarray) -> dict[str, np.ndarray]
         "coef": np.asarray(ridge.coef_, np.float64),
         "intercept": np.asarray(ridge.intercept_, np.float64),
     }
+
+
+def apply_ridge(fitted: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """The levels :func:`fit_ridge`'s map ``fitted`` gives ``features`` ``(N, F)``."""
+    z = (np.asarray(features, np.float64) - fitted["mean"]) / fitted["scale"]
+    return z @ fitted["coef"] + fitted["intercept"]

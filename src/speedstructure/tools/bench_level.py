@@ -82,7 +82,9 @@ def draw(cfg: SynthConfig, n: int, rng: np.random.Generator, wavelet: np.ndarray
 
 
 def _score(fitted: dict, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    pred = ((x - fitted["mean"]) / fitted["scale"]) @ fitted["coef"] + fitted["intercept"]
+    from speedstructure.physics.level import apply_ridge
+
+    pred = apply_ridge(fitted, x)
     return float(np.corrcoef(pred, y)[0, 1]), float(np.mean(np.abs(pred / y - 1.0)))
 
 
